@@ -1,0 +1,15 @@
+"""Errors that the command line reports as one line with exit code 2."""
+
+
+class InputError(ValueError):
+    """Bad user input: a file, a field, a config value. The message names what is wrong."""
+
+
+def where(path, line=None, field=None) -> str:
+    """'file:line field' prefix for error messages."""
+    s = str(path)
+    if line is not None:
+        s += f":{line}"
+    if field is not None:
+        s += f" field {field!r}"
+    return s

@@ -1,0 +1,325 @@
+"""Pure-functional Qwen2 / Llama decoder.
+
+Parameters are a plain pytree of float32 arrays; the transformer layers are stacked on a
+leading `layers` axis and run with `lax.scan`, so a 28-layer model compiles like a
+one-layer one. Every weight has logical axis names (`param_axes`) that the sharding layer
+maps onto a device mesh. The KV cache is an explicit input and output.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from latentr3_jax.model.config import DecoderConfig
+
+Params = dict
+Cache = dict
+
+_NEG_INF = -1e30  # finite, so fully-masked (padding) rows stay NaN-free
+
+
+# --------------------------------------------------------------------------- params
+
+
+def param_shapes(config: DecoderConfig) -> dict:
+    """Shape of every weight, in the same tree layout as the params."""
+    c = config
+    L, d, f, hd = c.num_layers, c.hidden_size, c.intermediate_size, c.head_dim
+    H, K = c.num_heads, c.num_kv_heads
+    attn = {
+        "q": {"kernel": (L, d, H, hd)},
+        "k": {"kernel": (L, d, K, hd)},
+        "v": {"kernel": (L, d, K, hd)},
+        "o": {"kernel": (L, H, hd, d)},
+    }
+    if c.attention_bias:
+        attn["q"]["bias"] = (L, H, hd)
+        attn["k"]["bias"] = (L, K, hd)
+        attn["v"]["bias"] = (L, K, hd)
+    shapes = {
+        "embed": {"embedding": (c.vocab_size, d)},
+        "layers": {
+            "input_norm": {"scale": (L, d)},
+            "attn": attn,
+            "post_attn_norm": {"scale": (L, d)},
+            "mlp": {"gate": {"kernel": (L, d, f)}, "up": {"kernel": (L, d, f)},
+                    "down": {"kernel": (L, f, d)}},
+        },
+        "final_norm": {"scale": (d,)},
+    }
+    if not c.tie_word_embeddings:
+        shapes["lm_head"] = {"kernel": (d, c.vocab_size)}
+    return shapes
+
+
+def param_axes(config: DecoderConfig) -> dict:
+    """Logical axis names of every weight (same tree as the params)."""
+    c = config
+    attn = {
+        "q": {"kernel": ("layers", "embed", "heads", "head_dim")},
+        "k": {"kernel": ("layers", "embed", "kv_heads", "head_dim")},
+        "v": {"kernel": ("layers", "embed", "kv_heads", "head_dim")},
+        "o": {"kernel": ("layers", "heads", "head_dim", "embed")},
+    }
+    if c.attention_bias:
+        attn["q"]["bias"] = ("layers", "heads", "head_dim")
+        attn["k"]["bias"] = ("layers", "kv_heads", "head_dim")
+        attn["v"]["bias"] = ("layers", "kv_heads", "head_dim")
+    axes = {
+        "embed": {"embedding": ("vocab", "embed")},
+        "layers": {
+            "input_norm": {"scale": ("layers", "norm")},
+            "attn": attn,
+            "post_attn_norm": {"scale": ("layers", "norm")},
+            "mlp": {"gate": {"kernel": ("layers", "embed", "mlp")},
+                    "up": {"kernel": ("layers", "embed", "mlp")},
+                    "down": {"kernel": ("layers", "mlp", "embed")}},
+        },
+        "final_norm": {"scale": ("norm",)},
+    }
+    if not c.tie_word_embeddings:
+        axes["lm_head"] = {"kernel": ("embed", "vocab")}
+    return axes
+
+
+def init_params(config: DecoderConfig, rng: jax.Array, std: float = 0.02) -> Params:
+    """Random float32 params: normal(std) weights, zero biases, unit norm scales."""
+    shapes = param_shapes(config)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(rng, len(flat))
+    leaves = []
+    for (path, shape), key in zip(flat, keys):
+        name = path[-1].key
+        if name == "scale":
+            leaves.append(jnp.ones(shape, jnp.float32))
+        elif name == "bias":
+            leaves.append(jnp.zeros(shape, jnp.float32))
+        else:
+            leaves.append(std * jax.random.normal(key, shape, jnp.float32))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm computed in float32 and cast back, as HF does."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale.astype(x.dtype) * x32.astype(x.dtype)
+
+
+def rope_inv_freq(dim: int, theta: float, scaling: Optional[dict] = None) -> np.ndarray:
+    """Inverse frequencies for rotary embeddings (default, linear and llama3 scaling)."""
+    inv = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    if not scaling:
+        return inv.astype(np.float32)
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv.astype(np.float32)
+    if kind == "linear":
+        return (inv / float(scaling["factor"])).astype(np.float32)
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        low = float(scaling.get("low_freq_factor", 1.0))
+        high = float(scaling.get("high_freq_factor", 4.0))
+        old_ctx = float(scaling["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        mid = (1 - smooth) * scaled / factor + smooth * scaled
+        is_mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return np.where(is_mid, mid, scaled).astype(np.float32)
+    raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3)")
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray, dtype) -> tuple:
+    """cos/sin tables [..., dim] for integer positions, rotate-half layout."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    h = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., h:], x[..., :h]], axis=-1)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    return x * cos + rotate_half(x) * sin
+
+
+def _dense(x, p, spec):
+    y = jnp.einsum(spec, x, p["kernel"].astype(x.dtype))
+    if "bias" in p:
+        y = y + p["bias"].astype(x.dtype)
+    return y
+
+
+def _attention(config: DecoderConfig, q, k, v, mask):
+    """Grouped-query attention. q [B,T,H,D]; k, v [B,S,K,D]; mask [B,T,S] bool."""
+    B, T, H, D = q.shape
+    K = config.num_kv_heads
+    q = q.reshape(B, T, K, H // K, D)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / math.sqrt(D)
+    scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(B, T, H, D)
+
+
+def _layer(config, x, lp, cos, sin, mask, cache_kv, cache_index):
+    """One decoder layer; returns the new hidden and this layer's (k, v) to cache."""
+    h = rms_norm(x, lp["input_norm"]["scale"], config.rms_norm_eps)
+    a = lp["attn"]
+    q = apply_rope(_dense(h, a["q"], "btd,dhk->bthk"), cos, sin)
+    k = apply_rope(_dense(h, a["k"], "btd,dhk->bthk"), cos, sin)
+    v = _dense(h, a["v"], "btd,dhk->bthk")
+    if cache_kv is not None:
+        ck, cv = cache_kv
+        ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
+        cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
+        new_kv = (ck, cv)
+        k_all, v_all = ck.astype(q.dtype), cv.astype(q.dtype)
+    else:
+        new_kv = None
+        k_all, v_all = k, v
+    attn = _attention(config, q, k_all, v_all, mask)
+    x = x + jnp.einsum("bthk,hkd->btd", attn, a["o"]["kernel"].astype(x.dtype))
+    h = rms_norm(x, lp["post_attn_norm"]["scale"], config.rms_norm_eps)
+    m = lp["mlp"]
+    gate = jnp.einsum("btd,df->btf", h, m["gate"]["kernel"].astype(h.dtype))
+    up = jnp.einsum("btd,df->btf", h, m["up"]["kernel"].astype(h.dtype))
+    x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, m["down"]["kernel"].astype(h.dtype))
+    return x, new_kv
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def init_cache(config: DecoderConfig, batch: int, max_len: int, dtype=jnp.float32) -> Cache:
+    """Empty KV cache with room for `max_len` tokens per row.
+
+    `mask[b, s]` says whether slot s of row b holds a real token; `index` is the next slot to
+    write (shared by the batch: rows are left-padded); `next_pos[b]` the next position id.
+    """
+    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "mask": jnp.zeros((batch, max_len), bool),
+        "index": jnp.zeros((), jnp.int32),
+        "next_pos": jnp.zeros((batch,), jnp.int32),
+    }
+
+
+def cache_axes() -> dict:
+    """Logical axes of the cache arrays (batch is sharded like the data)."""
+    return {"k": ("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
+            "v": ("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
+            "mask": ("batch", "cache_seq"), "index": (), "next_pos": ("batch",)}
+
+
+def repeat_cache(cache: Cache, times: int) -> Cache:
+    """Repeat each row `times` times (row b -> rows b*times .. b*times+times-1)."""
+    rep = lambda x, ax: jnp.repeat(x, times, axis=ax)
+    return {"k": rep(cache["k"], 1), "v": rep(cache["v"], 1), "mask": rep(cache["mask"], 0),
+            "index": cache["index"], "next_pos": rep(cache["next_pos"], 0)}
+
+
+# --------------------------------------------------------------------------- apply
+
+
+def embed_tokens(config: DecoderConfig, params: Params, ids: jax.Array, dtype=jnp.float32) -> jax.Array:
+    return jnp.take(params["embed"]["embedding"], ids, axis=0).astype(dtype)
+
+
+def lm_head(config: DecoderConfig, params: Params, hidden: jax.Array) -> jax.Array:
+    """float32 logits from final normed hidden states."""
+    if config.tie_word_embeddings:
+        w = params["embed"]["embedding"].astype(hidden.dtype)
+        out = jnp.einsum("btd,vd->btv", hidden, w, preferred_element_type=jnp.float32)
+    else:
+        w = params["lm_head"]["kernel"].astype(hidden.dtype)
+        out = jnp.einsum("btd,dv->btv", hidden, w, preferred_element_type=jnp.float32)
+    return out.astype(jnp.float32)
+
+
+def apply(config: DecoderConfig, params: Params, input_ids: Optional[jax.Array] = None, *,
+          inputs_embeds: Optional[jax.Array] = None, attention_mask: Optional[jax.Array] = None,
+          positions: Optional[jax.Array] = None, cache: Optional[Cache] = None,
+          dtype: Any = jnp.float32, return_logits: bool = True, remat: bool = False):
+    """Run the decoder.
+
+    Args:
+      input_ids: [batch, seq] token ids, or `inputs_embeds` [batch, seq, hidden].
+      attention_mask: [batch, seq], 1 for real tokens (left or right padding).
+      positions: [batch, seq] position ids; by default counted over real tokens, continuing
+        from the cache.
+      cache: from `init_cache`; the new tokens are written at `cache["index"]`.
+      dtype: compute dtype (params stay float32 and are cast).
+    Returns:
+      (logits float32 [batch, seq, vocab] or None, final normed hidden [batch, seq, hidden],
+       updated cache or None).
+    """
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids and inputs_embeds")
+    x = embed_tokens(config, params, input_ids, dtype) if inputs_embeds is None else inputs_embeds.astype(dtype)
+    B, T = x.shape[:2]
+    mask = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
+    if positions is None:
+        start = cache["next_pos"][:, None] if cache is not None else 0
+        positions = start + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    cos, sin = rope_cos_sin(positions, rope_inv_freq(config.head_dim, config.rope_theta,
+                                                     config.rope_scaling_dict), dtype)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+
+    if cache is None:
+        causal = jnp.tril(jnp.ones((T, T), bool))
+        attn_mask = causal[None] & mask[:, None, :]
+        index = None
+    else:
+        index = cache["index"]
+        S = cache["mask"].shape[1]
+        key_mask = jax.lax.dynamic_update_slice_in_dim(cache["mask"], mask, index, axis=1)
+        slot = jnp.arange(S)[None, :]
+        query_slot = index + jnp.arange(T)[:, None]
+        attn_mask = (slot <= query_slot)[None] & key_mask[:, None, :]
+
+    def body(carry, xs):
+        lp, kv = xs
+        y, new_kv = _layer(config, carry, lp, cos, sin, attn_mask, kv, index)
+        return y, new_kv
+
+    if remat:
+        body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+    kv_in = (cache["k"], cache["v"]) if cache is not None else None
+    x, kv_out = jax.lax.scan(body, x, (params["layers"], kv_in))
+    hidden = rms_norm(x, params["final_norm"]["scale"], config.rms_norm_eps)
+
+    new_cache = None
+    if cache is not None:
+        new_cache = {"k": kv_out[0], "v": kv_out[1], "mask": key_mask, "index": index + T,
+                     "next_pos": cache["next_pos"] + mask.sum(axis=1).astype(jnp.int32)}
+    logits = lm_head(config, params, hidden) if return_logits else None
+    return logits, hidden, new_cache
+
+
+def logits(config: DecoderConfig, params: Params, input_ids, attention_mask=None, dtype=jnp.float32) -> jax.Array:
+    """float32 logits [batch, seq, vocab] for a (padded) batch of token ids."""
+    out, _, _ = _logits_jit(config, params, jnp.asarray(input_ids),
+                            None if attention_mask is None else jnp.asarray(attention_mask), dtype)
+    return out
+
+
+def _logits_impl(config, params, input_ids, attention_mask, dtype):
+    return apply(config, params, input_ids, attention_mask=attention_mask, dtype=dtype)
+
+
+_logits_jit = jax.jit(_logits_impl, static_argnums=(0, 4))

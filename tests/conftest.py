@@ -1,0 +1,19 @@
+import os
+
+# Tests run on the CPU; some simulate 8 devices in their own subprocesses.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
+AMAZON = SHARED / "data" / "amazon18"
+
+
+def amazon_dir(name: str) -> pathlib.Path:
+    """Path of a real dataset folder in ../shared, or skip the test saying why."""
+    p = AMAZON / name
+    if not (p / "info.txt").exists():
+        pytest.skip(f"real data not found at {p} (../shared/data/amazon18 is absent)")
+    return p
