@@ -36,10 +36,13 @@ def parse_config(argv: Sequence[str], default_file: Optional[str] = None,
         extra_flags(fv)
     try:
         fv(argv)
-    except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"bad command line or config: {msg}") from None
-    cfg = fv.config
+        cfg = fv.config
+        if cfg is not None:
+            cfg.to_dict()  # a config file that failed to load raises on first access
+    except Exception as e:  # absl, config file import and override errors alike
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        msg = " ".join(lines[:1] + [ln for ln in lines[1:] if "Errno" in ln or "Error" in ln][:1])
+        raise InputError(f"bad command line or config: {msg or type(e).__name__}") from None
     if cfg is None:
         raise InputError("no --config given")
     return cfg, fv
