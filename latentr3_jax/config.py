@@ -19,12 +19,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.cutoff = 512            # prompt tokens kept (left truncation)
     c.data.buckets = (64, 128, 256, 512)   # prompt-length buckets (static shapes)
     c.data.max_target_len = 32
+    c.data.target_buckets = (16, 32)       # target-length buckets (static shapes)
+    c.data.tfds_name = ""          # dataset=tfds: which dataset under dataset_dir ('' = the only one)
     c.data.skip_invalid = False
     c.data.max_train_rows = -1     # -1 = all
     c.data.max_eval_rows = -1
     c.data.synthetic = ml_collections.ConfigDict()
     c.data.synthetic.num_items = 600
-    c.data.synthetic.num_users = 1500
+    c.data.synthetic.num_users = 850   # ~4.1k train / 510 valid / 510 test rows
     c.data.synthetic.seed = 0
 
     # ---- tokenizer: a local HF directory, or trained in-process (byte-level BPE)

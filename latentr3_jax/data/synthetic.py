@@ -1,0 +1,200 @@
+"""The embedded default dataset: synthetic album purchases with a planted structure.
+
+Everything is a deterministic function of (num_items, num_users, seed).
+
+Catalog. 8 genres (jazz, metal, folk, electronic, classical, hip hop, country, reggae),
+each with its own adjectives, nouns and places, so a title's words reveal its genre:
+"Smoky Saxophone of the Bayou", "Iron Anvil", "The Misty Fiddle". Titles have 2-5
+words and are unique. Items are split evenly over genres; inside a genre, item
+popularity follows a Zipf law (weight 1 / rank^1.2), so a few items per genre dominate.
+
+Users. Each user has a taste: 2 or 3 genres with Dirichlet weights. A user buys 4-10
+albums, one after another in time. For the next purchase:
+  1. drift: with probability 0.15 the weakest genre of the taste is replaced by a new one
+     (weights re-drawn), so recent purchases say more than old ones;
+  2. alternation: the genre of the previous purchase is excluded (with probability 0.85),
+     so the last item alone points AWAY from the answer;
+  3. the genre is drawn from the remaining taste weights, and the album from that
+     genre's popularity among albums the user has not bought yet.
+So the best prediction needs the whole history (which genres the user mixes, weighted
+to the recent ones, minus the last one) plus popularity inside genres; neither global
+popularity nor last-item transitions can see it, and the genre words in titles make it
+learnable for a small transformer.
+
+Time and split. Users start at random times over a 1000-day span and buy every 1-20
+days; every position i >= 1 of a user's sequence is a sample (history = previous <= 10),
+and all samples are split 80/10/10 by target time, as in the Amazon preprocessing.
+The result is written in D3 format (CDs-style columns) with a `dataset.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+
+from latentr3_jax.data.d3 import Catalog, Sample, atomic_write_text, write_d3
+
+GENRES = {
+    "jazz": (["Blue", "Smoky", "Velvet", "Midnight", "Cool", "Swinging", "Mellow", "Late",
+              "Golden", "Bebop"],
+             ["Saxophone", "Lounge", "Groove", "Ballad", "Trumpet", "Quartet", "Standard",
+              "Serenade", "Riff", "Nocturne"],
+             ["Bayou", "Harlem", "Basement Club", "Rainy Avenue", "Crescent City", "Speakeasy"]),
+    "metal": (["Iron", "Burning", "Savage", "Molten", "Grim", "Thundering", "Black", "Rusted",
+               "Brutal", "Infernal"],
+              ["Anvil", "Skull", "Hammer", "Inferno", "Warlord", "Riffstorm", "Blade", "Chains",
+               "Furnace", "Serpent"],
+              ["Abyss", "Volcano", "Forge", "Wasteland", "Catacombs", "Pit"]),
+    "folk": (["Misty", "Wandering", "Humble", "Old", "Quiet", "Rustic", "Gentle", "Lonesome",
+              "Green", "Simple"],
+             ["Fiddle", "Meadow", "Ballad", "Lantern", "Harvest", "Shepherd", "Banjo", "Hearth",
+              "Orchard", "Wagon"],
+             ["Valley", "Hills", "Village", "Riverbank", "Highlands", "Cottage"]),
+    "electronic": (["Neon", "Digital", "Pulsing", "Synthetic", "Electric", "Binary", "Laser",
+                    "Glitchy", "Hyper", "Chrome"],
+                   ["Circuit", "Pulse", "Synth", "Beacon", "Signal", "Voltage", "Drone",
+                    "Mainframe", "Rave", "Bassline"],
+                   ["Grid", "Cyberspace", "Warehouse", "Megacity", "Dancefloor", "Satellite"]),
+    "classical": (["Grand", "Noble", "Royal", "Solemn", "Elegant", "Baroque", "Majestic",
+                   "Tender", "Imperial", "Pastoral"],
+                  ["Symphony", "Sonata", "Concerto", "Overture", "Requiem", "Fugue", "Minuet",
+                   "Prelude", "Etude", "Cantata"],
+                  ["Cathedral", "Opera House", "Palace", "Conservatory", "Vienna", "Court"]),
+    "hiphop": (["Street", "Fresh", "Raw", "Concrete", "Hustling", "Dope", "Urban", "Gritty",
+                "Bold", "Lyrical"],
+               ["Cypher", "Block", "Mixtape", "Flow", "Hustle", "Breakbeat", "Rhyme", "Turntable",
+                "Crew", "Anthem"],
+               ["Projects", "Boulevard", "Corner Store", "Subway", "Uptown", "Rooftop"]),
+    "country": (["Dusty", "Whiskey", "Lonesome", "Southern", "Rodeo", "Honky", "Sunburnt",
+                 "Prairie", "Faded", "Steel"],
+                ["Cowboy", "Pickup", "Saloon", "Horseshoe", "Tailgate", "Boots", "Ranch",
+                 "Guitar", "Highway", "Rodeo"],
+                ["Texas", "Nashville", "Dirt Road", "Honky Tonk", "Plains", "Barn"]),
+    "reggae": (["Sunny", "Island", "Roots", "Irie", "Tropical", "Easy", "Dubwise", "Rasta",
+                "Breezy", "Natty"],
+               ["Riddim", "Skank", "Dub", "Sunsplash", "Lion", "Drumbeat", "Palm", "Steelpan",
+                "Yard", "Vibes"],
+               ["Kingston", "Beach", "Lagoon", "Trenchtown", "Reef", "Harbour"]),
+}
+
+NAME = "synthetic"
+CATEGORY_WORD = "albums"
+FORMAT_VERSION = 1
+
+
+def _genre_titles(rng: np.random.Generator, words, count: int, taken: set) -> list:
+    adjs, nouns, places = words
+    candidates = set()
+    for a in adjs:
+        for n in nouns:
+            candidates.add(f"{a} {n}")
+            candidates.add(f"The {a} {n}")
+            for p in places:
+                candidates.add(f"{a} {n} of the {p}")
+        for p in places:
+            candidates.add(f"{a} {p}")
+    for n in nouns:
+        for p in places:
+            candidates.add(f"{n} of the {p}")
+    pool = sorted(c for c in candidates if c not in taken and 2 <= len(c.split()) <= 5)
+    pick = rng.choice(len(pool), size=count, replace=False)
+    return [pool[i] for i in pick]
+
+
+def generate(num_items: int = 600, num_users: int = 850, seed: int = 0, *,
+             min_len: int = 4, max_len: int = 10, max_history: int = 10,
+             p_drift: float = 0.15, p_alternate: float = 0.85, zipf: float = 1.2):
+    """(Catalog, {'train','valid','test': [Sample]}, item genre array)."""
+    rng = np.random.default_rng(seed)
+    names = list(GENRES)
+    G = len(names)
+    if num_items < 4 * G:
+        raise ValueError(f"synthetic.num_items={num_items}: need at least {4 * G}")
+    per_genre = [num_items // G + (1 if g < num_items % G else 0) for g in range(G)]
+    titles, genre_of, taken = [], [], set()
+    for g, name in enumerate(names):
+        ts = _genre_titles(rng, GENRES[name], per_genre[g], taken)
+        taken.update(ts)
+        titles += ts
+        genre_of += [g] * len(ts)
+    # Shuffle ids so genre is not readable from the id.
+    perm = rng.permutation(num_items)
+    titles = [titles[i] for i in perm]
+    genre_of = np.array([genre_of[i] for i in perm])
+    members = [np.flatnonzero(genre_of == g) for g in range(G)]
+    popularity = np.zeros(num_items)
+    for g in range(G):
+        w = 1.0 / np.arange(1, len(members[g]) + 1) ** zipf
+        popularity[members[g]] = w[rng.permutation(len(w))]   # random popularity rank per item
+
+    events = []       # (time, user, history ids, history times, target id)
+    for u in range(num_users):
+        k = int(rng.integers(2, 4))
+        taste = list(rng.choice(G, size=k, replace=False))
+        weights = list(rng.dirichlet(np.full(k, 1.5)))
+        length = int(rng.integers(min_len, max_len + 1))
+        t = float(rng.uniform(0, 1000))
+        seq, times, last_genre = [], [], -1
+        for _ in range(length):
+            if seq and rng.random() < p_drift:
+                j = int(np.argmin(weights))
+                taste[j] = int(rng.choice([g for g in range(G) if g not in taste]))
+                weights = list(rng.dirichlet(np.full(len(taste), 1.5)))
+            w = np.array(weights)
+            if last_genre in taste and rng.random() < p_alternate:
+                w[taste.index(last_genre)] = 0.0
+            g = int(taste[rng.choice(len(taste), p=w / w.sum())])
+            seen = set(seq)
+            cand = np.array([i for i in members[g] if i not in seen])
+            cw = popularity[cand]
+            item = int(cand[rng.choice(len(cand), p=cw / cw.sum())])
+            seq.append(item)
+            times.append(int(t * 86400))
+            last_genre = g
+            t += float(rng.uniform(1, 20))
+        for i in range(1, len(seq)):
+            lo = max(0, i - max_history)
+            events.append((times[i], u, seq[lo:i], times[lo:i], seq[i]))
+    events.sort(key=lambda e: (e[0], e[1]))
+    n = len(events)
+    cuts = {"train": (0, int(0.8 * n)), "valid": (int(0.8 * n), int(0.9 * n)),
+            "test": (int(0.9 * n), n)}
+    catalog = Catalog({i: titles[i] for i in range(num_items)})
+    splits = {}
+    for split, (a, b) in cuts.items():
+        rows = []
+        for j, (t, u, hist, h_ts, tgt) in enumerate(events[a:b]):
+            rows.append(Sample(user_id=f"U{u:05d}", history_ids=tuple(hist),
+                               history_titles=tuple(titles[i] for i in hist), target_id=tgt,
+                               target_title=titles[tgt], line=j + 2, timestamp=t,
+                               history_timestamps=tuple(h_ts)))
+        splits[split] = rows
+    return catalog, splits, genre_of
+
+
+def write_synthetic(folder, num_items: int = 600, num_users: int = 850, seed: int = 0) -> pathlib.Path:
+    """Generate into `folder` unless it already holds this exact dataset; returns the folder."""
+    folder = pathlib.Path(folder)
+    params = {"name": NAME, "category_word": CATEGORY_WORD, "num_items": int(num_items),
+              "num_users": int(num_users), "seed": int(seed), "version": FORMAT_VERSION}
+    meta_path = folder / "dataset.json"
+    if meta_path.exists() and all((folder / f).exists() for f in
+                                  ("info.txt", "train.csv", "valid.csv", "test.csv")):
+        try:
+            if json.loads(meta_path.read_text()) == params:
+                return folder
+        except json.JSONDecodeError:
+            pass
+    catalog, splits, _ = generate(num_items, num_users, seed)
+    write_d3(folder, catalog, splits)
+    atomic_write_text(meta_path, json.dumps(params, indent=1) + "\n")
+    return folder
+
+
+def synthetic_dir(cfg) -> pathlib.Path:
+    """Where `dataset=synthetic` lives: cfg.dataset_dir if set, else <workdir>/synthetic_data."""
+    if cfg.get("dataset_dir"):
+        return pathlib.Path(cfg.dataset_dir)
+    return pathlib.Path(cfg.workdir) / "synthetic_data"

@@ -1,0 +1,159 @@
+"""Tokenizers: a local Hugging Face directory, or a byte-level BPE trained in-process.
+
+Either way `<|Thought|>` is the LAST id (`thought_id == vocab_size - 1`): the model's
+embedding table grows by exactly one row for it. `encode` never adds special tokens
+(no BOS for Qwen; the EOS is appended explicitly to targets).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Iterable, Optional, Sequence
+
+from latentr3_jax.errors import InputError
+
+THOUGHT_TOKEN = "<|Thought|>"
+EOS_TOKEN = "<|endoftext|>"
+META_FILE = "latentr3_tokenizer.json"
+
+
+def _token_str(v) -> Optional[str]:
+    if isinstance(v, dict):
+        return v.get("content")
+    return v if isinstance(v, str) else None
+
+
+class Tokenizer:
+    """Thin wrapper over a `tokenizers.Tokenizer` with the ids the model needs."""
+
+    def __init__(self, backend, eos_token: str, pad_token: Optional[str] = None,
+                 bos_token: Optional[str] = None):
+        from tokenizers import AddedToken
+        self.backend = backend
+        self.eos_token = eos_token
+        self.pad_token = pad_token or eos_token
+        self.bos_token = bos_token
+        for name, tok in (("eos", self.eos_token), ("pad", self.pad_token)):
+            if backend.token_to_id(tok) is None:
+                raise InputError(f"tokenizer: {name} token {tok!r} is not in the vocabulary")
+        size = backend.get_vocab_size(with_added_tokens=True)
+        tid = backend.token_to_id(THOUGHT_TOKEN)
+        if tid is None:
+            backend.add_special_tokens([AddedToken(THOUGHT_TOKEN, special=True, normalized=False)])
+            tid = backend.token_to_id(THOUGHT_TOKEN)
+            size = backend.get_vocab_size(with_added_tokens=True)
+        max_id = max(backend.get_vocab(with_added_tokens=True).values())
+        if tid != max_id or tid != size - 1:
+            raise InputError(f"tokenizer: {THOUGHT_TOKEN} has id {tid} but must be the last id "
+                             f"(vocabulary size {size}, largest id {max_id})")
+        self.thought_id = tid
+        self.vocab_size = tid + 1
+        self.eos_id = backend.token_to_id(self.eos_token)
+        self.pad_id = backend.token_to_id(self.pad_token)
+        self.bos_id = backend.token_to_id(bos_token) if bos_token else None
+
+    def encode(self, text: str) -> list:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list:
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def save(self, directory) -> None:
+        """`tokenizer.json` (with <|Thought|>), an HF `tokenizer_config.json`, and our ids."""
+        d = pathlib.Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(d / "tokenizer.json"))
+        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.eos_token,
+               "pad_token": self.pad_token, "bos_token": self.bos_token,
+               "add_bos_token": False, "clean_up_tokenization_spaces": False,
+               "model_max_length": 1 << 30}
+        (d / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1))
+        meta = {"eos_token": self.eos_token, "pad_token": self.pad_token,
+                "bos_token": self.bos_token, "thought_token": THOUGHT_TOKEN,
+                "thought_id": self.thought_id, "vocab_size": self.vocab_size}
+        (d / META_FILE).write_text(json.dumps(meta, indent=1))
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id}, "
+                f"pad_id={self.pad_id}, thought_id={self.thought_id})")
+
+
+def _special_tokens_from_config(d: pathlib.Path) -> dict:
+    out = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json", META_FILE):
+        p = d / name
+        if p.exists():
+            try:
+                cfg = json.loads(p.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise InputError(f"{p}: not valid JSON ({e})") from None
+            for key in ("eos_token", "pad_token", "bos_token"):
+                v = _token_str(cfg.get(key))
+                if v:
+                    out[key] = v
+    return out
+
+
+def load_tokenizer(directory) -> Tokenizer:
+    """Tokenizer of a local HF directory (`tokenizer.json`, else `AutoTokenizer`)."""
+    from tokenizers import Tokenizer as Backend
+    d = pathlib.Path(directory)
+    if not d.is_dir():
+        raise InputError(f"{d}: tokenizer directory not found")
+    special = _special_tokens_from_config(d)
+    if (d / "tokenizer.json").exists():
+        try:
+            backend = Backend.from_file(str(d / "tokenizer.json"))
+        except Exception as e:  # the library raises a bare Exception on bad files
+            raise InputError(f"{d / 'tokenizer.json'}: cannot load ({e})") from None
+    else:
+        try:
+            from transformers import AutoTokenizer
+            hf = AutoTokenizer.from_pretrained(str(d), local_files_only=True, use_fast=True)
+        except Exception as e:
+            raise InputError(f"{d}: no tokenizer.json and AutoTokenizer failed ({e})") from None
+        backend = getattr(hf, "backend_tokenizer", None)
+        if backend is None:
+            raise InputError(f"{d}: only fast (Rust) tokenizers are supported")
+        for key in ("eos_token", "pad_token", "bos_token"):
+            v = getattr(hf, key, None)
+            if v and key not in special:
+                special[key] = str(v)
+    eos = special.get("eos_token")
+    if eos is None:
+        for cand in (EOS_TOKEN, "</s>", "<|end_of_text|>", "<eos>"):
+            if backend.token_to_id(cand) is not None:
+                eos = cand
+                break
+    if eos is None:
+        raise InputError(f"{d}: cannot tell the EOS token (no eos_token in tokenizer_config.json)")
+    return Tokenizer(backend, eos, special.get("pad_token"), special.get("bos_token"))
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2) -> Tokenizer:
+    """Byte-level BPE of `vocab_size` ids in total (including <|endoftext|> and <|Thought|>)."""
+    from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
+    if vocab_size < 260:
+        raise InputError(f"tokenizer.vocab_size={vocab_size}: byte-level BPE needs at least 260")
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, min_frequency=min_frequency,
+                                  special_tokens=[EOS_TOKEN], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(iter(texts), trainer=trainer)
+    return Tokenizer(backend, EOS_TOKEN, EOS_TOKEN)
+
+
+def tokenizer_corpus(dataset, template: str = "latentr3", splits=("train",)) -> list:
+    """Texts to train a BPE on: every catalog title as a target, and the split prompts."""
+    from latentr3_jax.data.prompts import build_prompt, format_target
+    texts = [format_target(t, template) for t in dataset.catalog.titles.values()]
+    for split in splits:
+        for s in dataset.splits.get(split, []):
+            texts.append(build_prompt(s.history_titles, dataset.category_word, template))
+    return texts
