@@ -1,0 +1,167 @@
+"""LR-GRPO objective pieces (SPEC.md section 6), each a small pure function.
+
+Shapes: a batch holds `P` prompts (groups) of `G` samples each; sample 0 of every group is
+the noise-free latent (eps = 0). Rewards and advantages are [P, G]; per-token arrays are
+[P * G, T] with the group's samples on consecutive rows (row p * G + k).
+
+Every reduction "over the batch" here is a plain jnp reduction over the whole array. Inside
+a jitted step whose inputs are sharded over a device mesh these are global reductions, so
+the batch-level baseline and the L2 normalisation see every group of the global batch, on
+every device and host, as SPEC.md section 6 asks.
+
+`valid` [P] marks real prompts; filler rows (padding a ragged last batch) get advantage 0
+and are left out of every mean and norm.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+ADVANTAGES = ("batch", "group", "grpo")
+ESTIMATORS = ("ppo", "reinforce")
+ADV_EPS = 1e-6        # batch / group: A = (S - b) / (||S - b||_2 + ADV_EPS)
+GRPO_STD_EPS = 1e-4   # grpo: A = (s - mean_g) / (std_g + GRPO_STD_EPS), as TRL 0.16
+
+
+def _valid_col(rewards: jax.Array, valid: Optional[jax.Array]) -> jax.Array:
+    if valid is None:
+        return jnp.ones((rewards.shape[0], 1), jnp.float32)
+    return valid.astype(jnp.float32)[:, None]
+
+
+# --------------------------------------------------------------------------- rewards
+
+
+def negative_perplexity(token_logp: jax.Array, mask: jax.Array) -> jax.Array:
+    """s = -exp(-(1/|y|) sum_i log p(y_i)) per row: token_logp, mask [..., T] -> [...]."""
+    m = mask.astype(jnp.float32)
+    mean_logp = (token_logp.astype(jnp.float32) * m).sum(-1) / jnp.maximum(m.sum(-1), 1.0)
+    return -jnp.exp(-mean_logp)
+
+
+# --------------------------------------------------------------------------- advantages
+
+
+def batch_advantage(rewards: jax.Array, valid: Optional[jax.Array] = None) -> jax.Array:
+    """Batch-level baseline (the paper's LR-GRPO).
+
+    b = mean over the groups of each group's eps = 0 reward (column 0);
+    A = (S - b) / (||S - b||_2 + 1e-6), the norm over every sample of the batch.
+    rewards [P, G] -> advantages [P, G].
+    """
+    v = _valid_col(rewards, valid)
+    baseline = (rewards[:, 0:1] * v).sum() / jnp.maximum(v.sum(), 1.0)
+    centred = (rewards - baseline) * v
+    return centred / (jnp.sqrt(jnp.sum(centred * centred)) + ADV_EPS)
+
+
+def group_advantage(rewards: jax.Array, valid: Optional[jax.Array] = None) -> jax.Array:
+    """Group-level baseline (the paper's ablation): each group's own eps = 0 reward is its b.
+
+    A = (s_pk - s_p0) / (||S - b||_2 + 1e-6), normalised over the whole batch like the
+    batch-level variant, so the two differ only in the baseline. The eps = 0 sample of
+    every group gets advantage 0.
+    """
+    v = _valid_col(rewards, valid)
+    centred = (rewards - rewards[:, 0:1]) * v
+    return centred / (jnp.sqrt(jnp.sum(centred * centred)) + ADV_EPS)
+
+
+def grpo_advantage(rewards: jax.Array, valid: Optional[jax.Array] = None) -> jax.Array:
+    """GRPO normalisation per group: A = (s - mean_g) / (std_g + 1e-4), std with G - 1
+    degrees of freedom (torch's default, as in the TRL trainer the release builds on)."""
+    v = _valid_col(rewards, valid)
+    G = rewards.shape[1]
+    mean = rewards.mean(axis=1, keepdims=True)
+    var = jnp.sum((rewards - mean) ** 2, axis=1, keepdims=True) / max(G - 1, 1)
+    return (rewards - mean) / (jnp.sqrt(var) + GRPO_STD_EPS) * v
+
+
+def compute_advantages(kind: str, rewards: jax.Array, valid: Optional[jax.Array] = None) -> jax.Array:
+    if kind == "batch":
+        return batch_advantage(rewards, valid)
+    if kind == "group":
+        return group_advantage(rewards, valid)
+    if kind == "grpo":
+        return grpo_advantage(rewards, valid)
+    raise ValueError(f"grpo.advantage must be one of {ADVANTAGES}, got {kind!r}")
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def ppo_clip(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, clip_low: float,
+             clip_high: float) -> tuple:
+    """Per-element PPO-clip loss and whether the clipped branch was taken.
+
+    ratio = exp(logp - old_logp); loss = -min(ratio * A, clip(ratio, 1 - low, 1 + high) * A).
+    `advantages` broadcasts against logp (e.g. [B, 1] against [B, T]).
+    """
+    ratio = jnp.exp(logp - old_logp)
+    unclipped = ratio * advantages
+    clipped = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high) * advantages
+    return -jnp.minimum(unclipped, clipped), clipped < unclipped
+
+
+def k3_kl(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
+    """k3 estimator of KL(pi || pi_ref) per token: exp(ref - logp) - (ref - logp) - 1 >= 0."""
+    d = ref_logp - logp
+    return jnp.exp(d) - d - 1.0
+
+
+def gaussian_log_density(x: jax.Array, mean: jax.Array, sigma: float) -> jax.Array:
+    """log N(x; mean, sigma^2 I) over the last axis."""
+    d = x.shape[-1]
+    sq = jnp.sum(jnp.square((x - mean).astype(jnp.float32)), axis=-1)
+    return -0.5 * sq / sigma ** 2 - 0.5 * d * math.log(2 * math.pi * sigma ** 2)
+
+
+def token_objective(logp, old_logp, ref_logp, advantages, mask, *, clip_low: float,
+                    clip_high: float, kl_beta: float) -> dict:
+    """Sums for the token-level PPO-clip objective (the release's LR-GRPO loss).
+
+    logp, old_logp, ref_logp, mask: [B, T]; advantages [B]. Returns sums over the tokens
+    of this (micro-)batch, so the caller divides by the global token count once:
+    loss = sum_t m_t (ppo_t + beta * kl_t) / sum_t m_t over the whole batch.
+    """
+    m = mask.astype(jnp.float32)
+    loss_t, clipped = ppo_clip(logp, old_logp, advantages[:, None], clip_low, clip_high)
+    out = {"loss_sum": jnp.sum(loss_t * m), "clipped_sum": jnp.sum(clipped * m),
+           "kl_sum": jnp.zeros((), jnp.float32)}
+    if kl_beta:
+        kl = k3_kl(logp, ref_logp)
+        out["kl_sum"] = jnp.sum(kl * m)
+        out["loss_sum"] = out["loss_sum"] + kl_beta * out["kl_sum"]
+    return out
+
+
+def reinforce_objective(latent, sampled_latent, old_logdens, advantages, valid_rows, *,
+                        sigma: float, clip_low: float, clip_high: float) -> dict:
+    """Sums for the REINFORCE variant: the policy is the Gaussian N(r, sigma^2 I) over latents.
+
+    The action is the stored noisy latent r_k = r_old + eps_k (no gradient); its log-density
+    under the current mean r is log N(r_k; r, sigma^2). The per-sample ratio
+    exp(log N(r_k; r) - log N(r_k; r_old)) is PPO-clipped like the token ratio, so with one
+    iteration (ratio 1) the gradient is the score-function estimate
+    A_k * (r_k - r) / sigma^2 = A_k * eps_k / sigma^2 pushed back through LatentRATT.
+    latent, sampled_latent [B, d]; old_logdens, advantages, valid_rows [B]. Sums over samples.
+    """
+    logdens = gaussian_log_density(jax.lax.stop_gradient(sampled_latent), latent, sigma)
+    loss, clipped = ppo_clip(logdens, old_logdens, advantages, clip_low, clip_high)
+    v = valid_rows.astype(jnp.float32)
+    return {"loss_sum": jnp.sum(loss * v), "clipped_sum": jnp.sum(clipped * v),
+            "kl_sum": jnp.zeros((), jnp.float32)}
+
+
+def advantage_stats(advantages: jax.Array, valid: Optional[jax.Array] = None) -> dict:
+    """Mean / std / max of the advantages of the real groups."""
+    v = jnp.broadcast_to(_valid_col(advantages, valid), advantages.shape)
+    n = jnp.maximum(v.sum(), 1.0)
+    mean = (advantages * v).sum() / n
+    std = jnp.sqrt(((advantages - mean) ** 2 * v).sum() / n)
+    return {"adv_mean": mean, "adv_std": std,
+            "adv_max": jnp.max(jnp.where(v > 0, advantages, -jnp.inf))}
