@@ -1,0 +1,184 @@
+"""Constrained beam search vs brute-force scoring of every catalog title."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from latentr3_jax.decode.beam import constrained_beam_search, free_generate
+from latentr3_jax.decode.trie import ItemTrie
+from latentr3_jax.model import decoder, latent
+from latentr3_jax.model.config import tiny_config
+
+EOS = 2
+V = 48
+
+
+def _model(seed=0):
+    config = tiny_config(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=2,
+                         num_heads=4, num_kv_heads=2, eos_token_id=EOS)
+    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+    params = decoder.init_params(config, k1, std=0.35)   # peaky logits: few near-ties
+    params["latent"] = latent.init_latent_params(config, k2, std=0.3)
+    return config, params
+
+
+def _catalog(seed=0):
+    rng = np.random.default_rng(seed)
+    cat, i = {}, 0
+    for _ in range(8):                      # groups sharing a first token
+        head = [int(rng.integers(3, 40))]
+        for _ in range(int(rng.integers(1, 4))):
+            seq = head + list(rng.integers(3, 40, size=rng.integers(0, 4))) + [EOS]
+            cat[i] = [int(t) for t in seq]
+            i += 1
+    cat[i], cat[i + 1] = list(cat[0]), list(cat[3])   # duplicate titles
+    return cat
+
+
+def _prompts(seed=0, lengths=(7, 4, 6)):
+    rng = np.random.default_rng(seed + 1)
+    P = max(lengths)
+    ids = np.zeros((len(lengths), P), np.int32)
+    mask = np.zeros((len(lengths), P), np.int32)
+    for r, n in enumerate(lengths):
+        ids[r, P - n:] = rng.integers(3, V - 1, size=n)
+        mask[r, P - n:] = 1
+    return jnp.asarray(ids), jnp.asarray(mask)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def _title_logprobs(config, params, p_ids, p_mask, tgt, tmask, num_thoughts):
+    """Full-pass (the release's way) log-prob of every target token [rows, T]."""
+    if num_thoughts:
+        logits = latent.reference_forward(config, params, p_ids, p_mask, tgt, tmask,
+                                          thought_id=V - 1, num_thoughts=num_thoughts)
+    else:
+        logits = decoder.apply(config, params, jnp.concatenate([p_ids, tgt], 1),
+                               attention_mask=jnp.concatenate([p_mask, tmask], 1))[0]
+        logits = logits[:, p_ids.shape[1] - 1:-1]
+    return latent.target_logprobs(logits, tgt) * tmask
+
+
+def _brute_force(config, params, trie, ids, mask, num_thoughts, length_penalty):
+    """Score [users, leaves] of every distinct title, and per-user edge log-probs."""
+    U, L, T = ids.shape[0], trie.num_leaves, trie.max_len
+    tgt = np.zeros((L, T), np.int32)
+    tmask = np.zeros((L, T), np.int32)
+    for j, seq in enumerate(trie.leaf_tokens):
+        tgt[j, :len(seq)] = seq
+        tmask[j, :len(seq)] = 1
+    lp = np.asarray(_title_logprobs(config, params, jnp.repeat(ids, L, 0), jnp.repeat(mask, L, 0),
+                                    jnp.asarray(np.tile(tgt, (U, 1))),
+                                    jnp.asarray(np.tile(tmask, (U, 1))), num_thoughts))
+    lp = lp.reshape(U, L, T)
+    scores = lp.sum(-1) / tmask.sum(1) ** length_penalty
+    edges = []
+    for u in range(U):
+        e = {}
+        for j, seq in enumerate(trie.leaf_tokens):
+            node = 0
+            for i, tok in enumerate(seq):
+                e[(node, tok)] = lp[u, j, i]
+                node = trie.children(node)[tok]
+        edges.append(e)
+    return scores, edges
+
+
+def _reference_beam(trie, edge_lp, B, length_penalty):
+    """Plain-Python beam search with Hugging Face's rules, on brute-force edge log-probs."""
+    running, finished, t = [(0.0, 0)], [], 0
+    while running and t < trie.max_len:
+        cands = sorted(((s + edge_lp[(n, tok)], c) for s, n in running
+                        for tok, c in trie.children(n).items()), key=lambda x: -x[0])[:2 * B]
+        for i, (s, c) in enumerate(cands):
+            if i < B and trie.leaf_index[c] >= 0:
+                finished.append((s / (t + 1) ** length_penalty, int(trie.leaf_index[c])))
+        finished = sorted(finished, key=lambda x: -x[0])[:B]
+        running = [x for x in cands if trie.leaf_index[x[1]] < 0][:B]
+        t += 1
+        if len(finished) == B and running and running[0][0] / t ** length_penalty <= finished[-1][0]:
+            break
+    return finished
+
+
+def _assert_same_order(got_leaves, got_scores, ref_scores_by_leaf):
+    """Same scores per title; same order wherever neighbouring scores are not near-ties."""
+    np.testing.assert_allclose(got_scores, ref_scores_by_leaf[got_leaves], atol=2e-4, rtol=1e-5)
+    gaps = -np.diff(got_scores)
+    assert np.all(gaps >= -1e-6)
+
+
+@pytest.mark.parametrize("num_thoughts,length_penalty", [(0, 0.0), (1, 1.0), (2, 0.5)])
+def test_wide_beam_equals_brute_force(num_thoughts, length_penalty):
+    """With B >= distinct titles the search is exhaustive: the full brute-force ranking."""
+    config, params = _model()
+    trie = ItemTrie(_catalog(), V, width=3)
+    ids, mask = _prompts()
+    B = trie.num_leaves + 2
+    res = constrained_beam_search(config, params, trie.arrays(), ids, mask, max_len=trie.max_len,
+                                  num_beams=B, length_penalty=length_penalty,
+                                  num_thoughts=num_thoughts)
+    bf, _ = _brute_force(config, params, trie, ids, mask, num_thoughts, length_penalty)
+    leaf, scores, valid = map(np.asarray, (res.leaf, res.scores, res.valid))
+    for u in range(ids.shape[0]):
+        assert valid[u].sum() == trie.num_leaves
+        got = leaf[u][valid[u]]
+        assert sorted(got) == list(range(trie.num_leaves))
+        _assert_same_order(got, scores[u][valid[u]], bf[u])
+        order = np.argsort(-bf[u], kind="stable")
+        gaps = np.diff(-bf[u][order])
+        clear = np.concatenate([[True], gaps > 1e-3]) & np.concatenate([gaps > 1e-3, [True]])
+        np.testing.assert_array_equal(got[clear], order[clear])
+        for k, j in enumerate(got):   # returned tokens spell the title
+            n = int(res.length[u, k])
+            assert tuple(np.asarray(res.tokens[u, k, :n])) == trie.leaf_tokens[j]
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
+def test_narrow_beam_matches_reference_search(length_penalty):
+    """With B < titles: same hypotheses as an HF-rule Python beam search; top-1 = brute force
+    whenever the brute-force winner survives the pruning with a clear margin."""
+    config, params = _model(seed=1)
+    trie = ItemTrie(_catalog(seed=1), V)
+    ids, mask = _prompts(seed=1, lengths=(7, 3, 5, 7, 6, 2))
+    B = 4
+    res = constrained_beam_search(config, params, trie.arrays(), ids, mask, max_len=trie.max_len,
+                                  num_beams=B, length_penalty=length_penalty, num_thoughts=1)
+    bf, edges = _brute_force(config, params, trie, ids, mask, 1, length_penalty)
+    leaf, scores, valid = map(np.asarray, (res.leaf, res.scores, res.valid))
+    agree = 0
+    for u in range(ids.shape[0]):
+        ref = _reference_beam(trie, edges[u], B, length_penalty)
+        assert valid[u].all() and len(set(leaf[u])) == B
+        _assert_same_order(leaf[u], scores[u], bf[u])
+        ref_leaves = [j for _, j in ref]
+        ref_scores = np.array([s for s, _ in ref])
+        clear = np.concatenate([[True], -np.diff(ref_scores) > 1e-3])
+        clear &= np.concatenate([-np.diff(ref_scores) > 1e-3, [True]])
+        np.testing.assert_array_equal(leaf[u][clear], np.array(ref_leaves)[clear])
+        top2 = np.sort(bf[u])[::-1][:2]
+        if top2[0] - top2[1] > 0.1 and int(np.argmax(bf[u])) in ref_leaves:
+            assert leaf[u, 0] == int(np.argmax(bf[u]))
+            agree += 1
+    assert agree >= 2
+
+
+def test_free_generate_greedy_matches_argmax_loop():
+    config, params = _model(seed=2)
+    ids, mask = _prompts(seed=2)
+    res = free_generate(config, params, ids, mask, max_len=6, eos_id=EOS, num_beams=1)
+    for u in range(ids.shape[0]):
+        seq = list(np.asarray(ids[u][mask[u] > 0]))
+        out = []
+        for _ in range(6):
+            lg = decoder.logits(config, params, jnp.asarray([seq]))
+            nxt = int(jnp.argmax(lg[0, -1]))
+            out.append(nxt)
+            seq.append(nxt)
+            if nxt == EOS:
+                break
+        n = int(res.length[u, 0])
+        assert list(np.asarray(res.tokens[u, 0, :n])) == out
