@@ -1,0 +1,106 @@
+"""Building the model a run trains: from a local Hugging Face checkpoint or from scratch."""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import jax
+import jax.numpy as jnp
+
+from latentr3_jax.errors import InputError
+from latentr3_jax.model import decoder, latent
+from latentr3_jax.model.config import DecoderConfig
+
+
+def wants_latent_params(cfg) -> bool:
+    return int(cfg.model.num_thoughts) > 0 and cfg.model.latent_mode == "ratt"
+
+
+def check_model_options(cfg) -> None:
+    if int(cfg.model.num_thoughts) < 0:
+        raise InputError(f"config model.num_thoughts must be >= 0, got {cfg.model.num_thoughts}")
+    if cfg.model.latent_mode not in latent.LATENT_MODES:
+        raise InputError(f"config model.latent_mode must be one of {latent.LATENT_MODES}, "
+                         f"got {cfg.model.latent_mode!r}")
+    if cfg.model.dtype not in ("float32", "bfloat16"):
+        raise InputError(f"config model.dtype must be float32 or bfloat16, got {cfg.model.dtype!r}")
+
+
+def compute_dtype(cfg):
+    return jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32
+
+
+def scratch_config(cfg, tokenizer) -> DecoderConfig:
+    m = cfg.model
+    try:
+        return DecoderConfig(
+            vocab_size=int(tokenizer.vocab_size), hidden_size=int(m.hidden_size),
+            intermediate_size=int(m.intermediate_size), num_layers=int(m.num_layers),
+            num_heads=int(m.num_heads), num_kv_heads=int(m.num_kv_heads),
+            rope_theta=float(m.rope_theta), attention_bias=m.model_type == "qwen2",
+            tie_word_embeddings=bool(m.tie_word_embeddings), model_type=str(m.model_type),
+            eos_token_id=int(tokenizer.eos_id), pad_token_id=int(tokenizer.pad_id))
+    except ValueError as e:
+        raise InputError(f"config model: {e}") from None
+
+
+def _fit_vocab(config: DecoderConfig, params: dict, tokenizer) -> Tuple[DecoderConfig, dict]:
+    """Make the embedding table end exactly at the tokenizer's <|Thought|> id.
+
+    Rows past the tokenizer's base vocabulary (HF checkpoints often pad the table) are
+    never produced by the tokenizer and are dropped; then one row is added for the thought
+    token unless the checkpoint already has it.
+    """
+    from latentr3_jax import hf
+    want = int(tokenizer.vocab_size)
+    if config.vocab_size == want:
+        return config, params
+    base = want - 1  # the tokenizer's vocabulary without <|Thought|>
+    if config.vocab_size > base:
+        params = dict(params)
+        params["embed"] = {"embedding": params["embed"]["embedding"][:base]}
+        if "lm_head" in params:
+            params["lm_head"] = {"kernel": params["lm_head"]["kernel"][:, :base]}
+        config = config.replace(vocab_size=base)
+    return hf.resize_vocab(config, params, want - config.vocab_size)
+
+
+def build_model(cfg, tokenizer, rng: jax.Array) -> Tuple[DecoderConfig, dict]:
+    """(DecoderConfig, params) for a run, incl. params['latent'] when it trains LatentRATT."""
+    check_model_options(cfg)
+    dec_rng, lat_rng = jax.random.split(rng)
+    if cfg.model.hf_path:
+        from latentr3_jax import hf
+        config, params = hf.load_pretrained(cfg.model.hf_path)
+        config, params = _fit_vocab(config, params, tokenizer)
+        if tokenizer.eos_id is not None and config.eos_token_id is None:
+            config = config.replace(eos_token_id=int(tokenizer.eos_id))
+    else:
+        config = scratch_config(cfg, tokenizer)
+        params = decoder.init_params(config, dec_rng)
+    params = dict(params)
+    if wants_latent_params(cfg):
+        params["latent"] = latent.init_latent_params(config, lat_rng)
+    return config, params
+
+
+def params_axes(config: DecoderConfig, params: dict) -> dict:
+    """Logical axes for `params` (decoder weights plus the latent module if present)."""
+    axes = decoder.param_axes(config)
+    if "latent" in params:
+        axes["latent"] = latent.latent_param_axes()
+    return axes
+
+
+def init_fn(cfg, config: DecoderConfig):
+    """rng -> params with the same tree as build_model's from-scratch params (for
+    creating params directly sharded)."""
+    with_latent = wants_latent_params(cfg)
+
+    def init(rng):
+        dec_rng, lat_rng = jax.random.split(rng)
+        params = dict(decoder.init_params(config, dec_rng))
+        if with_latent:
+            params["latent"] = latent.init_latent_params(config, lat_rng)
+        return params
+    return init

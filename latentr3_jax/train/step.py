@@ -1,0 +1,165 @@
+"""The generic jitted training step, shared by SFT and GRPO.
+
+`loss_fn(params, micro_batch, rng) -> (loss_sum, token_count, aux)` returns a *sum* over
+tokens, so the step can take the token mean over the whole global batch however it is cut
+into micro-batches. Gradient accumulation is a `lax.scan` inside the step. A non-finite
+loss or gradient skips the update (decided on device with `jnp.where`) and bumps a counter
+in the state; the host reads that counter one step late, so nothing waits per step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from latentr3_jax.parallel import mesh as mesh_lib
+from latentr3_jax.train.state import TrainState
+
+LossFn = Callable[[Any, dict, jax.Array], tuple]
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+def _split_micro(x: jax.Array, num_micro: int) -> jax.Array:
+    """[B, ...] -> [M, B/M, ...] taking rows m, m+M, m+2M, ... into micro-batch m, so every
+    device's contiguous batch shard holds an equal part of each micro-batch."""
+    b = x.shape[0]
+    y = x.reshape((b // num_micro, num_micro) + x.shape[1:])
+    return jnp.swapaxes(y, 0, 1)
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def make_step_fn(loss_fn: LossFn, tx: optax.GradientTransformation, *, num_micro_batches: int = 1,
+                 micro_sharding: Optional[NamedSharding] = None,
+                 schedule: Optional[optax.Schedule] = None):
+    """The pure (un-jitted) step: (state, batch) -> (state, metrics)."""
+    M = max(int(num_micro_batches), 1)
+    grad_fn = jax.value_and_grad(lambda p, b, r: _scalar_parts(loss_fn(p, b, r)), has_aux=True)
+
+    def step(state: TrainState, batch: dict):
+        rng = jax.random.fold_in(state.rng, state.step)
+        if M == 1:
+            (loss_sum, (count, aux)), grads = grad_fn(state.params, batch, rng)
+        else:
+            micro = jax.tree.map(lambda x: _split_micro(x, M), batch)
+            if micro_sharding is not None:
+                micro = jax.tree.map(
+                    lambda x: jax.lax.with_sharding_constraint(
+                        x, NamedSharding(micro_sharding.mesh, PartitionSpec(None, *micro_sharding.spec))),
+                    micro)
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            aux0 = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro),
+                                  rng)[0][1][1]
+            acc0 = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+                    jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux0))
+
+            def body(acc, xs):
+                mb, i = xs
+                (ls, (cnt, ax)), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+                g_acc, l_acc, c_acc, a_acc = acc
+                return (jax.tree.map(jnp.add, g_acc, g), l_acc + ls, c_acc + cnt,
+                        jax.tree.map(jnp.add, a_acc, ax)), None
+
+            (grads, loss_sum, count, aux), _ = jax.lax.scan(body, acc0, (micro, jnp.arange(M)))
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        loss = loss_sum / denom
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(grads)
+
+        safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
+        updates, new_opt = tx.update(safe_grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        bad = jnp.where(finite, 0, state.bad_steps + 1).astype(jnp.int32)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep(new_params, state.params),
+            opt_state=keep(new_opt, state.opt_state),
+            bad_steps=bad,
+            total_bad_steps=state.total_bad_steps + (~finite).astype(jnp.int32))
+        metrics = {"loss": loss, "tokens": count, "grad_norm": grad_norm,
+                   "finite": finite, "bad_steps": bad, **aux}
+        if schedule is not None:
+            metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+        return new_state, metrics
+
+    return step
+
+
+def _scalar_parts(out):
+    loss_sum, count, aux = out
+    aux = {} if aux is None else aux
+    return jnp.asarray(loss_sum, jnp.float32), (jnp.asarray(count, jnp.float32), aux)
+
+
+def _shape_key(batch) -> tuple:
+    return tuple((k, tuple(v.shape), str(v.dtype)) for k, v in sorted(batch.items()))
+
+
+class TrainStep:
+    """A jitted step with in/out shardings and a donated state, compiled once per batch
+    shape (one per bucket pair) ahead of time; `compile_count` says how many times."""
+
+    def __init__(self, loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mesh,
+                 shardings: TrainState, *, num_micro_batches: int = 1,
+                 schedule: Optional[optax.Schedule] = None, donate: bool = True):
+        self.mesh = mesh
+        self.shardings = shardings
+        self.batch_sharding = mesh_lib.batch_sharding(mesh)
+        self.num_micro_batches = max(int(num_micro_batches), 1)
+        fn = make_step_fn(loss_fn, tx, num_micro_batches=self.num_micro_batches,
+                          micro_sharding=self.batch_sharding, schedule=schedule)
+        self._jitted = jax.jit(fn, in_shardings=(shardings, self.batch_sharding),
+                               out_shardings=(shardings, mesh_lib.replicated(mesh)),
+                               donate_argnums=(0,) if donate else ())
+        self._compiled: dict = {}
+        self.compile_count = 0
+
+    def shard_batch(self, batch: dict) -> dict:
+        """Host numpy batch (this process's rows) -> global arrays sharded over the batch axes."""
+        out = {}
+        for k, v in batch.items():
+            if isinstance(v, jax.Array) and v.sharding == self.batch_sharding:
+                out[k] = v
+            else:
+                out[k] = jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+        return out
+
+    def compiled_for(self, state: TrainState, batch: dict):
+        key = _shape_key(batch)
+        exe = self._compiled.get(key)
+        if exe is None:
+            B = next(iter(batch.values())).shape[0]
+            need = self.num_micro_batches * mesh_lib.batch_size_multiple(self.mesh)
+            if B % need:
+                raise ValueError(f"global batch {B} must be a multiple of micro-batches x batch "
+                                 f"devices = {need}")
+            exe = self._jitted.lower(state, batch).compile()
+            self._compiled[key] = exe
+            self.compile_count += 1
+        return exe
+
+    def __call__(self, state: TrainState, batch: dict):
+        batch = self.shard_batch(batch)
+        return self.compiled_for(state, batch)(state, batch)
+
+    def memory_analysis(self) -> Optional[str]:
+        for exe in self._compiled.values():
+            try:
+                return str(exe.memory_analysis())
+            except Exception:  # not every backend reports it
+                return None
+        return None
