@@ -77,6 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sft.checkpoint_every = 200
     c.sft.keep_checkpoints = 2
     c.sft.max_bad_steps = 10        # consecutive non-finite steps before stopping
+    c.sft.eval_batch_size = 0       # validation batch; 0 = the micro-batch size
 
     # ---- stage 2: LR-GRPO (SPEC.md section 6)
     c.grpo = ml_collections.ConfigDict()
@@ -89,7 +90,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.grpo.micro_batch_size = 0     # prompts per micro-batch; 0 = no accumulation
     c.grpo.epochs = 1
     c.grpo.max_steps = -1
-    c.grpo.advantage = "batch"      # batch | group | grpo | reinforce
+    c.grpo.advantage = "batch"      # batch | group | grpo (per-group mean/std)
+    c.grpo.estimator = "ppo"        # ppo (token log-prob ratio) | reinforce (Gaussian log-density of eps)
     c.grpo.clip_low = 0.2
     c.grpo.clip_high = 0.28
     c.grpo.iterations = 1           # PPO iterations (mu) per batch
@@ -100,6 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.grpo.checkpoint_every = 200
     c.grpo.keep_checkpoints = 2
     c.grpo.max_bad_steps = 10
+    c.grpo.evaluate = True          # HR/NDCG on the valid split after training
 
     # ---- evaluation (SPEC.md section 7)
     c.eval = ml_collections.ConfigDict()
