@@ -50,16 +50,18 @@ def _months_back(year: int, month: int, k: int) -> tuple:
 def _open(path: pathlib.Path):
     if not path.exists():
         raise InputError(f"{path}: file not found")
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, "r", encoding="utf-8")
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
 def _json_lines(path: pathlib.Path, progress=None):
     with _open(path) as f:
         n = 0
         try:
-            for n, line in enumerate(f, start=1):
+            for n, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise InputError(f"{where(path, n)}: not valid UTF-8 ({e.reason})") from None
                 if not line.strip():
                     continue
                 try:
@@ -71,8 +73,6 @@ def _json_lines(path: pathlib.Path, progress=None):
                 if progress and n % 200_000 == 0:
                     progress(f"{path.name}: {n:,} lines")
                 yield n, obj
-        except UnicodeDecodeError as e:
-            raise InputError(f"{where(path, n + 1)}: not valid UTF-8 ({e.reason})") from None
         except (OSError, EOFError) as e:  # truncated / corrupt gzip
             raise InputError(f"{where(path, n + 1)}: cannot read ({e})") from None
 

@@ -118,8 +118,9 @@ def catalog_target_ids(tok, catalog, template: str = "latentr3") -> dict:
 def check_target_tokenisation(tok, items, category_word: Optional[str] = None,
                               template: str = "latentr3", *, limit: Optional[int] = None,
                               name: str = "") -> int:
-    """SPEC.md section 7: tokenising prompt + target jointly must give the prompt's ids
-    followed by the target's ids tokenised alone; otherwise the trie of targets would not
+    """SPEC.md section 7: the target's ids tokenised alone must be the ids the target gets
+    when prompt + target are tokenised jointly (the joint ids end with them, and the ids
+    before them decode to exactly the prompt), otherwise the trie of targets would not
     match what the model sees. `items` are `Sample`s (needs `category_word`) or `Encoded`s
     (the prompt is decoded back to text). Raises InputError naming the first bad sample;
     returns how many were checked."""
@@ -130,7 +131,9 @@ def check_target_tokenisation(tok, items, category_word: Optional[str] = None,
             break
         if hasattr(it, "prompt_ids"):
             prompt = tok.decode(it.prompt_ids, skip_special_tokens=False)
-            target_ids = [i for i in it.target_ids if i != tok.eos_id]
+            target_ids = list(it.target_ids)
+            if target_ids and target_ids[-1] == tok.eos_id:
+                target_ids = target_ids[:-1]
             target = tok.decode(target_ids, skip_special_tokens=False)
             line = getattr(it, "line", 0)
         else:
@@ -140,14 +143,16 @@ def check_target_tokenisation(tok, items, category_word: Optional[str] = None,
             target = format_target(it.target_title, template)
             target_ids = tok.encode(target)
             line = it.line
-        prompt_ids = tok.encode(prompt)
         alone = tok.encode(target)
         joint = tok.encode(prompt + target)
-        if joint != prompt_ids + alone or alone != target_ids:
+        head = joint[:len(joint) - len(alone)]
+        ok = (alone == target_ids and joint[len(head):] == alone
+              and tok.decode(head, skip_special_tokens=False) == prompt)
+        if not ok:
             where_ = f"{name + ' ' if name else ''}sample {k} (line {line})"
             raise InputError(
                 f"{where_}: the target {target!r} tokenises differently after the prompt "
-                f"(alone {alone[:12]}, in context {joint[len(prompt_ids):][:12]}); the "
-                "constrained decoding trie would not match the model's tokens")
+                f"(alone {alone[:12]}, joint ends {joint[-len(alone):][:12]}); the constrained "
+                "decoding trie would not match the model's tokens")
         n += 1
     return n

@@ -134,13 +134,28 @@ def load_tokenizer(directory) -> Tokenizer:
     return Tokenizer(backend, eos, special.get("pad_token"), special.get("bos_token"))
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2) -> Tokenizer:
-    """Byte-level BPE of `vocab_size` ids in total (including <|endoftext|> and <|Thought|>)."""
-    from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
+# Qwen2's pre-tokenisation split: digits one by one, a leading punctuation mark joins the
+# following word, punctuation keeps trailing newlines, so `"Title"\n` becomes few tokens.
+QWEN_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+              r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2,
+                    split: str = "qwen") -> Tokenizer:
+    """Byte-level BPE of `vocab_size` ids in total (including <|endoftext|> and <|Thought|>).
+    `split`: 'qwen' (Qwen2's pre-tokeniser regex, default) or 'gpt2'."""
+    from tokenizers import Regex, Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
     if vocab_size < 260:
         raise InputError(f"tokenizer.vocab_size={vocab_size}: byte-level BPE needs at least 260")
     backend = Backend(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split == "qwen":
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    elif split == "gpt2":
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        raise InputError(f"tokenizer split {split!r}: expected 'qwen' or 'gpt2'")
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, min_frequency=min_frequency,
                                   special_tokens=[EOS_TOKEN], show_progress=False,
