@@ -170,12 +170,15 @@ def test_free_generate_greedy_matches_argmax_loop():
     config, params = _model(seed=2)
     ids, mask = _prompts(seed=2)
     res = free_generate(config, params, ids, mask, max_len=6, eos_id=EOS, num_beams=1)
+    width = ids.shape[1] + 6
     for u in range(ids.shape[0]):
         seq = list(np.asarray(ids[u][mask[u] > 0]))
         out = []
-        for _ in range(6):
-            lg = decoder.logits(config, params, jnp.asarray([seq]))
-            nxt = int(jnp.argmax(lg[0, -1]))
+        for _ in range(6):   # right-padded to one width: causal logits are unaffected
+            padded = np.zeros((1, width), np.int32)
+            padded[0, :len(seq)] = seq
+            lg = decoder.logits(config, params, jnp.asarray(padded))
+            nxt = int(jnp.argmax(lg[0, len(seq) - 1]))
             out.append(nxt)
             seq.append(nxt)
             if nxt == EOS:
