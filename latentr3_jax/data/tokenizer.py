@@ -142,7 +142,8 @@ QWEN_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2,
                     split: str = "qwen") -> Tokenizer:
-    """Byte-level BPE of `vocab_size` ids in total (including <|endoftext|> and <|Thought|>).
+    """Byte-level BPE of at most `vocab_size` ids in total (including <|endoftext|> and
+    <|Thought|>; fewer when the corpus runs out of pairs seen `min_frequency` times).
     `split`: 'qwen' (Qwen2's pre-tokeniser regex, default) or 'gpt2'."""
     from tokenizers import Regex, Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
     if vocab_size < 260:
