@@ -98,7 +98,8 @@ def estimate_memory(config: DecoderConfig, *, batch_per_device: int, seq_len: in
                     mesh_shape: Sequence[int] = (1, 1, 1), dtype="float32", remat: bool = False,
                     optimizer: str = "adamw", trainable: str = "all",
                     target_len: Optional[int] = None, with_latent: bool = True,
-                    param_dtype="float32", rules=LOGICAL_RULES) -> dict:
+                    grad_accumulation: bool = False, param_dtype="float32",
+                    rules=LOGICAL_RULES) -> dict:
     """Bytes per device of one training step.
 
     Args:
@@ -112,6 +113,8 @@ def estimate_memory(config: DecoderConfig, *, batch_per_device: int, seq_len: in
         only the `target_len` suffix tokens keep activations for the backward pass).
       target_len: tokens whose vocabulary logits are computed (the thought slot and the
         target); default `seq_len` (a plain language-model step).
+      grad_accumulation: micro-batches summed into a gradient buffer (one more float32
+        copy of the trainable weights).
     Returns:
       dict of params_bytes, opt_state_bytes, grads_bytes, activations_bytes, total_bytes.
     """
@@ -133,7 +136,7 @@ def estimate_memory(config: DecoderConfig, *, batch_per_device: int, seq_len: in
     params = _tree_bytes(shapes, axes, mesh_shape, p_item, rules)
     train_f32 = _tree_bytes(shapes, axes, mesh_shape, 4, rules, keep)
     opt_state = OPTIMIZER_MOMENTS[optimizer] * train_f32
-    grads = train_f32
+    grads = train_f32 * (2 if grad_accumulation else 1)
 
     # Per-device widths of the activations: the batch is split over (data, fsdp) by the
     # caller; heads, MLP and vocabulary over `tensor` when it divides them.
@@ -180,28 +183,19 @@ def qwen25_1_5b(vocab_size: int = 151936 + 1) -> DecoderConfig:
 
 
 def decoder_config_from_cfg(cfg) -> DecoderConfig:
-    """The decoder a config trains, without loading weights: the HF checkpoint's config.json
-    when `model.hf_path` exists, the Qwen2.5-1.5B shape when it is a placeholder path, else
-    the from-scratch shape of `cfg.model`."""
-    import json
+    """The decoder a config trains, without loading weights: the checkpoint's config.json
+    when `model.hf_path` is set, else the from-scratch shape of `cfg.model`; the
+    vocabulary grows by one row for `<|Thought|>` either way."""
     import os
+    from latentr3_jax.errors import InputError
     path = str(cfg.model.hf_path or "")
     if path:
-        cj = os.path.join(path, "config.json")
-        if not os.path.exists(cj):
-            return qwen25_1_5b()
-        with open(cj, encoding="utf-8") as fh:
-            hf = json.load(fh)
-        return DecoderConfig(
-            vocab_size=int(hf["vocab_size"]) + 1, hidden_size=int(hf["hidden_size"]),
-            intermediate_size=int(hf["intermediate_size"]), num_layers=int(hf["num_hidden_layers"]),
-            num_heads=int(hf["num_attention_heads"]),
-            num_kv_heads=int(hf.get("num_key_value_heads", hf["num_attention_heads"])),
-            head_dim=hf.get("head_dim"), attention_bias=hf.get("model_type") == "qwen2"
-            or bool(hf.get("attention_bias", False)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            model_type=hf.get("model_type", "qwen2") if hf.get("model_type") in ("qwen2", "llama")
-            else "qwen2")
+        if not os.path.exists(os.path.join(path, "config.json")):
+            raise InputError(f"model.hf_path: no config.json in {path!r} (pass --model "
+                             f"qwen2.5-1.5b to estimate with that shape instead)")
+        from latentr3_jax.hf import read_hf_config
+        hf = read_hf_config(path)
+        return hf.replace(vocab_size=hf.vocab_size + 1)
     m = cfg.model
     return DecoderConfig(vocab_size=int(cfg.tokenizer.vocab_size) + 1, hidden_size=m.hidden_size,
                          intermediate_size=m.intermediate_size, num_layers=m.num_layers,
@@ -210,38 +204,38 @@ def decoder_config_from_cfg(cfg) -> DecoderConfig:
                          tie_word_embeddings=m.tie_word_embeddings, model_type=m.model_type)
 
 
-def _resolved_mesh(cfg, num_devices: int) -> tuple:
-    from latentr3_jax.parallel.mesh import mesh_shape
-    return mesh_shape(cfg.mesh, num_devices)
+def config_estimates(cfg, num_devices: Optional[int] = None,
+                     decoder_config: Optional[DecoderConfig] = None) -> dict:
+    """Estimates of the SFT and (with a latent) the LR-GRPO step of a full config.
 
-
-def config_estimates(cfg, num_devices: Optional[int] = None) -> dict:
-    """{'sft': estimate, 'grpo': estimate} for a full config (longest prompt bucket).
-
-    SFT: a micro-batch of `sft.micro_batch_size` (or the whole global batch) over
-    (data, fsdp); prompt = the cutoff, plus the thought slots and `max_target_len`.
-    LR-GRPO: `grpo.prompts_per_batch` (or its micro-batch) x `group_size` sequences.
+    Worst case over the buckets: prompt = `data.cutoff`, plus the thought slots and
+    `data.max_target_len`. SFT runs `sft.micro_batch_size` rows (or the whole global batch)
+    over (data, fsdp); LR-GRPO `grpo.micro_batch_size` (or `prompts_per_batch`) prompts x
+    `group_size`. Returns {'mesh', 'rows': {step: rows per device}, 'sft', 'grpo'}.
     """
+    from latentr3_jax.parallel.mesh import mesh_shape
     n = num_devices or _mesh_devices(cfg)
-    mesh = _resolved_mesh(cfg, n)
+    mesh = mesh_shape(cfg.mesh, n)
     batch_ways = mesh[0] * mesh[1]
-    config = decoder_config_from_cfg(cfg)
+    config = decoder_config or decoder_config_from_cfg(cfg)
     thoughts = int(cfg.model.num_thoughts)
     prompt = max(int(cfg.data.cutoff), 1)
     target = int(cfg.data.max_target_len) + thoughts
     with_latent = thoughts > 0 and cfg.model.latent_mode == "ratt"
     common = dict(mesh_shape=mesh, dtype=cfg.model.dtype, remat=bool(cfg.model.remat),
                   with_latent=with_latent, seq_len=prompt + target, target_len=target)
-    sft_rows = int(cfg.sft.micro_batch_size) or int(cfg.sft.batch_size)
-    out = {"mesh": mesh, "sft": estimate_memory(
-        config, batch_per_device=max(1, math.ceil(sft_rows / batch_ways)), trainable="all",
+    micro = int(cfg.sft.micro_batch_size)
+    rows = {"sft": max(1, math.ceil((micro or int(cfg.sft.batch_size)) / batch_ways))}
+    out = {"mesh": mesh, "rows": rows, "sft": estimate_memory(
+        config, batch_per_device=rows["sft"], trainable="all", grad_accumulation=micro > 0,
         **common)}
-    if with_latent:
-        prompts = int(cfg.grpo.micro_batch_size) or int(cfg.grpo.prompts_per_batch)
-        rows = prompts * int(cfg.grpo.group_size)
+    if thoughts > 0:
+        micro = int(cfg.grpo.micro_batch_size)
+        prompts = micro or int(cfg.grpo.prompts_per_batch)
+        rows["grpo"] = max(1, math.ceil(prompts * int(cfg.grpo.group_size) / batch_ways))
         out["grpo"] = estimate_memory(
-            config, batch_per_device=max(1, math.ceil(rows / batch_ways)),
-            trainable="all" if cfg.grpo.train_llm else "latent", **common)
+            config, batch_per_device=rows["grpo"], grad_accumulation=micro > 0,
+            trainable="all" if cfg.grpo.train_llm else "latent", **dict(common, with_latent=True))
     return out
 
 
@@ -254,28 +248,41 @@ def _mesh_devices(cfg) -> int:
 
 def format_table(estimates: dict) -> str:
     """Markdown table (GiB per device) of `config_estimates` output."""
-    mesh = "x".join(str(s) for s in estimates["mesh"])
+    mesh = ",".join(str(s) for s in estimates["mesh"])
     lines = [f"mesh (data, fsdp, tensor) = {mesh}; GiB per device",
-             "| step | params | opt state | grads | activations | total |",
-             "|---|---|---|---|---|---|"]
+             "| step | rows/dev | params | opt state | grads | activations | total |",
+             "|---|---|---|---|---|---|---|"]
     for step in ("sft", "grpo"):
         if step in estimates:
             e = estimates[step]
             vals = [e[k] / GIB for k in ("params_bytes", "opt_state_bytes", "grads_bytes",
                                           "activations_bytes", "total_bytes")]
-            lines.append(f"| {step} | " + " | ".join(f"{v:.2f}" for v in vals) + " |")
+            lines.append(f"| {step} | {estimates['rows'][step]} | "
+                         + " | ".join(f"{v:.2f}" for v in vals) + " |")
     return "\n".join(lines)
 
 
+KNOWN_MODELS = {"qwen2.5-1.5b": qwen25_1_5b}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """`python -m latentr3_jax.parallel.memory --config FILE [--config.x=y ...]`."""
+    """`python -m latentr3_jax.parallel.memory [--devices N] [--model qwen2.5-1.5b]
+    --config FILE [--config.x=y ...]`: the config's memory table."""
     from latentr3_jax.configlib import parse_config
+    from latentr3_jax.errors import InputError
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(add_help=False)
-    ap.add_argument("--devices", type=int, default=0)
+    ap = argparse.ArgumentParser(prog="python -m latentr3_jax.parallel.memory", add_help=False)
+    ap.add_argument("--devices", type=int, default=0, help="device count (default: the mesh's)")
+    ap.add_argument("--model", choices=sorted(KNOWN_MODELS), default=None,
+                    help="estimate with this model's shape instead of reading model.hf_path")
     known, rest = ap.parse_known_args(argv)
-    cfg, _ = parse_config(rest)
-    print(format_table(config_estimates(cfg, known.devices or None)))
+    try:
+        cfg, _ = parse_config(rest)
+        model = KNOWN_MODELS[known.model]() if known.model else None
+        print(format_table(config_estimates(cfg, known.devices or None, decoder_config=model)))
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
