@@ -41,19 +41,40 @@ class Model:
         self.config, self.params = hf.load_pretrained(path)
 
 
+@pytest.fixture(scope="module")
+def build(tmp_path_factory):
+    """Each variant is built once per module, whichever tests ask for it."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = Model(make_hf_model(tmp_path_factory.mktemp("hf"), name=name, **VARIANTS[name]))
+        return cache[name]
+    return get
+
+
 @pytest.fixture(scope="module", params=list(VARIANTS))
-def model(request, tmp_path_factory):
-    kw = dict(VARIANTS[request.param])
-    path = make_hf_model(tmp_path_factory.mktemp("hf"), name=request.param, **kw)
-    return Model(path)
+def model(request, build):
+    return build(request.param)
+
+
+# One batch shape for every forward pass keeps the number of compilations down:
+# prompts [4, PROMPT] left-padded, and prompt + STEPS generated tokens for full forwards.
+LENGTHS, STEPS = (12, 6, 9, 3), 16
+PROMPT = max(LENGTHS)
 
 
 def _real(mask):
     return mask.astype(bool)
 
 
+def _batch(vocab_size, seed=0):
+    """Left-padded [4, PROMPT + STEPS] ids and mask."""
+    return left_padded_batch(vocab_size, lengths=tuple(n + STEPS for n in LENGTHS), seed=seed)
+
+
 def test_logits_match_torch_on_left_padded_batch(model):
-    ids, mask = left_padded_batch(model.config.vocab_size, lengths=(11, 4, 8, 1))
+    ids, mask = _batch(model.config.vocab_size)
     ref = torch_logits(model.torch, ids, mask)
     ours = np.asarray(logits(model.config, model.params, ids, mask))
     assert ours.dtype == np.float32 and ours.shape == ref.shape
@@ -67,58 +88,48 @@ def _step(config, params, ids, mask, cache):
     return out, cache
 
 
-def test_prefill_then_stepwise_decode_equals_full_forward(model):
+def test_greedy_generate_and_cached_decode(model):
+    """16 greedy tokens equal transformers' `generate`; the logits of the prefill + one-token
+    cached steps equal a full forward over prompt + continuation."""
     cfg, params = model.config, model.params
-    ids, mask = left_padded_batch(cfg.vocab_size, lengths=(12, 6, 9), seed=1)
-    full = np.asarray(logits(cfg, params, ids, mask))
-    P = 7  # prefill the first 7 columns (row 1 is still all padding there), then 1 at a time
-    cache = init_cache(cfg, ids.shape[0], ids.shape[1] + 2)
-    out, cache = _step(cfg, params, jnp.asarray(ids[:, :P]), jnp.asarray(mask[:, :P]), cache)
-    got = [np.asarray(out)]
-    for t in range(P, ids.shape[1]):
-        out, cache = _step(cfg, params, jnp.asarray(ids[:, t:t + 1]), jnp.asarray(mask[:, t:t + 1]), cache)
-        got.append(np.asarray(out))
-    got = np.concatenate(got, axis=1)
-    real = _real(mask)
-    np.testing.assert_allclose(got[real], full[real], atol=2e-5, rtol=1e-5)
-    assert int(cache["index"]) == ids.shape[1]
-    np.testing.assert_array_equal(np.asarray(cache["next_pos"]), mask.sum(1))
-
-
-def _greedy(cfg, params, ids, mask, steps):
-    B, P = ids.shape
-    cache = init_cache(cfg, B, P + steps)
-    out, cache = _step(cfg, params, jnp.asarray(ids), jnp.asarray(mask), cache)
-    tok = jnp.argmax(out[:, -1], axis=-1)
-    toks = [tok]
-    ones = jnp.ones((B, 1), jnp.int32)
-    for _ in range(steps - 1):
-        out, cache = _step(cfg, params, tok[:, None].astype(jnp.int32), ones, cache)
-        tok = jnp.argmax(out[:, -1], axis=-1)
-        toks.append(tok)
-    return np.stack([np.asarray(t) for t in toks], axis=1)
-
-
-def test_greedy_continuation_matches_generate(model):
-    cfg, params = model.config, model.params
-    ids, mask = left_padded_batch(cfg.vocab_size, lengths=(6, 3, 5), seed=2)
-    steps = 16
+    ids, mask = left_padded_batch(cfg.vocab_size, lengths=LENGTHS, seed=2)
     with torch.no_grad():
         ref = model.torch.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                                   max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                                   max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False,
                                    pad_token_id=0, eos_token_id=None)
-    ref = ref[:, ids.shape[1]:].numpy()
-    assert ref.shape == (3, steps)
-    ours = _greedy(cfg, params, ids.astype(np.int32), mask.astype(np.int32), steps)
+    ref = ref[:, PROMPT:].numpy()
+    assert ref.shape == (len(LENGTHS), STEPS)
+
+    B = len(LENGTHS)
+    cache = init_cache(cfg, B, PROMPT + STEPS)
+    out, cache = _step(cfg, params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32), cache)
+    step_logits, toks = [out], []
+    ones = jnp.ones((B, 1), jnp.int32)
+    for t in range(STEPS):
+        tok = jnp.argmax(step_logits[-1][:, -1], axis=-1).astype(jnp.int32)
+        toks.append(tok)
+        if t < STEPS - 1:
+            out, cache = _step(cfg, params, tok[:, None], ones, cache)
+            step_logits.append(out)
+    ours = np.stack([np.asarray(t) for t in toks], axis=1)
     np.testing.assert_array_equal(ours, ref)
+
+    assert int(cache["index"]) == PROMPT + STEPS - 1
+    np.testing.assert_array_equal(np.asarray(cache["next_pos"]), np.array(LENGTHS) + STEPS - 1)
+    full_ids = np.concatenate([ids, ours], axis=1)
+    full_mask = np.concatenate([mask, np.ones_like(ours)], axis=1)
+    full = np.asarray(logits(cfg, params, full_ids, full_mask))[:, :-1]
+    cached = np.concatenate([np.asarray(x) for x in step_logits], axis=1)
+    real = _real(full_mask[:, :-1])
+    np.testing.assert_allclose(cached[real], full[real], atol=2e-5, rtol=1e-5)
 
 
 def test_bfloat16_compute_close_to_float32(model):
     cfg, params = model.config, model.params
-    ids, mask = left_padded_batch(cfg.vocab_size, lengths=(9, 5), seed=3)
+    ids, mask = _batch(cfg.vocab_size)
     f32 = np.asarray(logits(cfg, params, ids, mask))
     bf16 = logits(cfg, params, ids, mask, dtype=jnp.bfloat16)
-    assert bf16.dtype == jnp.float32 and bf16.shape == (2, 9, cfg.vocab_size)
+    assert bf16.dtype == jnp.float32 and bf16.shape == ids.shape + (cfg.vocab_size,)
     bf16 = np.asarray(bf16)
     real = _real(mask)
     err = np.abs(bf16 - f32)[real]
@@ -132,13 +143,12 @@ def test_bfloat16_compute_close_to_float32(model):
 
 
 @pytest.fixture(scope="module")
-def qwen(tmp_path_factory):
-    kw = dict(VARIANTS["qwen2_tied_gqa2"])
-    return Model(make_hf_model(tmp_path_factory.mktemp("hf_neg"), name="neg", **kw))
+def qwen(build):
+    return build("qwen2_tied_gqa2")
 
 
 def _max_diff(model, cfg, params):
-    ids, mask = left_padded_batch(cfg.vocab_size, lengths=(11, 4, 8))
+    ids, mask = _batch(cfg.vocab_size)
     ref = torch_logits(model.torch, ids, mask)
     ours = np.asarray(logits(cfg, params, ids, mask))
     return np.abs(ours - ref)[_real(mask)].max()
@@ -174,15 +184,14 @@ def test_swapped_heads_are_caught(qwen):
 
 def test_attending_to_padding_is_caught(qwen):
     cfg, params = qwen.config, qwen.params
-    ids, mask = left_padded_batch(cfg.vocab_size, lengths=(11, 4, 8))
+    ids, mask = _batch(cfg.vocab_size)
     ref = torch_logits(qwen.torch, ids, mask)
     pos = jnp.asarray(np.maximum(np.cumsum(mask, 1) - 1, 0))
     out, _, _ = apply(cfg, params, jnp.asarray(ids), positions=pos)  # no attention mask
     assert np.abs(np.asarray(out) - ref)[_real(mask)].max() > 1e-3
 
 
-def test_llama3_scaling_matters(tmp_path_factory):
-    kw = dict(VARIANTS["llama_tied_bias_llama3"])
-    m = Model(make_hf_model(tmp_path_factory.mktemp("hf_l3"), name="l3", **kw))
+def test_llama3_scaling_matters(build):
+    m = build("llama_tied_bias_llama3")
     assert _max_diff(m, m.config, m.params) < 1e-4
     assert _max_diff(m, m.config.replace(rope_scaling=None), m.params) > 1e-3

@@ -1,7 +1,8 @@
 """A params pytree as an Orbax checkpoint directory, with its model config beside it.
 
 Layout of DIR:
-  model_config.json   DecoderConfig fields plus any extra facts (e.g. where it came from)
+  model_config.json   {"decoder": DecoderConfig fields, ...extra facts (e.g. the source)},
+                      the same shape as a run directory's model_config.json
   params/             Orbax StandardCheckpointer checkpoint of the params tree
 
 The directory is built under a temporary name next to DIR and renamed into place, so a
@@ -11,7 +12,6 @@ export); training runs keep their checkpoints with an Orbax CheckpointManager.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -20,7 +20,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from latentr3_jax.errors import InputError
+from latentr3_jax.errors import InputError, where
 from latentr3_jax.model.config import DecoderConfig
 
 PARAMS_DIR = "params"
@@ -48,7 +48,7 @@ def save_params(directory: str, params: dict, config: DecoderConfig,
         checkpointer.wait_until_finished()
         checkpointer.close()
         meta = dict(extra or {})
-        meta.update(config.to_dict())
+        meta["decoder"] = config.to_dict()
         with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2, sort_keys=True)
             f.write("\n")
@@ -72,12 +72,13 @@ def read_model_config(directory: str) -> tuple:
             meta = json.load(f)
     except ValueError as e:
         raise InputError(f"{path}: not valid JSON: {e}") from None
-    fields = {f.name for f in dataclasses.fields(DecoderConfig)}
+    if not isinstance(meta, dict) or not isinstance(meta.get("decoder"), dict):
+        raise InputError(f"{where(path, field='decoder')}: missing (the DecoderConfig fields)")
     try:
-        config = DecoderConfig.from_dict({k: v for k, v in meta.items() if k in fields})
+        config = DecoderConfig.from_dict(meta["decoder"])
     except (TypeError, ValueError) as e:
-        raise InputError(f"{path}: {e}") from None
-    return config, {k: v for k, v in meta.items() if k not in fields}
+        raise InputError(f"{where(path, field='decoder')}: {e}") from None
+    return config, {k: v for k, v in meta.items() if k != "decoder"}
 
 
 def load_params(directory: str, target: Optional[Any] = None) -> tuple:
@@ -95,9 +96,11 @@ def load_params(directory: str, target: Optional[Any] = None) -> tuple:
         raise InputError(f"{ckpt}: missing (not a params checkpoint)")
     checkpointer = ocp.StandardCheckpointer()
     try:
-        params = checkpointer.restore(ckpt, target) if target is not None else checkpointer.restore(ckpt)
+        if target is None:
+            # numpy targets: restore on the host whatever devices the checkpoint was saved from
+            saved = checkpointer.metadata(ckpt).item_metadata.tree
+            target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), saved)
+        params = checkpointer.restore(ckpt, target)
     finally:
         checkpointer.close()
-    if target is None:
-        params = jax.tree.map(np.asarray, params)
     return config, params
