@@ -32,7 +32,9 @@ def base_config() -> ml_collections.ConfigDict:
     # ---- tokenizer: a local HF directory, or trained in-process (byte-level BPE)
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.path = ""          # '' = the model's hf_path, else train one
-    c.tokenizer.vocab_size = 8000
+    c.tokenizer.vocab_size = 8000          # at most; a small corpus gives fewer
+    c.tokenizer.split = "qwen"             # trained BPE pre-tokeniser: qwen | gpt2
+    c.tokenizer.min_frequency = 2
 
     # ---- model (SPEC.md section 4)
     c.model = ml_collections.ConfigDict()

@@ -166,6 +166,10 @@ def test_bad_raw_input(tmp_path):
         amazon.prepare_amazon(bad, mp, tmp_path / "o", verbose=False)
     with pytest.raises(InputError, match="file not found"):
         amazon.prepare_amazon(tmp_path / "nope.json.gz", mp, tmp_path / "o", verbose=False)
+    trunc = tmp_path / "trunc.json.gz"
+    trunc.write_bytes(rp.read_bytes()[:-20])
+    with pytest.raises(InputError, match=r"trunc\.json\.gz:\d+: cannot read"):
+        amazon.prepare_amazon(trunc, mp, tmp_path / "o", verbose=False)
     bad.write_bytes(b'{"asin": "R0", "title": "ok"}\n{"asin": "R1", "title": "\xff"}\n')
     with pytest.raises(InputError, match=r"bad\.json:2: not valid UTF-8"):
         amazon.prepare_amazon(rp, bad, tmp_path / "o", verbose=False)

@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from latentr3_jax.data import (Encoded, build_prompt, catalog_target_ids, check_target_tokenisation,
@@ -170,3 +171,34 @@ def test_byte_bpe_without_split_fails_the_check(synth):
                                                      show_progress=False))
     with pytest.raises(InputError, match="tokenises differently after the prompt"):
         check_target_tokenisation(Tokenizer(b, "<|endoftext|>"), synth.splits["test"], "albums")
+
+
+def test_make_tokenizer_from_config(synth, tok, tmp_path):
+    from latentr3_jax.config import base_config
+    from latentr3_jax.data import make_tokenizer
+    cfg = base_config()
+    cfg.tokenizer.vocab_size = 700
+    trained = make_tokenizer(cfg, synth)
+    assert trained.encode("Smoky Saxophone") == tok.encode("Smoky Saxophone")
+    tok.save(tmp_path / "t")
+    cfg.tokenizer.path = str(tmp_path / "t")
+    assert make_tokenizer(cfg, synth).vocab_size == tok.vocab_size
+
+
+@pytest.mark.slow
+def test_real_cds_token_lengths_and_consistency():
+    """SPEC.md section 9: an 8,000-token BPE on the CDs catalog and prompts gives prompts of
+    ~97 (train) / ~116 (test) tokens and targets of ~7.5."""
+    from conftest import amazon_dir
+    from latentr3_jax.data import read_d3
+    ds = read_d3(amazon_dir("CDs_and_Vinyl"))
+    cds_tok = train_tokenizer(tokenizer_corpus(ds), 8000)
+    assert cds_tok.vocab_size == 8000
+    means = {}
+    for split in ("train", "test"):
+        enc = encode_split(cds_tok, ds.splits[split], ds.category_word, "latentr3", 512)
+        means[split] = (np.mean([len(e.prompt_ids) for e in enc]), np.mean([len(e.target_ids) for e in enc]))
+        assert check_target_tokenisation(cds_tok, enc, name=split) == len(enc)
+    print("CDs mean prompt/target tokens:", {k: tuple(round(float(x), 1) for x in v) for k, v in means.items()})
+    assert 88 < means["train"][0] < 106 and 105 < means["test"][0] < 127
+    assert 6.5 < means["train"][1] < 9

@@ -14,7 +14,7 @@ from latentr3_jax.data.prompts import (Encoded, build_prompt, catalog_target_ids
                                        check_target_tokenisation, encode_sample, encode_split,
                                        format_target, title_from_target)
 from latentr3_jax.data.tokenizer import (THOUGHT_TOKEN, Tokenizer, load_tokenizer,
-                                         tokenizer_corpus, train_tokenizer)
+                                         make_tokenizer, tokenizer_corpus, train_tokenizer)
 from latentr3_jax.errors import InputError
 
 DATASETS = ("synthetic", "d3", "tfds")
@@ -56,6 +56,6 @@ __all__ = [
     "BatchIterator", "Catalog", "DATASETS", "Dataset", "Encoded", "ReadReport", "Sample",
     "THOUGHT_TOKEN", "Tokenizer", "build_prompt", "catalog_target_ids", "category_word",
     "check_target_tokenisation", "encode_sample", "encode_split", "format_target",
-    "load_dataset", "load_tokenizer", "read_d3", "title_from_target", "tokenizer_corpus",
+    "load_dataset", "load_tokenizer", "make_tokenizer", "read_d3", "title_from_target", "tokenizer_corpus",
     "train_tokenizer", "write_d3",
 ]

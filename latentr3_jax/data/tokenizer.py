@@ -173,3 +173,14 @@ def tokenizer_corpus(dataset, template: str = "latentr3", splits=("train",)) -> 
         for s in dataset.splits.get(split, []):
             texts.append(build_prompt(s.history_titles, dataset.category_word, template))
     return texts
+
+
+def make_tokenizer(cfg, dataset) -> Tokenizer:
+    """The run's tokenizer: cfg.tokenizer.path, else the model's hf_path, else a byte-level
+    BPE of cfg.tokenizer.vocab_size trained on the catalog titles and the train prompts."""
+    path = cfg.tokenizer.get("path", "") or cfg.model.get("hf_path", "")
+    if path:
+        return load_tokenizer(path)
+    return train_tokenizer(tokenizer_corpus(dataset, cfg.data.template), cfg.tokenizer.vocab_size,
+                           min_frequency=cfg.tokenizer.get("min_frequency", 2),
+                           split=cfg.tokenizer.get("split", "qwen"))
