@@ -300,3 +300,25 @@ def test_convert_command_both_ways(llama_tied, tmp_path, capsys):
     assert cli.main(["convert", "--bogus"]) == 2
     err = capsys.readouterr().err
     assert "already exists" in err and "nowhere: not a directory" in err
+
+
+def test_config_from_hf_variants():
+    base = dict(architectures=["LlamaForCausalLM"], vocab_size=50, hidden_size=16,
+                intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    c = hf.config_from_hf(dict(base, eos_token_id=[7, 8], rope_parameters={
+        "full_attention": {"rope_type": "default", "rope_theta": 123.0}}))
+    assert (c.rope_theta, c.rope_scaling, c.eos_token_id, c.num_kv_heads, c.head_dim) == (123.0, None, 7, 2, 8)
+    assert hf.config_from_hf(dict(base)).rope_theta == 10000.0
+    c = hf.config_from_hf(dict(base, max_position_embeddings=64, rope_theta=9.0,
+                               rope_scaling={"type": "llama3", "factor": 2.0}))
+    assert c.rope_theta == 9.0
+    assert c.rope_scaling_dict["original_max_position_embeddings"] == 64
+    assert hf.config_from_hf(hf.config_to_hf(c)) == c
+    with pytest.raises(InputError, match="field 'hidden_size': missing"):
+        hf.config_from_hf({k: v for k, v in base.items() if k != "hidden_size"})
+    with pytest.raises(InputError, match="field 'hidden_act'"):
+        hf.config_from_hf(dict(base, hidden_act="gelu"))
+    with pytest.raises(InputError, match="field 'use_sliding_window'"):
+        hf.config_from_hf(dict(base, architectures=["Qwen2ForCausalLM"], use_sliding_window=True))
+    with pytest.raises(InputError, match="field 'model_type'"):
+        hf.config_from_hf({k: v for k, v in base.items() if k != "architectures"})
