@@ -16,12 +16,11 @@ from __future__ import annotations
 import ast
 import csv
 import dataclasses
-import os
 import pathlib
-import tempfile
 from typing import Iterable, Iterator, Optional, Sequence
 
 from latentr3_jax.errors import InputError, where
+from latentr3_jax.utils import atomic
 
 SPLITS = ("train", "valid", "test")
 INFO_FILES = ("info.txt", "item_info.txt", "items.txt")
@@ -361,17 +360,7 @@ def read_dataset_meta(folder) -> dict:
 
 def atomic_write_text(path, text: str) -> None:
     """Write via a temporary file in the same folder and rename, so readers never see half a file."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic.atomic_write_text(str(path), text)
 
 
 def _csv_text(rows: Iterable[Sequence], header: Sequence[str]) -> str:
