@@ -52,3 +52,12 @@ def test_missing_or_ambiguous(src, tmp_path):
     with pytest.raises(InputError, match="several datasets"):
         read_tfds(tmp_path / "two")
     assert read_tfds(tmp_path / "two", name="second").name == "second"
+
+
+def test_rebuild_replaces_old_rows(tmp_path):
+    from latentr3_jax.data.tfds_builder import build_tfds, read_tfds
+    a = write_synthetic(tmp_path / "a", num_items=100, num_users=30, seed=1)
+    build_tfds(a, tmp_path / "out")
+    b = write_synthetic(tmp_path / "a", num_items=100, num_users=40, seed=2)
+    build_tfds(b, tmp_path / "out")
+    assert read_tfds(tmp_path / "out").splits == read_d3(b).splits

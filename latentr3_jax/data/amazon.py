@@ -30,7 +30,7 @@ import sys
 from collections import Counter, defaultdict
 from typing import Optional
 
-from latentr3_jax.data.d3 import _csv_text, atomic_write_text, category_word
+from latentr3_jax.data.d3 import atomic_write_text, category_word, csv_text
 from latentr3_jax.errors import InputError, where
 
 CSV_COLUMNS = ("user_id", "item_asins", "item_asin", "history_item_id", "item_id",
@@ -206,7 +206,7 @@ def prepare_amazon(reviews_path, meta_path, out_dir, *, category: str = "",
     for split, rows in parts.items():
         progress(f"writing {split}.csv ({len(rows):,} rows)")
         atomic_write_text(out / f"{split}.csv",
-                          _csv_text((_row(s, asin_id, title_of) for s in rows), CSV_COLUMNS))
+                          csv_text((_row(s, asin_id, title_of) for s in rows), CSV_COLUMNS))
     atomic_write_text(out / "info.txt", "".join(f"{id_title[i]}\t{i}\n" for i in sorted(id_title)))
     if category:
         meta = {"name": category, "category_word": category_word(category)}

@@ -16,6 +16,8 @@ from __future__ import annotations
 import ast
 import csv
 import dataclasses
+import io
+import json
 import pathlib
 from typing import Iterable, Iterator, Optional, Sequence
 
@@ -343,7 +345,6 @@ def read_d3(folder, skip_invalid: bool = False, *, name: Optional[str] = None,
 
 def read_dataset_meta(folder) -> dict:
     """Optional `dataset.json` of a folder: {"name": ..., "category_word": ...}."""
-    import json
     p = pathlib.Path(folder) / META_FILE
     if not p.exists():
         return {}
@@ -363,8 +364,8 @@ def atomic_write_text(path, text: str) -> None:
     atomic.atomic_write_text(str(path), text)
 
 
-def _csv_text(rows: Iterable[Sequence], header: Sequence[str]) -> str:
-    import io
+def csv_text(rows: Iterable[Sequence], header: Sequence[str]) -> str:
+    """CSV text with the header row (quoting as the csv module does)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
@@ -387,5 +388,5 @@ def write_d3(folder, catalog: Catalog, splits: dict) -> None:
             rows.append([s.user_id or "", str(list(s.history_ids)), s.target_id,
                          str(list(s.history_titles)), s.target_title, h_ts,
                          "" if s.timestamp is None else s.timestamp])
-        atomic_write_text(folder / f"{split}.csv", _csv_text(rows, D3_COLUMNS))
+        atomic_write_text(folder / f"{split}.csv", csv_text(rows, D3_COLUMNS))
     atomic_write_text(folder / "info.txt", info)

@@ -112,9 +112,10 @@ def build_tfds(src, data_dir, *, name: Optional[str] = None, skip_invalid: bool 
     builder = cls(dataset=dataset, data_dir=str(data_dir), file_format="array_record",
                   config=tfds.core.BuilderConfig(name=config_name(dataset.name),
                                                  version=VERSION))
+    # FORCE_REDOWNLOAD regenerates an existing version, so a rebuild never serves stale rows.
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(
-            download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS))
+            download_mode=tfds.download.GenerateMode.FORCE_REDOWNLOAD))
     return pathlib.Path(builder.data_dir)
 
 
