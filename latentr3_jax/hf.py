@@ -580,7 +580,7 @@ def resize_vocab(config: DecoderConfig, params: dict, n_new: int,
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
-        raise InputError(f"{self.prog}: {message}")
+        raise InputError(message)
 
 
 def convert_main(argv: list) -> int:
@@ -599,7 +599,7 @@ def convert_main(argv: list) -> int:
 
     if args.to_hf:
         if not args.src or args.hf:
-            raise InputError("latentr3 convert: --to-hf needs --from DIR (and no --hf)")
+            raise InputError("--to-hf needs --from DIR (and no --hf)")
         if os.path.exists(args.out) and os.listdir(args.out) and not args.overwrite:
             raise InputError(f"{args.out}: exists and is not empty (pass --overwrite)")
         config, params, tokenizer_dir = _read_converted(args.src)
@@ -613,7 +613,7 @@ def convert_main(argv: list) -> int:
               f"{config.num_params() / 1e6:.2f}M params)")
         return 0
     if not args.hf or args.src:
-        raise InputError("latentr3 convert: pass --hf PATH (or --to-hf --from DIR)")
+        raise InputError("pass --hf PATH (or --to-hf --from DIR)")
     config, params = load_pretrained(args.hf)
     params_io.save_params(args.out, params, config, extra={"source": os.path.abspath(args.hf)},
                           overwrite=args.overwrite)
