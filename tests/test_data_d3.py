@@ -236,3 +236,24 @@ def test_real_datasets(name):
     assert all(1 <= len(s.history_ids) <= 10 for v in ds.splits.values() for s in v)
     if name == "CDs_and_Vinyl":
         assert len(ds.catalog.title_to_ids["Greatest Hits"]) == 54
+
+
+def test_write_read_round_trip_arbitrary_titles(tmp_path_factory):
+    """Titles with quotes, commas, brackets, backslashes and non-ASCII survive write + read."""
+    from hypothesis import HealthCheck, given, settings, strategies as st
+    title = st.text(st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp")), min_size=1,
+                    max_size=30).filter(lambda t: t.strip() == t and t)
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.lists(title, min_size=2, max_size=6))
+    def check(titles):
+        folder = tmp_path_factory.mktemp("rt")
+        cat = d3.Catalog({i: t for i, t in enumerate(titles)})
+        rows = [d3.Sample("u", tuple(range(k)), tuple(titles[:k]), k, titles[k], line=k + 1)
+                for k in range(1, len(titles))]
+        d3.write_d3(folder, cat, {s: rows for s in d3.SPLITS})
+        back = d3.read_d3(folder)
+        assert back.catalog.titles == cat.titles
+        assert back.splits["test"] == rows
+
+    check()
