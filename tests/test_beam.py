@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _eval_helpers import random_params
 from latentr3_jax.decode.beam import constrained_beam_search, free_generate
 from latentr3_jax.decode.trie import ItemTrie
 from latentr3_jax.model import decoder, latent
@@ -19,9 +20,7 @@ V = 48
 def _model(seed=0):
     config = tiny_config(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=2,
                          num_heads=4, num_kv_heads=2, eos_token_id=EOS)
-    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
-    params = decoder.init_params(config, k1, std=0.35)   # peaky logits: few near-ties
-    params["latent"] = latent.init_latent_params(config, k2, std=0.3)
+    params = random_params(config, seed, std=0.35, latent_std=0.3)  # peaky logits: few ties
     return config, params
 
 
