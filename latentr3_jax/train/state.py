@@ -42,6 +42,28 @@ def _is_axes(x) -> bool:
     return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
 
 
+def _dict_keys(path) -> tuple:
+    return tuple(p.key for p in path if isinstance(p, jax.tree_util.DictKey))
+
+
+def _match_param_shardings(tree, params, param_shardings, default):
+    """Sharding for each leaf of an optimizer state: a leaf whose path ends with a param's
+    path and has its shape (Adam moments) is sharded like that param."""
+    table = {}
+    for (path, p), (_, sh) in zip(jax.tree_util.tree_leaves_with_path(params),
+                                  jax.tree_util.tree_leaves_with_path(param_shardings)):
+        table[_dict_keys(path)] = (tuple(p.shape), sh)
+
+    def pick(path, leaf):
+        keys = _dict_keys(path)
+        for i in range(len(keys)):
+            hit = table.get(keys[i:])
+            if hit is not None and hit[0] == tuple(leaf.shape):
+                return hit[1]
+        return default
+    return jax.tree_util.tree_map_with_path(pick, tree)
+
+
 def state_shardings(abstract: TrainState, params_axes, tx: optax.GradientTransformation,
                     mesh: Mesh) -> TrainState:
     """NamedShardings for every leaf: params by their logical axes, optimizer moments like
@@ -49,12 +71,7 @@ def state_shardings(abstract: TrainState, params_axes, tx: optax.GradientTransfo
     rep = NamedSharding(mesh, PartitionSpec())
     p_sh = mesh_lib.logical_sharding(params_axes, mesh, abstract.params)
 
-    def opt_leaf(x, sh):
-        return x if isinstance(x, optax.MaskedNode) else sh
-
-    o_sh = optax.tree_map_params(tx, opt_leaf, abstract.opt_state, p_sh,
-                                 transform_non_params=lambda _: rep,
-                                 is_leaf=lambda x: isinstance(x, NamedSharding))
+    o_sh = _match_param_shardings(abstract.opt_state, abstract.params, p_sh, rep)
     return TrainState(step=rep, params=p_sh, opt_state=o_sh, rng=rep, bad_steps=rep,
                       total_bad_steps=rep)
 
