@@ -93,7 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.grpo.epochs = 1
     c.grpo.max_steps = -1
     c.grpo.advantage = "batch"      # batch | group | grpo (per-group mean/std)
-    c.grpo.estimator = "ppo"        # ppo (token log-prob ratio) | reinforce (Gaussian log-density of eps)
+    c.grpo.estimator = "ppo"        # ppo (release: token log-prob ratio) | reinforce (Gaussian score) | pathwise
     c.grpo.clip_low = 0.2
     c.grpo.clip_high = 0.28
     c.grpo.iterations = 1           # PPO iterations (mu) per batch
@@ -116,4 +116,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 16
     c.eval.max_users = -1
     c.eval.ks = (1, 3, 5, 10, 20)
+    c.eval.output_dir = ""          # '' = <checkpoint>/eval_<split>_<mode> (or <workdir>/...)
+    c.eval.data_from_run = True     # dataset/data settings from the run's config.json
+    c.eval.grounding_beams = 4      # bigrec: beams of the free generation
+    c.eval.max_new_tokens = 32      # bigrec: longest generated title (tokens, EOS included)
+    c.eval.resume = True            # continue from an existing predictions.jsonl
+    c.eval.progress = True          # tqdm progress bar
     return c

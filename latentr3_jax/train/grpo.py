@@ -164,11 +164,15 @@ def make_grpo_loss(model_config, s: GRPOSettings):
         valid = mb.get("valid", jnp.ones((p,), bool))
         rep = lambda x: jnp.repeat(x, G, axis=0)
         flat = lambda x: x.reshape((p * G,) + x.shape[2:])
-        if s.estimator == "ppo":
+        if s.estimator in ("ppo", "pathwise"):
             logp, _ = rollout.group_logprobs(model_config, params, mb["prompt_ids"],
                                              mb["prompt_mask"], mb["target_ids"],
                                              mb["target_mask"], mb["noise"], **kw)
             mask = rep(mb["target_mask"].astype(jnp.float32) * valid[:, None])
+        if s.estimator == "pathwise":
+            out = gl.pathwise_objective(logp, mask, rep(valid))
+            count = valid.astype(jnp.float32).sum() * G
+        elif s.estimator == "ppo":
             ref = flat(mb["ref_logp"]) if s.kl_beta else logp
             out = gl.token_objective(logp, flat(mb["old_logp"]), ref, flat(mb["advantages"]),
                                      mask, clip_low=s.clip_low, clip_high=s.clip_high,

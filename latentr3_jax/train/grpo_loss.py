@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 ADVANTAGES = ("batch", "group", "grpo")
-ESTIMATORS = ("ppo", "reinforce")
+ESTIMATORS = ("ppo", "reinforce", "pathwise")
 ADV_EPS = 1e-6        # batch / group: A = (S - b) / (||S - b||_2 + ADV_EPS)
 GRPO_STD_EPS = 1e-4   # grpo: A = (s - mean_g) / (std_g + GRPO_STD_EPS), as TRL 0.16
 
@@ -154,6 +154,17 @@ def reinforce_objective(latent, sampled_latent, old_logdens, advantages, valid_r
     loss, clipped = ppo_clip(logdens, old_logdens, advantages, clip_low, clip_high)
     v = valid_rows.astype(jnp.float32)
     return {"loss_sum": jnp.sum(loss * v), "clipped_sum": jnp.sum(clipped * v),
+            "kl_sum": jnp.zeros((), jnp.float32)}
+
+
+def pathwise_objective(token_logp, mask, valid_rows) -> dict:
+    """Sums for the pathwise variant: maximise the mean reward itself, differentiated through
+    the frozen LLM at each noisy latent (the reparameterisation gradient of
+    E_eps[s(r + eps)]; it weights every sample's log-likelihood gradient by its perplexity,
+    never negatively). token_logp, mask [B, T]; valid_rows [B]."""
+    s = negative_perplexity(token_logp, mask)
+    v = valid_rows.astype(jnp.float32)
+    return {"loss_sum": -jnp.sum(s * v), "clipped_sum": jnp.zeros((), jnp.float32),
             "kl_sum": jnp.zeros((), jnp.float32)}
 
 
