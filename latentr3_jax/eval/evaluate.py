@@ -1,0 +1,291 @@
+"""`latentr3 evaluate`: constrained beam search or BIGRec grounding over a split, HR@K / NDCG@K.
+
+    latentr3 evaluate --config configs/x.py --config.eval.checkpoint=RUN_DIR --config.eval.split=test
+
+Users are batched by prompt length (static shapes: one compile per prompt bucket), the
+batch is split over the mesh's batch axes, and every finished row is appended to
+`predictions.jsonl` in the output folder. Rerunning an interrupted evaluation skips the
+rows already in that file. At the end `metrics.json` is written atomically and a table
+printed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from latentr3_jax.errors import InputError
+from latentr3_jax.eval import metrics as M
+
+log = logging.getLogger(__name__)
+
+PREDICTIONS = "predictions.jsonl"
+METRICS = "metrics.json"
+META = "eval_meta.json"
+MODES = ("constrained", "bigrec")
+
+
+def _dtype(name: str):
+    if name not in ("float32", "bfloat16"):
+        raise InputError(f"model.dtype={name!r}: expected float32 or bfloat16")
+    return jnp.float32 if name == "float32" else jnp.bfloat16
+
+
+def _data_config(cfg, run_config):
+    """cfg with dataset/data settings taken from the run's own config (eval.data_from_run)."""
+    if run_config is None or not cfg.eval.get("data_from_run", True):
+        return cfg
+    merged = cfg.copy_and_resolve_references()
+    with merged.unlocked():
+        for key in ("dataset", "dataset_dir", "workdir"):
+            if key in run_config:
+                merged[key] = run_config[key]
+        if "data" in run_config:
+            keep = {k: merged.data[k] for k in ("max_eval_rows",) if k in merged.data}
+            merged.data = run_config.data.copy_and_resolve_references()
+            for k, v in keep.items():
+                merged.data[k] = v
+    return merged
+
+
+def _shard(mesh, tree):
+    """Place host arrays on the mesh: leading dim over the batch axes (multi-host aware)."""
+    if mesh is None:
+        return jax.tree.map(jnp.asarray, tree)
+    from latentr3_jax.parallel.mesh import batch_sharding
+    sharding = batch_sharding(mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+
+
+def _to_host(x) -> np.ndarray:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def _place_params(mesh, model_config, params):
+    if mesh is None:
+        return params
+    from latentr3_jax.model import decoder, latent
+    from latentr3_jax.parallel.mesh import logical_sharding
+    axes = decoder.param_axes(model_config)
+    if "latent" in params:
+        axes["latent"] = latent.latent_param_axes()
+    return jax.device_put(params, logical_sharding(axes, mesh, params))
+
+
+
+def _eval_meta(cfg, split, mode, fingerprint, num_rows, num_thoughts, latent_mode) -> dict:
+    e = cfg.eval
+    return {"split": split, "mode": mode, "rows": int(num_rows), "params": fingerprint,
+            "num_beams": int(e.num_beams), "length_penalty": float(e.length_penalty),
+            "grounding_beams": int(e.grounding_beams), "max_new_tokens": int(e.max_new_tokens),
+            "num_thoughts": int(num_thoughts), "latent_mode": latent_mode,
+            "template": cfg.data.template, "cutoff": int(cfg.data.cutoff),
+            "dtype": cfg.model.dtype}
+
+
+def _prepare_output(out_dir: str, meta: dict, resume: bool, is_primary: bool) -> list:
+    """Rows already predicted by an earlier run of the same evaluation (else start over)."""
+    os.makedirs(out_dir, exist_ok=True)
+    pred_path = os.path.join(out_dir, PREDICTIONS)
+    meta_path = os.path.join(out_dir, META)
+    done = []
+    if resume and os.path.exists(meta_path) and os.path.exists(pred_path):
+        try:
+            with open(meta_path) as f:
+                old = json.load(f)
+        except ValueError:
+            old = None
+        if old == meta:
+            done = M.read_predictions(pred_path, repair=is_primary)
+        else:
+            log.warning("%s belongs to a different evaluation; starting over", pred_path)
+    if is_primary:
+        if not done and os.path.exists(pred_path):
+            os.remove(pred_path)
+        from latentr3_jax.utils.atomic import atomic_write_text
+        atomic_write_text(meta_path, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return done
+
+
+def evaluate_run(cfg, run_dir: Optional[str] = None, *, model_config=None, params=None,
+                 tokenizer=None, num_thoughts: Optional[int] = None,
+                 latent_mode: Optional[str] = None, dataset=None, split: Optional[str] = None,
+                 mode: Optional[str] = None, out_dir: Optional[str] = None, mesh=None,
+                 max_batches: Optional[int] = None, print_table: bool = True) -> dict:
+    """Evaluate a model on one split; returns the metrics dict (also written to metrics.json).
+
+    The model comes from `run_dir` (default cfg.eval.checkpoint) via `load_run`, or, when
+    `params` is given, from memory (model_config, params, tokenizer, num_thoughts,
+    latent_mode). `dataset` defaults to `data.load_dataset` of cfg (with the run's data
+    settings when cfg.eval.data_from_run). `max_batches` stops early (the predictions file
+    keeps what was done; tests use it to simulate an interruption).
+    """
+    from latentr3_jax import data as D
+
+    e = cfg.eval
+    split = split or e.split
+    mode = mode or e.mode
+    if mode not in MODES:
+        raise InputError(f"eval.mode={mode!r}: expected one of {', '.join(MODES)}")
+    run_config = None
+    if params is None:
+        run_dir = run_dir or e.checkpoint
+        if not run_dir:
+            raise InputError("no model to evaluate: set --config.eval.checkpoint=<run directory>")
+        from latentr3_jax.train.checkpoint import load_run
+        art = load_run(run_dir, which="best")
+        model_config, params, tokenizer = art.model_config, art.params, art.tokenizer
+        num_thoughts, latent_mode, run_config = art.num_thoughts, art.latent_mode, art.config
+    elif model_config is None or tokenizer is None:
+        raise InputError("in-memory evaluation needs model_config, params and tokenizer")
+    num_thoughts = int(cfg.model.num_thoughts if num_thoughts is None else num_thoughts)
+    latent_mode = latent_mode or cfg.model.latent_mode
+    if num_thoughts and latent_mode == "ratt" and "latent" not in params:
+        raise InputError(f"model has num_thoughts={num_thoughts} in 'ratt' mode but no latent weights")
+    dcfg = _data_config(cfg, run_config)
+    if dataset is None:
+        dataset = D.load_dataset(dcfg)
+    if split not in dataset.splits:
+        raise InputError(f"eval.split={split!r}: dataset has {sorted(dataset.splits)}")
+    samples = list(dataset.splits[split])
+    if e.max_users >= 0:
+        samples = samples[:e.max_users]
+    if not samples:
+        raise InputError(f"split {split!r} has no rows to evaluate")
+    if out_dir is None:
+        out_dir = e.output_dir or os.path.join(run_dir or cfg.workdir, f"eval_{split}_{mode}")
+    dtype = _dtype(cfg.model.dtype)
+    template = dcfg.data.template
+    catalog = dataset.catalog
+    is_primary = jax.process_index() == 0
+
+    from latentr3_jax.decode.grounding import params_fingerprint
+    meta = _eval_meta(dcfg, split, mode, params_fingerprint(model_config, params), len(samples),
+                      num_thoughts, latent_mode)
+    meta["catalog_items"] = len(catalog)
+    done_rows = _prepare_output(out_dir, meta, bool(e.resume), is_primary)
+    done = {int(r["row"]) for r in done_rows}
+    todo = [i for i in range(len(samples)) if i not in done]
+
+    encoded = D.encode_split(tokenizer, [samples[i] for i in todo], dataset.category_word,
+                             template, dcfg.data.cutoff)
+    if mesh is None and jax.device_count() > 1:
+        from latentr3_jax.parallel.mesh import make_mesh
+        mesh = make_mesh(cfg.mesh)
+    multiple = 1
+    if mesh is not None:
+        from latentr3_jax.parallel.mesh import batch_size_multiple
+        multiple = batch_size_multiple(mesh)
+    batch_size = int(e.batch_size)
+    if batch_size <= 0 or batch_size % multiple:
+        raise InputError(f"eval.batch_size={batch_size} must be a positive multiple of the "
+                         f"mesh batch devices ({multiple})")
+    params = _place_params(mesh, model_config, params)
+
+    if mode == "constrained":
+        from latentr3_jax.decode.beam import constrained_beam_search
+        from latentr3_jax.decode.trie import ItemTrie
+        trie = ItemTrie(D.catalog_target_ids(tokenizer, catalog, template), model_config.vocab_size)
+        trie_arrays = jax.device_put(trie.arrays())
+        leaf_title = [catalog.titles[items[0]] for items in trie.leaf_items]
+    else:
+        from latentr3_jax.decode.grounding import CatalogEmbeddings, ground
+        cat_emb = CatalogEmbeddings().get(model_config, params, tokenizer, catalog, dtype=dtype)
+        cat_norm = {M.normalize_title(t) for t in catalog.titles.values()}
+    top = max(e.ks)
+
+    t0 = time.time()
+    evaluated = 0
+    writer = M.PredictionWriter(os.path.join(out_dir, PREDICTIONS)) if is_primary else None
+    try:
+        if todo:
+            it = D.BatchIterator(encoded, batch_size, buckets=dcfg.data.buckets,
+                                 target_buckets=(max(len(x.target_ids) for x in encoded),),
+                                 pad_id=tokenizer.pad_id, shuffle=False, drop_last=False)
+            plan = it.epoch_plan(0)
+            steps = it.epoch(0)
+            if e.progress and is_primary:
+                from tqdm import tqdm
+                steps = tqdm(steps, total=len(plan), desc=f"evaluate {split} ({mode})",
+                             unit="batch", initial=0)
+            for step, batch in enumerate(steps):
+                if max_batches is not None and step >= max_batches:
+                    break
+                global_rows = plan[step]
+                prompt = _shard(mesh, {"ids": batch["prompt_ids"], "mask": batch["prompt_mask"]})
+                if mode == "constrained":
+                    res = constrained_beam_search(
+                        model_config, params, trie_arrays, prompt["ids"], prompt["mask"],
+                        max_len=trie.max_len, num_beams=int(e.num_beams),
+                        length_penalty=float(e.length_penalty), num_thoughts=num_thoughts,
+                        latent_mode=latent_mode, dtype=dtype)
+                    leaf, scores = _to_host(res.leaf), _to_host(res.scores)
+                    outputs = []
+                    for r in range(len(global_rows)):
+                        leaves = [int(j) for j in leaf[r] if j >= 0]
+                        outputs.append(dict(
+                            ranked_titles=[leaf_title[j] for j in leaves],
+                            ranked_ids=[i for j in leaves for i in trie.leaf_items[j]],
+                            scores=[float(s) for s, j in zip(scores[r], leaf[r]) if j >= 0],
+                            generated=None, oov=None))
+                else:
+                    got = ground(model_config, params, tokenizer, catalog, prompt["ids"],
+                                 prompt["mask"], catalog_embeddings=cat_emb,
+                                 num_beams=int(e.grounding_beams),
+                                 max_new_tokens=int(e.max_new_tokens), num_thoughts=num_thoughts,
+                                 latent_mode=latent_mode, top=top, dtype=dtype,
+                                 catalog_titles=cat_norm)
+                    outputs = [dict(ranked_titles=[catalog.titles[i] for i in g["ranked_ids"]],
+                                    ranked_ids=g["ranked_ids"], scores=[-d for d in g["distances"]],
+                                    generated=g["generated"], oov=g["oov"]) for g in got]
+                for r, local in enumerate(global_rows.tolist()):
+                    if local < 0:
+                        continue
+                    row = todo[local]
+                    s = samples[row]
+                    if writer is not None:
+                        writer.write(M.prediction_row(
+                            row=row, user=s.user_id, line=s.line, target_id=s.target_id,
+                            target_title=s.target_title, **outputs[r]))
+                    evaluated += 1
+    finally:
+        if writer is not None:
+            writer.close()
+    elapsed = time.time() - t0
+
+    rows = M.read_predictions(os.path.join(out_dir, PREDICTIONS)) if is_primary else []
+    complete = len({int(r["row"]) for r in rows}) == len(samples)
+    result = M.summarize(rows, e.ks)
+    result.update({"users_per_s": evaluated / elapsed if elapsed > 0 else 0.0,
+                   "complete": complete, "split": split, "mode": mode,
+                   "num_beams": int(e.num_beams if mode == "constrained" else e.grounding_beams),
+                   "length_penalty": float(e.length_penalty), "num_thoughts": num_thoughts,
+                   "evaluated_now": evaluated, "output_dir": out_dir})
+    if is_primary:
+        from latentr3_jax.utils.atomic import atomic_write_text
+        atomic_write_text(os.path.join(out_dir, METRICS), json.dumps(result, indent=2) + "\n")
+        if print_table:
+            status = "" if complete else f"  (partial: {len(rows)}/{len(samples)} rows)"
+            print(f"{split} / {mode}: {out_dir}{status}")
+            print(M.format_table(result, e.ks))
+    return result
+
+
+def main(argv: Sequence[str]) -> int:
+    from latentr3_jax.configlib import parse_config
+
+    cfg, _ = parse_config(argv)
+    if not cfg.eval.checkpoint:
+        raise InputError("evaluate needs --config.eval.checkpoint=<run directory>")
+    evaluate_run(cfg, cfg.eval.checkpoint)
+    return 0
