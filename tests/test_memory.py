@@ -4,9 +4,11 @@ Tolerances: the argument bytes of the compiled step are params + AdamW state + t
 so params + opt state must match them exactly (up to the optimizer's scalar step
 counters, which the estimate leaves out). Gradients and activations are XLA temporaries;
 buffer assignment reuses and fuses buffers, so the estimate is held to a factor of 2 of
-`temp_size_in_bytes` (observed 0.8-1.2 on CPU). The step is self-contained: embed, a
-sharding constraint that keeps the residual stream batch-sharded, the decoder, the
-vocabulary head on the target tokens only, cross-entropy, AdamW.
+`temp_size_in_bytes` (observed 0.8-1.2 on CPU, from this tiny model up to the real
+Qwen2.5-1.5B shape). The step is self-contained: embed, a sharding constraint that keeps
+the residual stream batch-sharded, the decoder, the vocabulary head on the target tokens
+only, cross-entropy, AdamW. Compute is float32: XLA:CPU runs bfloat16 arithmetic in
+float32, so its bfloat16 temporaries say nothing about an accelerator's.
 """
 
 from __future__ import annotations
@@ -148,9 +150,22 @@ def test_qwen_1_5b_parameter_count():
 # --------------------------------------------------------------------------- vs XLA
 
 
-@pytest.mark.parametrize("remat", [False, True])
-def test_one_device_matches_compiled_step(remat):
-    check(measure((1, 1, 1), remat, batch_per_device=8))
+def test_one_device_matches_compiled_step():
+    check(measure((1, 1, 1), False, batch_per_device=8))
+
+
+def test_qwen_1_5b_scale_matches_compiled_step():
+    """The paper model's real shape (28 layers, vocab 151937), compiled ahead of time only:
+    a 512-token prompt + thought + 64 target tokens, 2 rows, remat as in the paper configs."""
+    stats, batch_bytes = compiled_step_memory(memory.qwen25_1_5b(), batch_per_device=2,
+                                              seq_len=577, target_len=65, mesh_shape=(1, 1, 1),
+                                              remat=True)
+    est = memory.estimate_memory(memory.qwen25_1_5b(), batch_per_device=2, seq_len=577,
+                                 target_len=65, remat=True, with_latent=False)
+    check({"state_actual": stats.argument_size_in_bytes - batch_bytes,
+           "state_est": est["params_bytes"] + est["opt_state_bytes"],
+           "temp_actual": stats.temp_size_in_bytes,
+           "temp_est": est["grads_bytes"] + est["activations_bytes"]})
 
 
 def test_latent_only_step_matches_compiled_step():
@@ -169,4 +184,4 @@ def test_2x2x2_mesh_matches_compiled_step():
 
 if __name__ == "__main__":  # the 8-device subprocess
     shape = tuple(int(s) for s in sys.argv[1].split(","))
-    print(json.dumps([measure(shape, False), measure(shape, True)]))
+    print(json.dumps([measure(shape, False)]))

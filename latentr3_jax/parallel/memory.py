@@ -15,9 +15,14 @@ Four parts, all in bytes per device:
                remat only the per-layer input survives and one layer is recomputed.
 
 `tests/test_memory.py` checks the first two against the argument bytes of a compiled
-step (exact) and grads + activations against its temporary bytes (within 2x), on one
-device and on a 2x2x2 mesh. Run `python -m latentr3_jax.parallel.memory --config FILE`
-for a config's table.
+step (exact) and grads + activations against its temporary bytes (within 2x; 0.8-1.2
+observed, up to the Qwen2.5-1.5B shape), on one device and on a 2x2x2 mesh. Run
+`python -m latentr3_jax.parallel.memory --config FILE` for a config's table.
+
+The activations assume the residual stream is split over the batch axes. Under FSDP XLA
+may instead follow the embedding table (split over `embed`) and keep every row on every
+device unless the step pins the embedded inputs to the batch sharding
+(`jax.lax.with_sharding_constraint`); on a 1x8x1 CPU mesh that costs ~5.5x the estimate.
 """
 
 from __future__ import annotations
