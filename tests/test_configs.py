@@ -115,8 +115,8 @@ def test_memory_cli(capsys):
 
 
 def test_memory_reads_the_checkpoint_shape(tmp_path):
-    """A transformers-written Qwen2.5-1.5B config.json gives the same estimate as the
-    built-in shape (the vocabulary grows by <|Thought|> in both)."""
+    """A transformers-written Qwen2.5-1.5B config.json gives the built-in shape (with the
+    checkpoint's padded table plus the <|Thought|> row)."""
     transformers = pytest.importorskip("transformers")
     hf = transformers.Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
                                   num_hidden_layers=28, num_attention_heads=12,
@@ -126,6 +126,6 @@ def test_memory_reads_the_checkpoint_shape(tmp_path):
     hf.save_pretrained(tmp_path)
     cfg, _ = parse_config(["--config", f"{CONFIGS / 'paper_games.py'}:tpu-v4-8",
                            f"--config.model.hf_path={tmp_path}"])
-    assert memory.decoder_config_from_cfg(cfg).num_params() == memory.qwen25_1_5b().num_params()
-    assert memory.config_estimates(cfg) == memory.config_estimates(
-        cfg, decoder_config=memory.qwen25_1_5b())
+    qwen = memory.qwen25_1_5b(vocab_size=151936 + 1)
+    assert memory.decoder_config_from_cfg(cfg).num_params() == qwen.num_params()
+    assert memory.config_estimates(cfg) == memory.config_estimates(cfg, decoder_config=qwen)

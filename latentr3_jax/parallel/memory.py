@@ -178,8 +178,10 @@ def estimate_memory(config: DecoderConfig, *, batch_per_device: int, seq_len: in
 # --------------------------------------------------------------------------- config tables
 
 
-def qwen25_1_5b(vocab_size: int = 151936 + 1) -> DecoderConfig:
-    """Qwen2.5-1.5B's shape (its config.json), with `<|Thought|>` appended to the vocabulary."""
+def qwen25_1_5b(vocab_size: int = 151665 + 1) -> DecoderConfig:
+    """Qwen2.5-1.5B's shape (its config.json). The vocabulary is what a run keeps: the
+    tokenizer's 151,665 ids plus `<|Thought|>` (the checkpoint pads its table to 151,936
+    rows; the padding is dropped when the thought row is added)."""
     return DecoderConfig(vocab_size=vocab_size, hidden_size=1536, intermediate_size=8960,
                          num_layers=28, num_heads=12, num_kv_heads=2, head_dim=128,
                          rope_theta=1000000.0, rms_norm_eps=1e-6, attention_bias=True,
@@ -189,8 +191,9 @@ def qwen25_1_5b(vocab_size: int = 151936 + 1) -> DecoderConfig:
 
 def decoder_config_from_cfg(cfg) -> DecoderConfig:
     """The decoder a config trains, without loading weights: the checkpoint's config.json
-    when `model.hf_path` is set, else the from-scratch shape of `cfg.model`; the
-    vocabulary grows by one row for `<|Thought|>` either way."""
+    when `model.hf_path` is set (its table plus one `<|Thought|>` row: an upper bound, as
+    a run drops padding rows past the tokenizer), else the from-scratch shape of
+    `cfg.model` with `tokenizer.vocab_size` ids (`<|Thought|>` included)."""
     import os
     from latentr3_jax.errors import InputError
     path = str(cfg.model.hf_path or "")
@@ -202,7 +205,7 @@ def decoder_config_from_cfg(cfg) -> DecoderConfig:
         hf = read_hf_config(path)
         return hf.replace(vocab_size=hf.vocab_size + 1)
     m = cfg.model
-    return DecoderConfig(vocab_size=int(cfg.tokenizer.vocab_size) + 1, hidden_size=m.hidden_size,
+    return DecoderConfig(vocab_size=int(cfg.tokenizer.vocab_size), hidden_size=m.hidden_size,
                          intermediate_size=m.intermediate_size, num_layers=m.num_layers,
                          num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
                          rope_theta=m.rope_theta, attention_bias=m.model_type == "qwen2",
