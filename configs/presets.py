@@ -27,9 +27,11 @@ DATASETS = {
 }
 
 # Mesh presets for full fine-tuning of a 1.5B model. The float32 weights, AdamW moments and
-# gradients take ~25 GB, so every preset shards them with FSDP inside a host (cheap
-# all-gathers over ICI / NVLink) and keeps tensor = 1: Qwen2.5-1.5B has only 2 KV heads
-# and a 1536-wide residual stream, too small for tensor parallelism to pay off.
+# gradients take ~25 GB, more than a v4 or v5e chip holds next to the activations, so the
+# presets shard them with FSDP over 4-8 devices (all-gathers over ICI / NVLink) and keep
+# tensor = 1: Qwen2.5-1.5B has only 2 KV heads and a 1536-wide residual stream, too small
+# for tensor parallelism to pay off. v5p-16 has memory to spare and two hosts, so it
+# replicates over 2 groups of 4 (data = 2), which halves the FSDP all-gathers' fan-out.
 # `devices` is what jax.device_count() reports (TPU v4/v5p: one device per chip).
 MESH_PRESETS = {
     "tpu-v4-8": dict(data=1, fsdp=4, tensor=1, devices=4, hosts=1, hbm_gib=32,
