@@ -130,8 +130,9 @@ def paper_config(dataset: str, arg=None):
         c.eval.length_penalty = 1.0
     else:
         c.data.template = "bigrec"
-        c.eval.mode = "bigrec"
-        c.eval.num_beams = 4                    # one title from a 4-beam search, then grounding
+        c.eval.mode = "bigrec"                  # one title from a 4-beam search, then grounding
+        c.eval.grounding_beams = 4
+        c.eval.max_new_tokens = c.data.max_target_len
         c.eval.length_penalty = 1.0
 
     # Mesh: all devices as one FSDP axis unless a preset is named.

@@ -73,6 +73,7 @@ def test_variants_and_overrides():
     cfg, _ = parse_config(["--config", f"{path}:bigrec,base,tpu-v5p-16",
                            "--config.model.hf_path=/models/qwen", "--config.dataset_dir=/d/Toys"])
     assert (cfg.data.template, cfg.eval.mode, cfg.model.num_thoughts) == ("bigrec", "bigrec", 0)
+    assert cfg.eval.grounding_beams == 4 and cfg.eval.max_new_tokens == cfg.data.max_target_len
     assert (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor) == (2, 4, 1)
     assert cfg.model.hf_path == "/models/qwen" and cfg.dataset_dir == "/d/Toys"
     assert cfg.workdir != parse_config(["--config", path])[0].workdir  # variants do not share a run dir
