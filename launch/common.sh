@@ -25,7 +25,8 @@ RUN_NAME="${RUN_NAME:-latentr3}"
 WORKER="${WORKER:-0}"
 WATCH_SECONDS=0
 ASSUME_STATE=""
-WAIT_TIMEOUT="${WAIT_TIMEOUT:-7200}"
+WAIT_TIMEOUT="${WAIT_TIMEOUT:-7200}"   # seconds to wait for a TPU to become ready
+POLL_SECONDS="${POLL_SECONDS:-30}"
 CMD_ARGS=()
 
 # Where things live on every TPU worker (relative to the login user's home).
@@ -219,8 +220,8 @@ tpu_wait_ready() {
     esac
     ((waited < WAIT_TIMEOUT)) || die "${TPU_NAME} not ${want} after ${WAIT_TIMEOUT}s (state ${state})"
     note "${TPU_NAME}: ${state}, waiting for ${want}"
-    sleep 30
-    waited=$((waited + 30))
+    sleep "${POLL_SECONDS}"
+    waited=$((waited + POLL_SECONDS))
   done
 }
 

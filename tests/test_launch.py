@@ -290,3 +290,50 @@ def test_gpu_multinode_from_flags(env):
 def test_unknown_accelerator_needs_a_runtime_version(env):
     res = launch(env, "tpu_create.sh", *TPU, "--accelerator-type", "v9-8", "--dry-run", ok=False)
     assert res.returncode == 2 and "--runtime-version" in res.stderr and res.stdout == ""
+
+
+def _scripted_gcloud(tmp_path, states):
+    """A gcloud that answers `describe` with the next of `states` and logs every call."""
+    bindir = tmp_path / "scripted"
+    bindir.mkdir()
+    (tmp_path / "states").write_text("\n".join(states) + "\n")
+    log = tmp_path / "calls"
+    script = f"""#!/usr/bin/env bash
+echo "$*" >> {shlex.quote(str(log))}
+if [[ " $* " == *" describe "* ]]; then
+  head -n 1 {shlex.quote(str(tmp_path / 'states'))}
+  sed -i 1d {shlex.quote(str(tmp_path / 'states'))}
+fi
+"""
+    (bindir / "gcloud").write_text(script)
+    (bindir / "gcloud").chmod(0o755)
+    return bindir, log
+
+
+def test_resume_for_real_with_a_scripted_gcloud(tmp_path):
+    """Not a dry run: the state machine against a gcloud that reports a suspended queued
+    resource, then waiting, then active."""
+    bindir, log = _scripted_gcloud(tmp_path, ["SUSPENDED", "WAITING_FOR_RESOURCES", "ACTIVE"])
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("TPU_", "DRY_RUN"))}
+    e.update(PATH=f"{bindir}{os.pathsep}{e['PATH']}", TMPDIR=str(tmp_path), POLL_SECONDS="0")
+    out = launch(e, "tpu_resume.sh", *TPU, "--accelerator-type", "v4-8", "--queued",
+                 "--", "sft", "--config", "configs/paper_cds.py:tpu-v4-8")
+    calls = log.read_text().splitlines()
+    verbs = [" ".join(c.split()[:4]) for c in calls]
+    assert verbs == ["compute tpus queued-resources describe",
+                     "compute tpus queued-resources delete",
+                     "compute tpus queued-resources create",
+                     "compute tpus queued-resources describe",
+                     "compute tpus queued-resources describe",
+                     "compute tpus tpu-vm scp", "compute tpus tpu-vm ssh",
+                     "compute tpus tpu-vm ssh"], calls
+    assert (tmp_path / "latentr3-src.tar.gz").exists()  # this checkout, packed for the workers
+    assert "latentr3 sft --config configs/paper_cds.py:tpu-v4-8" in calls[-1]
+    assert "SUSPENDED; re-creating" in out.stderr
+    # healthy: one query, nothing else
+    again = tmp_path / "again"
+    again.mkdir()
+    bindir, log = _scripted_gcloud(again, ["READY"])
+    e["PATH"] = f"{bindir}{os.pathsep}{os.environ['PATH']}"
+    launch(e, "tpu_resume.sh", *TPU, "--accelerator-type", "v4-8", "--", "sft")
+    assert len(log.read_text().splitlines()) == 1
