@@ -184,3 +184,40 @@ def test_free_generate_greedy_matches_argmax_loop():
                 break
         n = int(res.length[u, 0])
         assert list(np.asarray(res.tokens[u, 0, :n])) == out
+
+
+def test_matches_transformers_generate_with_prefix_trie(tmp_path):
+    """Same hypotheses, order and scores as HF beam search with a prefix_allowed_tokens_fn."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from latentr3_jax.hf import save_pretrained
+
+    config, params = _model(seed=3)
+    config = config.replace(pad_token_id=0)
+    save_pretrained(config, {k: v for k, v in params.items() if k != "latent"}, str(tmp_path))
+    model = transformers.Qwen2ForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    trie = ItemTrie(_catalog(seed=3), V)
+    ids, mask = _prompts(seed=3, lengths=(7, 4, 6, 5))
+    B, width = 4, ids.shape[1]
+
+    def allowed(_, input_ids):
+        node = trie.walk(input_ids[width:].tolist())
+        return (list(trie.children(node)) if node >= 0 else []) or [EOS]
+
+    with torch.inference_mode():
+        out = model.generate(input_ids=torch.tensor(np.asarray(ids), dtype=torch.long),
+                             attention_mask=torch.tensor(np.asarray(mask), dtype=torch.long),
+                             num_beams=B, num_return_sequences=B, max_new_tokens=trie.max_len,
+                             length_penalty=1.0, do_sample=False, prefix_allowed_tokens_fn=allowed,
+                             eos_token_id=EOS, pad_token_id=0, output_scores=True,
+                             return_dict_in_generate=True)
+    hf_leaves, hf_scores = [], np.asarray(out.sequences_scores).reshape(-1, B)
+    for seq in out.sequences.tolist():
+        gen = seq[width:]
+        gen = gen[:gen.index(EOS) + 1]
+        hf_leaves.append(int(trie.leaf_index[trie.walk(gen)]))
+    hf_leaves = np.array(hf_leaves).reshape(-1, B)
+    res = constrained_beam_search(config, params, trie.arrays(), ids, mask, max_len=trie.max_len,
+                                  num_beams=B, length_penalty=1.0)
+    np.testing.assert_array_equal(np.asarray(res.leaf), hf_leaves)
+    np.testing.assert_allclose(np.asarray(res.scores), hf_scores, atol=1e-4)

@@ -1,0 +1,207 @@
+"""Constrained beam search: our jitted search vs transformers generate + a Python prefix trie.
+
+The D3 / LatentR³ release evaluates with `generate(num_beams=10, num_return_sequences=10,
+prefix_allowed_tokens_fn=...)`, where the function walks a Python dict trie for every beam
+at every step. This benchmark runs both on the same model (SPEC.md section 9 small config,
+random weights, converted to a transformers Qwen2 model), the same catalog (real CDs if
+../shared is present, else a synthetic one) and the same left-padded user prompts, in
+float32 and bfloat16, and reports users/s, the ratio, and whether both return the same
+top-10 titles in the same order.
+
+    python bench/bench_beam.py [--users 16] [--batch 8] [--dtypes float32,bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from latentr3_jax import data as D  # noqa: E402
+from latentr3_jax.decode.beam import constrained_beam_search  # noqa: E402
+from latentr3_jax.decode.trie import ItemTrie  # noqa: E402
+from latentr3_jax.model import decoder, latent  # noqa: E402
+from latentr3_jax.model.config import bench_config  # noqa: E402
+
+CDS = ROOT.parent / "shared" / "data" / "amazon18" / "CDs_and_Vinyl"
+
+
+def load_data(vocab_size: int):
+    if (CDS / "info.txt").exists():
+        ds = D.read_d3(CDS)
+        source = "CDs_and_Vinyl"
+    else:
+        from latentr3_jax.data.synthetic import generate
+        catalog, splits, _ = generate(num_items=3000, num_users=2000, seed=0)
+        ds = D.Dataset(name="synthetic", category_word="musics", catalog=catalog, splits=splits)
+        source = "synthetic (3000 items)"
+    tok = D.train_tokenizer(D.tokenizer_corpus(ds), vocab_size)
+    return ds, tok, source
+
+
+def make_batches(tok, ds, users: int, batch: int):
+    enc = D.encode_split(tok, ds.splits["test"][:users], ds.category_word)
+    width = -(-max(len(e.prompt_ids) for e in enc) // 16) * 16
+    batches = []
+    for s in range(0, users, batch):
+        chunk = enc[s:s + batch]
+        ids = np.full((len(chunk), width), tok.pad_id, np.int64)
+        mask = np.zeros((len(chunk), width), np.int64)
+        for r, e in enumerate(chunk):
+            ids[r, width - len(e.prompt_ids):] = e.prompt_ids
+            mask[r, width - len(e.prompt_ids):] = 1
+        batches.append((ids, mask))
+    return batches, width, float(np.mean([len(e.prompt_ids) for e in enc]))
+
+
+def run_jax(config, params, trie, batches, dtype, num_beams, length_penalty, num_thoughts):
+    arrays = jax.device_put(trie.arrays())
+    call = lambda ids, mask: constrained_beam_search(
+        config, params, arrays, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32),
+        max_len=trie.max_len, num_beams=num_beams, length_penalty=length_penalty,
+        num_thoughts=num_thoughts, dtype=dtype)
+    t = time.perf_counter()
+    jax.block_until_ready(call(*batches[0]))
+    compile_s = time.perf_counter() - t
+    leaves = []
+    t = time.perf_counter()
+    for ids, mask in batches:
+        res = call(ids, mask)
+        leaves.append(np.asarray(res.leaf))
+    elapsed = time.perf_counter() - t
+    users = sum(b[0].shape[0] for b in batches)
+    return np.concatenate(leaves), users / elapsed, compile_s
+
+
+def run_torch(model_dir, trie, batches, torch_dtype, num_beams, length_penalty, eos_id, pad_id):
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    model = Qwen2ForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).eval()
+    width = batches[0][0].shape[1]
+    children = [trie.children(n) for n in range(trie.num_nodes)]
+
+    def allowed(batch_id, input_ids):      # the D3 way: walk a Python trie from the root
+        node = 0
+        for t in input_ids[width:].tolist():
+            node = children[node].get(t, -1)
+            if node < 0:
+                return [eos_id]
+        return list(children[node]) or [eos_id]
+
+    def decode_leaves(seqs):
+        out = []
+        for seq in seqs.tolist():
+            gen = seq[width:]
+            if eos_id in gen:
+                gen = gen[:gen.index(eos_id) + 1]
+            node = trie.walk(gen)
+            out.append(int(trie.leaf_index[node]) if node >= 0 else -1)
+        return out
+
+    leaves = []
+    t = time.perf_counter()
+    with torch.inference_mode():
+        for ids, mask in batches:
+            out = model.generate(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
+                                 num_beams=num_beams, num_return_sequences=num_beams,
+                                 max_new_tokens=trie.max_len, length_penalty=length_penalty,
+                                 do_sample=False, prefix_allowed_tokens_fn=allowed,
+                                 eos_token_id=eos_id, pad_token_id=pad_id)
+            leaves.append(np.array(decode_leaves(out)).reshape(ids.shape[0], num_beams))
+    elapsed = time.perf_counter() - t
+    users = sum(b[0].shape[0] for b in batches)
+    return np.concatenate(leaves), users / elapsed
+
+
+def compare(a: np.ndarray, b: np.ndarray) -> dict:
+    same_order = float(np.mean([list(x) == list(y) for x, y in zip(a, b)]))
+    same_set = float(np.mean([set(x) == set(y) for x, y in zip(a, b)]))
+    top1 = float(np.mean(a[:, 0] == b[:, 0]))
+    overlap = float(np.mean([len(set(x) & set(y)) / len(x) for x, y in zip(a, b)]))
+    return {"same_top10_order": same_order, "same_top10_set": same_set, "same_top1": top1,
+            "top10_overlap": overlap}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--users", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--num-beams", type=int, default=10)
+    ap.add_argument("--length-penalty", type=float, default=1.0)
+    ap.add_argument("--vocab", type=int, default=8000)
+    ap.add_argument("--std", type=float, default=0.02, help="init std of the random weights")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "beam.json"))
+    args = ap.parse_args(argv)
+
+    import torch
+    torch.set_num_threads(2)
+
+    ds, tok, source = load_data(args.vocab)
+    config = bench_config(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+    params = decoder.init_params(config, k1, std=args.std)
+    params["latent"] = latent.init_latent_params(config, k2)
+    trie = ItemTrie(D.catalog_target_ids(tok, ds.catalog, "latentr3"), config.vocab_size)
+    batches, width, mean_prompt = make_batches(tok, ds, args.users, args.batch)
+    print(f"catalog {source}: {len(ds.catalog)} items, {trie.num_leaves} distinct titles, "
+          f"{trie.num_nodes} trie nodes, longest title {trie.max_len} tokens; "
+          f"{args.users} users, batch {args.batch}, prompts {mean_prompt:.0f} tokens "
+          f"(padded {width}); model {config.num_params() / 1e6:.1f}M params; jax {jax.devices()[0].platform}")
+
+    model_dir = tempfile.mkdtemp(prefix="bench_beam_")
+    from latentr3_jax.hf import save_pretrained
+    save_pretrained(config, {k: v for k, v in params.items() if k != "latent"}, model_dir)
+
+    rows = []
+    for name in args.dtypes.split(","):
+        jdt = jnp.float32 if name == "float32" else jnp.bfloat16
+        tdt = torch.float32 if name == "float32" else torch.bfloat16
+        ours, ours_ups, compile_s = run_jax(config, params, trie, batches, jdt, args.num_beams,
+                                            args.length_penalty, 0)
+        _, latent_ups, _ = run_jax(config, params, trie, batches, jdt, args.num_beams,
+                                   args.length_penalty, 1)
+        ref, ref_ups = run_torch(model_dir, trie, batches, tdt, args.num_beams,
+                                 args.length_penalty, tok.eos_id, tok.pad_id)
+        row = {"dtype": name, "jax_users_per_s": ours_ups, "jax_latent1_users_per_s": latent_ups,
+               "jax_compile_s": compile_s, "torch_users_per_s": ref_ups,
+               "speedup": ours_ups / ref_ups, **compare(ours, ref)}
+        rows.append(row)
+        print(f"  {name}: done", flush=True)
+
+    hdr = (f"{'dtype':<9} {'jax u/s':>8} {'jax N=1':>8} {'torch u/s':>9} {'ratio':>6} "
+           f"{'top10 order':>11} {'top10 set':>9} {'top1':>5} {'overlap':>7} {'compile s':>9}")
+    print(hdr)
+    for r in rows:
+        print(f"{r['dtype']:<9} {r['jax_users_per_s']:8.2f} {r['jax_latent1_users_per_s']:8.2f} "
+              f"{r['torch_users_per_s']:9.2f} {r['speedup']:6.1f} {r['same_top10_order']:11.2f} "
+              f"{r['same_top10_set']:9.2f} {r['same_top1']:5.2f} {r['top10_overlap']:7.2f} "
+              f"{r['jax_compile_s']:9.1f}")
+    result = {"catalog": source, "items": len(ds.catalog), "distinct_titles": trie.num_leaves,
+              "trie_nodes": trie.num_nodes, "max_title_tokens": trie.max_len,
+              "users": args.users, "batch": args.batch, "num_beams": args.num_beams,
+              "length_penalty": args.length_penalty, "prompt_tokens_mean": mean_prompt,
+              "prompt_width": width, "model": config.to_dict(), "init_std": args.std,
+              "torch_threads": 2, "cpu_count": os.cpu_count(), "rows": rows}
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    from latentr3_jax.utils.atomic import atomic_write_text
+    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
