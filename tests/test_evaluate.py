@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -18,8 +20,7 @@ from latentr3_jax.eval import metrics as M
 from latentr3_jax.model.config import tiny_config
 
 
-@pytest.fixture(scope="module")
-def setup():
+def build():
     catalog, splits, _ = generate(num_items=48, num_users=30, seed=3)
     ds = D.Dataset(name="synthetic", category_word="musics", catalog=catalog, splits=splits)
     texts = D.tokenizer_corpus(ds)
@@ -34,6 +35,11 @@ def setup():
     cfg.eval.num_beams = 5
     cfg.eval.progress = False
     return ds, tok, config, params, cfg
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return build()
 
 
 def _run(setup, out_dir, **kw):
@@ -150,3 +156,40 @@ def test_cli_loads_run_and_reports_bad_input(setup, tmp_path, monkeypatch, capsy
     assert "eval.checkpoint" in capsys.readouterr().err
     assert cli.main(["evaluate", f"--config.eval.checkpoint={run_dir}",
                      "--config.eval.mode=nope"]) == 2
+
+
+_SHARDED = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import jax
+from latentr3_jax.eval import evaluate as E
+import test_evaluate as T
+assert jax.device_count() == 4
+ds, tok, config, params, cfg = T.build()
+cfg.eval.batch_size = 8
+res = E.evaluate_run(cfg, model_config=config, params=params, tokenizer=tok, num_thoughts=1,
+                     latent_mode="ratt", dataset=ds, out_dir=sys.argv[2], print_table=False)
+assert res["complete"], res
+"""
+
+
+@pytest.mark.slow
+def test_sharded_over_four_devices_matches_single_device(setup, tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu")
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run([sys.executable, "-c", _SHARDED, here, str(tmp_path / "sharded")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ds, tok, config, params, cfg = setup
+    cfg8 = cfg.copy_and_resolve_references()
+    cfg8.eval.batch_size = 8
+    E.evaluate_run(cfg8, model_config=config, params=params, tokenizer=tok, num_thoughts=1,
+                   latent_mode="ratt", dataset=ds, out_dir=str(tmp_path / "single"),
+                   print_table=False)
+    a = sorted(_rows(tmp_path / "single"), key=lambda r: r["row"])
+    b = sorted(_rows(tmp_path / "sharded"), key=lambda r: r["row"])
+    assert [r["row"] for r in b] == list(range(10))
+    for x, y in zip(a, b):
+        assert x["ranked_ids"] == y["ranked_ids"]
+        np.testing.assert_allclose(x["scores"], y["scores"], atol=1e-4)

@@ -90,7 +90,6 @@ def beam_search(config: DecoderConfig, params: dict, trie: Optional[TrieArrays],
     cache = decoder.repeat_cache(cache, B)
     logits = jnp.repeat(first_logits, B, axis=0)           # [b*B, V]
 
-    user_offset = (jnp.arange(b) * B)[:, None]
     state = dict(
         t=jnp.zeros((), jnp.int32), cache=cache, logits=logits,
         run_scores=jnp.tile(jnp.array([0.0] + [_DUMMY] * (B - 1), jnp.float32), (b, 1)),
@@ -149,11 +148,14 @@ def beam_search(config: DecoderConfig, params: dict, trie: Optional[TrieArrays],
             [s["fin_len"], jnp.full((b, 2 * B), t + 1, jnp.int32)], 1), best)
 
         # reorder the decode slots of the cache by parent beam, then feed the new tokens
-        rows = (user_offset + run_beam).reshape(-1)                         # [b*B]
+        # (gathered per user along the beam axis: the batch axis stays sharded)
         cache = dict(s["cache"])
         for name in ("k", "v"):
-            kv = cache[name]
-            cache[name] = kv.at[:, :, decode_start:].set(kv[:, rows, decode_start:])
+            kv = cache[name]                                                # [L, b*B, S, K, D]
+            L_, _, S_, K_, D_ = kv.shape
+            dec = kv[:, :, decode_start:].reshape(L_, b, B, S_ - decode_start, K_, D_)
+            dec = jnp.take_along_axis(dec, run_beam[None, :, :, None, None, None], axis=2)
+            cache[name] = kv.at[:, :, decode_start:].set(dec.reshape(L_, b * B, -1, K_, D_))
         new_tok = _gather_beams(top_tok, keep).reshape(-1, 1)
         logits, _, cache = decoder.apply(config, params, new_tok, cache=cache, dtype=dtype)
 

@@ -205,6 +205,7 @@ def evaluate_run(cfg, run_dir: Optional[str] = None, *, model_config=None, param
     top = max(e.ks)
 
     t0 = time.time()
+    t_first, first_rows = None, 0       # after the first batch (which includes compilation)
     evaluated = 0
     writer = M.PredictionWriter(os.path.join(out_dir, PREDICTIONS)) if is_primary else None
     try:
@@ -258,6 +259,8 @@ def evaluate_run(cfg, run_dir: Optional[str] = None, *, model_config=None, param
                             row=row, user=s.user_id, line=s.line, target_id=s.target_id,
                             target_title=s.target_title, **outputs[r]))
                     evaluated += 1
+                if t_first is None:
+                    t_first, first_rows = time.time(), evaluated
     finally:
         if writer is not None:
             writer.close()
@@ -266,7 +269,10 @@ def evaluate_run(cfg, run_dir: Optional[str] = None, *, model_config=None, param
     rows = M.read_predictions(os.path.join(out_dir, PREDICTIONS)) if is_primary else []
     complete = len({int(r["row"]) for r in rows}) == len(samples)
     result = M.summarize(rows, e.ks)
+    steady = (evaluated - first_rows) / (t0 + elapsed - t_first) \
+        if t_first is not None and evaluated > first_rows else None
     result.update({"users_per_s": evaluated / elapsed if elapsed > 0 else 0.0,
+                   "users_per_s_after_compile": steady,
                    "complete": complete, "split": split, "mode": mode,
                    "num_beams": int(e.num_beams if mode == "constrained" else e.grounding_beams),
                    "length_penalty": float(e.length_penalty), "num_thoughts": num_thoughts,
