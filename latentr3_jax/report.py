@@ -77,12 +77,13 @@ def plot_pipeline(curves: Dict[str, List[dict]], rows: Sequence[dict], path: str
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     ax_loss, ax_reward, ax_bar = axes
     for name, recs in curves.items():
-        train = [r for r in recs if "loss" in r and "step" in r and r.get("split", "train") == "train"]
+        sft = [r for r in recs if "loss" in r and "step" in r and "reward_mean" not in r]
+        train = [r for r in sft if r.get("split") == "train"]
         if train:
             ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label=f"{name} train")
-        val = [r for r in recs if "val_loss" in r and "step" in r]
+        val = [r for r in sft if r.get("split") == "valid"]
         if val:
-            ax_loss.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o--",
+            ax_loss.plot([r["step"] for r in val], [r["loss"] for r in val], "o--",
                          label=f"{name} valid")
         rew = [r for r in recs if "reward_mean" in r and "step" in r]
         if rew:

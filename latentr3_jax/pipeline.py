@@ -1,0 +1,134 @@
+"""`latentr3 run`: the whole LatentR³ recipe on one dataset, with one table at the end.
+
+Three variants share the data, the tokenizer and the decoder shape:
+  1. SFT without latent thoughts (the BIGRec/D3 baseline, N = 0);
+  2. SFT with LatentR³ (N thought latents from LatentRATT);
+  3. LR-GRPO, starting from variant 2.
+Each is evaluated on the test split with the configured decoding (trie-constrained beam
+search by default). Every stage resumes: rerunning the same command after an interruption
+picks up where it stopped, and finished stages are not redone.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from typing import Optional, Sequence
+
+from latentr3_jax import report
+from latentr3_jax.configlib import default_config_file, parse_config
+from latentr3_jax.errors import InputError
+from latentr3_jax.utils.atomic import atomic_write_text
+
+VARIANTS = (
+    # name, label, stage
+    ("sft_baseline", "SFT, no latent (BIGRec/D3 baseline)", "sft"),
+    ("sft_latentr3", "SFT + LatentR³", "sft"),
+    ("lr_grpo", "SFT + LatentR³ + LR-GRPO", "grpo"),
+)
+
+
+def _variant_config(cfg, name: str, workdir: str):
+    v = copy.deepcopy(cfg)
+    v.workdir = os.path.join(workdir, name)
+    if name == "sft_baseline":
+        v.model.num_thoughts = 0
+    elif v.model.num_thoughts < 1:
+        raise InputError("model.num_thoughts must be >= 1 for the LatentR³ variants of `run`")
+    if name == "lr_grpo":
+        v.grpo.init_from = os.path.join(workdir, "sft_latentr3")
+    return v
+
+
+def _shared_inputs(cfg, workdir: str) -> None:
+    """Generate the dataset and the tokenizer once, so every variant sees the same ones."""
+    from latentr3_jax import data as D
+
+    if cfg.dataset == "synthetic" and not cfg.dataset_dir:
+        cfg.dataset_dir = os.path.join(workdir, "synthetic_data")
+    dataset = D.load_dataset(cfg)
+    if not cfg.tokenizer.path and not cfg.model.hf_path:
+        tok_dir = os.path.join(workdir, "tokenizer")
+        if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+            print(f"training a byte-level BPE tokenizer on {dataset.name} ...", flush=True)
+            tok = D.make_tokenizer(cfg, dataset)
+            tmp = tok_dir + ".tmp"
+            tok.save(tmp)
+            if os.path.exists(tok_dir):
+                import shutil
+                shutil.rmtree(tok_dir)
+            os.replace(tmp, tok_dir)
+        cfg.tokenizer.path = tok_dir
+    sizes = {k: len(v) for k, v in dataset.splits.items()}
+    print(f"dataset {dataset.name}: {len(dataset.catalog)} items, splits {sizes}", flush=True)
+
+
+def _timed_stage(name: str, stage: str, vcfg) -> dict:
+    marker = os.path.join(vcfg.workdir, "train_summary.json")
+    if os.path.exists(marker):
+        with open(marker, encoding="utf-8") as f:
+            summary = json.load(f)
+        print(f"[{name}] already trained ({summary.get('train_time_s', 0):.1f} s); skipping",
+              flush=True)
+        return summary
+    print(f"\n[{name}] training ({stage}) -> {vcfg.workdir}", flush=True)
+    t0 = time.perf_counter()
+    if stage == "sft":
+        from latentr3_jax.train.sft import train_sft
+        summary = train_sft(vcfg, resume_hint="latentr3 run with the same arguments")
+    else:
+        from latentr3_jax.train.grpo import train_grpo
+        summary = train_grpo(vcfg, resume_hint="latentr3 run with the same arguments")
+    summary = {k: v for k, v in summary.items() if k != "curve"}
+    summary["train_time_s"] = time.perf_counter() - t0 + float(summary.get("train_time_s", 0) or 0)
+    atomic_write_text(marker, json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
+
+
+def _evaluate(name: str, vcfg) -> dict:
+    from latentr3_jax.eval.evaluate import evaluate_run
+
+    print(f"[{name}] evaluating on {vcfg.eval.split} ({vcfg.eval.mode})", flush=True)
+    out_dir = os.path.join(vcfg.workdir, f"eval_{vcfg.eval.split}_{vcfg.eval.mode}")
+    return evaluate_run(vcfg, vcfg.workdir, out_dir=out_dir, print_table=False)
+
+
+def run_pipeline(cfg, variants: Optional[Sequence[str]] = None) -> list:
+    """Train and evaluate the variants; returns the table rows (also written to workdir)."""
+    from latentr3_jax.train.runs import read_metrics
+
+    workdir = os.path.abspath(cfg.workdir)
+    os.makedirs(workdir, exist_ok=True)
+    cfg = copy.deepcopy(cfg)
+    _shared_inputs(cfg, workdir)
+    wanted = set(variants or [v[0] for v in VARIANTS])
+    rows, curves = [], {}
+    for name, label, stage in VARIANTS:
+        if name not in wanted:
+            continue
+        vcfg = _variant_config(cfg, name, workdir)
+        summary = _timed_stage(name, stage, vcfg)
+        metrics = _evaluate(name, vcfg)
+        ups = metrics.get("users_per_s") or 0.0
+        rows.append({"variant": label, "name": name, "num_thoughts": int(vcfg.model.num_thoughts),
+                     **{k: metrics.get(k) for k in ("HR@1", "HR@5", "HR@10", "HR@20", "NDCG@5",
+                                                    "NDCG@10", "NDCG@20", "HR@5_id", "HR@10_id")},
+                     "train_time_s": summary.get("train_time_s"),
+                     "ms_per_user": 1000.0 / ups if ups else None,
+                     "users": metrics.get("users")})
+        curves[label] = read_metrics(vcfg.workdir)
+        print(f"[{name}] HR@5 {metrics.get('HR@5', 0):.4f}  NDCG@5 {metrics.get('NDCG@5', 0):.4f}",
+              flush=True)
+    paths = report.write_tables(rows, workdir, stem="results")
+    png = report.plot_pipeline(curves, rows, os.path.join(workdir, "results.png"))
+    print("\n" + report.text_table(rows))
+    print(f"\nwrote {paths['md']}, {paths['json']}, {png}")
+    return rows
+
+
+def main(argv: Sequence[str]) -> int:
+    cfg, _ = parse_config(argv, default_file=default_config_file("demo.py"))
+    run_pipeline(cfg)
+    return 0
