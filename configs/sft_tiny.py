@@ -9,8 +9,9 @@ def get_config():
     c.dataset = "synthetic"
     c.data.synthetic.num_items = 60
     c.data.synthetic.num_users = 120
-    c.data.buckets = (96, 192)
-    c.data.target_buckets = (16, 32)
+    c.data.cutoff = 48             # short prompts: one bucket, one compiled shape
+    c.data.buckets = (48,)
+    c.data.target_buckets = (32,)
     c.data.max_train_rows = 64
     c.data.max_eval_rows = 16
     c.tokenizer.vocab_size = 400

@@ -95,6 +95,8 @@ def _step_dirs_complete(step_dir: str, items: tuple) -> Optional[str]:
     """Why a finalized step directory is unusable, or None if it looks whole."""
     if not os.path.isdir(step_dir):
         return "missing"
+    if not os.path.exists(os.path.join(step_dir, "_CHECKPOINT_METADATA")):
+        return "no _CHECKPOINT_METADATA: the write never finished"
     for item in items:
         p = os.path.join(step_dir, item)
         if not os.path.isdir(p):

@@ -140,8 +140,12 @@ def _target_buckets(cfg) -> tuple:
 # --------------------------------------------------------------------------- training
 
 
-def train_sft(cfg, *, progress: bool = True, resume_hint: Optional[str] = None) -> dict:
+def train_sft(cfg, *, progress: bool = True, resume_hint: Optional[str] = None,
+              stop_at_step: Optional[int] = None) -> dict:
     """Train stage 1 into `cfg.workdir`; returns a summary dict.
+
+    `stop_at_step` acts like a stop signal arriving during that step (save, then raise
+    StopRequested): a planned preemption.
 
     Raises StopRequested (after saving) on SIGTERM/SIGINT, NonFiniteError after
     `cfg.sft.max_bad_steps` consecutive non-finite steps, InputError on bad input.
@@ -260,7 +264,6 @@ def train_sft(cfg, *, progress: bool = True, resume_hint: Optional[str] = None) 
                 batch = next(it)
                 n_tok = count_tokens(batch)
                 state, m = train_step(state, device_batch(batch))
-                m = dict(m, step=state.step)
                 step += 1
                 tokens_seen += n_tok
                 window_tokens += n_tok
@@ -299,11 +302,12 @@ def train_sft(cfg, *, progress: bool = True, resume_hint: Optional[str] = None) 
                 if step % int(s.checkpoint_every) == 0 or epoch_end or step == total \
                         or trainer["stopped_early"]:
                     save()
-                if stop.requested:
+                if stop.requested or (stop_at_step is not None and step >= stop_at_step):
                     save()
                     ckpt.wait()
-                    metrics_out.write({"event": "stopped", "signal": stop.received, "step": step})
-                    raise StopRequested(stop.received, step, hint)
+                    why = stop.received or "stop_at_step"
+                    metrics_out.write({"event": "stopped", "signal": why, "step": step})
+                    raise StopRequested(why, step, hint)
             if prev is not None:
                 check_bad(prev)
             save()

@@ -90,7 +90,7 @@ def make_step_fn(loss_fn: LossFn, tx: optax.GradientTransformation, *, num_micro
             opt_state=keep(new_opt, state.opt_state),
             bad_steps=bad,
             total_bad_steps=state.total_bad_steps + (~finite).astype(jnp.int32))
-        metrics = {"loss": loss, "tokens": count, "grad_norm": grad_norm,
+        metrics = {"step": new_state.step, "loss": loss, "tokens": count, "grad_norm": grad_norm,
                    "finite": finite, "bad_steps": bad, **aux}
         if schedule is not None:
             metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
