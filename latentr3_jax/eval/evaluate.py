@@ -195,6 +195,11 @@ def evaluate_run(cfg, run_dir: Optional[str] = None, *, model_config=None, param
     if mode == "constrained":
         from latentr3_jax.decode.beam import constrained_beam_search
         from latentr3_jax.decode.trie import ItemTrie
+        try:   # SPEC.md section 7: targets must tokenise alike alone and after the prompt
+            D.check_target_tokenisation(tokenizer, samples, dataset.category_word, template,
+                                        limit=32, name=split)
+        except InputError as err:
+            log.warning("constrained decoding may miss titles: %s", err)
         trie = ItemTrie(D.catalog_target_ids(tokenizer, catalog, template), model_config.vocab_size)
         trie_arrays = jax.device_put(trie.arrays())
         leaf_title = [catalog.titles[items[0]] for items in trie.leaf_items]
