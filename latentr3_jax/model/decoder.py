@@ -236,6 +236,22 @@ def repeat_cache(cache: Cache, times: int) -> Cache:
 # --------------------------------------------------------------------------- apply
 
 
+def constrain_batch(x: jax.Array) -> jax.Array:
+    """Shard activations [batch, ...] over the mesh's batch axes when a mesh is set.
+
+    Without it XLA follows the embedding table's layout (hidden dim over `fsdp`) and keeps
+    every batch row on every device, multiplying activation memory by the fsdp size.
+    A no-op outside `jax.set_mesh` or when the batch does not divide.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and mesh.shape[a] > 1)
+    if not axes or x.shape[0] % int(np.prod([mesh.shape[a] for a in axes])):
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes))
+
+
 def embed_tokens(config: DecoderConfig, params: Params, ids: jax.Array, dtype=jnp.float32) -> jax.Array:
     return jnp.take(params["embed"]["embedding"], ids, axis=0).astype(dtype)
 
@@ -271,6 +287,7 @@ def apply(config: DecoderConfig, params: Params, input_ids: Optional[jax.Array] 
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("pass exactly one of input_ids and inputs_embeds")
     x = embed_tokens(config, params, input_ids, dtype) if inputs_embeds is None else inputs_embeds.astype(dtype)
+    x = constrain_batch(x)
     B, T = x.shape[:2]
     mask = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
     if positions is None:
