@@ -72,6 +72,26 @@ def test_ppo_one_iteration_ratio_is_one_and_matches_weighted_loglik():
     assert float(count) == m.sum() and float(aux["clipped"]) == 0.0
 
 
+def test_fused_step_matches_rollout_then_update_reinforce():
+    """The single-pass step (batch used once) equals rollout + separate update, same noise."""
+    cfg, params, batch = _tiny_problem()
+    mask = optim.latent_only(params)
+    tx = optim.adamw(optax.constant_schedule(1e-2), trainable=lambda _: mask)
+    state = state_lib.new_state(params, tx, jax.random.PRNGKey(1))
+    s = grpo.GRPOSettings(group_size=4, estimator="reinforce")
+    fused_state, fm = jax.jit(step_lib.make_step_fn(grpo.make_fused_loss(cfg, s), tx))(state, batch)
+    key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), grpo.ROLLOUT_SALT)
+    step_in, rm = jax.jit(lambda p, b: grpo.make_rollout_fn(cfg, s)(p, {}, b, key))(state.params, batch)
+    split_state, sm = jax.jit(step_lib.make_step_fn(grpo.make_grpo_loss(cfg, s), tx))(
+        state, {**batch, **step_in})
+    for k in ("reward_mean", "reward_eps0", "adv_std"):
+        np.testing.assert_allclose(fm[k], rm[k], rtol=1e-5)
+    np.testing.assert_allclose(fm["loss"], sm["loss"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(fm["grad_norm"], sm["grad_norm"], rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(fused_state.params), jax.tree.leaves(split_state.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
 # --------------------------------------------------------------------------- full runs
 
 

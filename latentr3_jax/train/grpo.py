@@ -64,6 +64,11 @@ class GRPOSettings:
     latent_mode: str = "ratt"
     dtype: Any = jnp.float32
     num_micro_batches: int = 1
+    fuse: bool = True   # one forward + backward when a batch is used once (see make_fused_loss)
+
+    @property
+    def fused(self) -> bool:
+        return self.fuse and self.iterations == 1 and self.num_micro_batches == 1 and not self.kl_beta
 
     @classmethod
     def from_config(cls, cfg, *, num_thoughts: int, latent_mode: str, num_micro_batches: int = 1):
@@ -137,15 +142,70 @@ def make_rollout_fn(model_config, s: GRPOSettings):
             step_in["sampled"] = sampled
             step_in["old_logdens"] = gl.gaussian_log_density(sampled, out["latent"][:, None, :],
                                                              s.sigma)
-        v = valid.astype(jnp.float32)
-        n = jnp.maximum(v.sum(), 1.0)
-        metrics = {"reward_mean": (rewards.mean(1) * v).sum() / n,
-                   "reward_eps0": (rewards[:, 0] * v).sum() / n,
-                   "reward_max": jnp.max(jnp.where(v[:, None] > 0, rewards, -jnp.inf)),
-                   **gl.advantage_stats(adv, valid)}
-        return step_in, metrics
+        return step_in, rollout_metrics(rewards, adv, valid)
 
     return rollout_fn
+
+
+def rollout_metrics(rewards, advantages, valid) -> dict:
+    """Reward and advantage statistics of the real groups: rewards, advantages [P, G]."""
+    v = valid.astype(jnp.float32)
+    n = jnp.maximum(v.sum(), 1.0)
+    return {"reward_mean": (rewards.mean(1) * v).sum() / n,
+            "reward_eps0": (rewards[:, 0] * v).sum() / n,
+            "reward_max": jnp.max(jnp.where(v[:, None] > 0, rewards, -jnp.inf)),
+            **gl.advantage_stats(advantages, valid)}
+
+
+def make_fused_loss(model_config, s: GRPOSettings):
+    """Rollout and loss in one pass, for a batch used once (one iteration, no accumulation).
+
+    The old log-probs would equal the current ones, so the target log-probs are computed
+    once: rewards and advantages come from their stop-gradient copy (over the whole batch,
+    which this loss sees in full), the PPO ratio is exp(logp - stop_gradient(logp)) = 1, and
+    the same forward pass is differentiated. Same noise (same key), same loss and gradient
+    as the rollout + update path, one forward pass fewer.
+    """
+    G = s.group_size
+    kw = dict(num_thoughts=s.num_thoughts, latent_mode=s.latent_mode, dtype=s.dtype,
+              train_llm=s.train_llm)
+
+    def loss_fn(params, batch, rng):
+        P, T = batch["target_ids"].shape
+        valid = batch.get("valid", jnp.ones((P,), bool))
+        noise = rollout.sample_noise(jax.random.fold_in(rng, ROLLOUT_SALT), P, G,
+                                     model_config.hidden_size, s.sigma)
+        logp, r = rollout.group_logprobs(model_config, params, batch["prompt_ids"],
+                                         batch["prompt_mask"], batch["target_ids"],
+                                         batch["target_mask"], noise, **kw)     # [P*G, T]
+        old = jax.lax.stop_gradient(logp)
+        rewards = gl.negative_perplexity(old.reshape(P, G, T), batch["target_mask"][:, None, :])
+        adv = gl.compute_advantages(s.advantage, rewards, valid)
+        rep = lambda x: jnp.repeat(x, G, axis=0)
+        mask = rep(batch["target_mask"].astype(jnp.float32) * valid[:, None])
+        if s.estimator == "ppo":
+            out = gl.token_objective(logp, old, old, adv.reshape(-1), mask, clip_low=s.clip_low,
+                                     clip_high=s.clip_high, kl_beta=0.0)
+            count = mask.sum()
+        elif s.estimator == "pathwise":
+            out = gl.pathwise_objective(logp, mask, rep(valid))
+            count = valid.astype(jnp.float32).sum() * G
+        elif s.estimator == "reinforce":
+            r = r.astype(jnp.float32)
+            mean_old = jax.lax.stop_gradient(r)[:, None, :]
+            sampled = mean_old + noise                                       # [P, G, d]
+            old_logdens = gl.gaussian_log_density(sampled, mean_old, s.sigma)
+            out = gl.reinforce_objective(rep(r), sampled.reshape(P * G, -1), old_logdens.reshape(-1),
+                                         adv.reshape(-1), rep(valid), sigma=s.sigma,
+                                         clip_low=s.clip_low, clip_high=s.clip_high)
+            count = valid.astype(jnp.float32).sum() * G
+        else:
+            raise ValueError(f"grpo.estimator must be one of {gl.ESTIMATORS}, got {s.estimator!r}")
+        aux = {"clipped": out["clipped_sum"], "kl_sum": out["kl_sum"],
+               **rollout_metrics(rewards, adv, valid)}
+        return out["loss_sum"], count, aux
+
+    return loss_fn
 
 
 def make_grpo_loss(model_config, s: GRPOSettings):
@@ -194,12 +254,14 @@ def make_grpo_loss(model_config, s: GRPOSettings):
 
 
 class GRPOStep:
-    """Rollout then `iterations` sharded optimizer updates; each part compiled once per shape."""
+    """Rollout then `iterations` sharded optimizer updates, each part compiled once per shape;
+    or, when the batch is used once, the fused single-pass step."""
 
     def __init__(self, model_config, settings: GRPOSettings, tx, mesh, shardings, *,
                  schedule=None):
         self.settings = settings
-        self.train_step = TrainStep(make_grpo_loss(model_config, settings), tx, mesh, shardings,
+        loss = make_fused_loss if settings.fused else make_grpo_loss
+        self.train_step = TrainStep(loss(model_config, settings), tx, mesh, shardings,
                                     num_micro_batches=settings.num_micro_batches,
                                     schedule=schedule)
         self.batch_sharding = self.train_step.batch_sharding
@@ -215,6 +277,9 @@ class GRPOStep:
     def __call__(self, state, ref_params: Optional[dict], batch: dict):
         """(state, metrics of device arrays); `batch` is this process's numpy rows."""
         b = self.train_step.shard_batch({k: batch[k] for k in DEVICE_KEYS if k in batch})
+        if self.settings.fused:
+            state, m = self.train_step(state, b)
+            return state, {**m, "step": state.step}
         step_in, rmetrics = self._rollout(state, ref_params or {}, b)
         inputs = {**b, **step_in}
         for _ in range(self.settings.iterations):

@@ -1,0 +1,313 @@
+"""LR-GRPO step throughput (SPEC.md section 9) and a short reward curve on synthetic data.
+
+Part 1, speed: prompts/s of one GRPO step with G = 8 for the standard small config
+(Qwen2-style, hidden 256, MLP 1024, 4 layers, 4/2 heads, tied, BPE vocab 8,000 + 1 trained on
+the CDs catalog and prompts; real CDs train prompts), float32 and bfloat16:
+  * jax: this project's step (prompt prefix once per prompt into a KV cache, G suffixes
+    [r_k, target]; rollout pass + one forward/backward update), prompts per batch 1 and 8;
+  * torch: the release's way with transformers, one prompt's group of 8 sequences at a
+    time: rollout (latent pass + log-prob pass, no grad) then the loss (latent pass +
+    log-prob pass, backward into LatentRATT), LLM frozen; torch.set_num_threads(2).
+Part 2, learning: an SFT run on the synthetic dataset, then short GRPO runs with each
+estimator, printing the noise-free reward per step.
+
+    python bench/bench_grpo.py [--steps 6] [--skip-torch] [--skip-curve]
+Writes bench/results/grpo.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+CDS = REPO.parent / "shared" / "data" / "amazon18" / "CDs_and_Vinyl"
+G = 8
+
+
+# --------------------------------------------------------------------------- data
+
+
+def cds_prompts(vocab_size: int = 8000, rows: int = 256):
+    """(tokenizer, encoded train rows) for real CDs prompts, or synthetic ones if absent."""
+    from latentr3_jax import data
+    if (CDS / "info.txt").exists():
+        ds = data.read_d3(str(CDS))
+        source = "CDs_and_Vinyl"
+    else:
+        from latentr3_jax.data.synthetic import write_synthetic
+        ds = data.read_d3(write_synthetic(tempfile.mkdtemp(), num_items=600, num_users=1500, seed=0))
+        source = "synthetic (CDs data absent)"
+    tok = data.train_tokenizer(data.tokenizer_corpus(ds, "latentr3"), vocab_size)
+    rng = np.random.default_rng(0)
+    train = ds.splits["train"]
+    pick = [train[i] for i in rng.choice(len(train), size=min(rows, len(train)), replace=False)]
+    enc = data.encode_split(tok, pick, ds.category_word, "latentr3", 512, max_target_len=32)
+    return tok, enc, source
+
+
+# --------------------------------------------------------------------------- jax
+
+
+def bench_jax(tok, enc, dtype: str, prompts: int, steps: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+    from latentr3_jax import data
+    from latentr3_jax.model import decoder, latent as latent_lib
+    from latentr3_jax.model.config import bench_config
+    from latentr3_jax.parallel import mesh as mesh_lib
+    from latentr3_jax.train import grpo, optim, setup, state as state_lib
+
+    cfg = bench_config(vocab_size=tok.vocab_size)
+    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+    params = decoder.init_params(cfg, k1)
+    params["latent"] = latent_lib.init_latent_params(cfg, k2)
+    mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
+    settings = grpo.GRPOSettings(group_size=G, sigma=1.5,
+                                 dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+    mask = optim.latent_only(params)
+    tx = optim.adamw(optim.cosine_warmup(5e-5, 10, 1000), trainable=lambda _: mask)
+    state, sh = state_lib.create_sharded_state(None, setup.params_axes(cfg, params), tx,
+                                               jax.random.PRNGKey(1), mesh, params=params)
+    step = grpo.GRPOStep(cfg, settings, tx, mesh, sh)
+    it = data.BatchIterator(enc, prompts, buckets=(64, 96, 128, 160, 192, 256),
+                            target_buckets=(16, 32), pad_id=tok.pad_id, seed=0, shuffle=True,
+                            drop_last=True, process_index=0, process_count=1)
+    batches = list(it.epoch(0))
+    shapes = {}
+    for b in batches:  # compile every shape once, outside the timing
+        key = (b["prompt_ids"].shape, b["target_ids"].shape)
+        if key not in shapes:
+            shapes[key] = b
+            state, m = step(state, None, b)
+    jax.block_until_ready(state.params)
+    timed = batches[:steps]
+    real_tokens = sum(int(b["prompt_mask"].sum() + b["target_mask"].sum()) for b in timed)
+    padded_tokens = sum(b["prompt_ids"].size + b["target_ids"].size for b in timed)
+    t0 = time.perf_counter()
+    for b in timed:
+        state, m = step(state, None, b)
+    jax.block_until_ready(state.params)
+    dt = time.perf_counter() - t0
+    n = len(timed) * prompts
+    return {"impl": "jax", "dtype": dtype, "prompts_per_batch": prompts, "steps": len(timed),
+            "seconds": dt, "prompts_per_s": n / dt, "s_per_prompt": dt / n,
+            "padding_share": 1 - real_tokens / padded_tokens}
+
+
+# --------------------------------------------------------------------------- torch
+
+
+def bench_torch(tok, enc, dtype: str, groups: int) -> dict:
+    import torch
+    import torch.nn as nn
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    tdtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    d = 256
+    hf_cfg = Qwen2Config(vocab_size=tok.vocab_size, hidden_size=d, intermediate_size=1024,
+                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         tie_word_embeddings=True, rope_theta=1e6, max_position_embeddings=2048)
+    model = Qwen2ForCausalLM(hf_cfg).to(tdtype).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    class LatentRATT(nn.Module):
+        """Single-head attention over the prompt's last hidden states, RoPE base 1000."""
+
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+            for lin in (self.q, self.k, self.v):
+                nn.init.normal_(lin.weight, std=0.02)
+                nn.init.zeros_(lin.bias)
+            inv = 1.0 / (1000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+            self.register_buffer("inv", inv)
+
+        def rope(self, x, pos):
+            f = pos[..., None].float() * self.inv
+            emb = torch.cat([f, f], -1)
+            half = x.shape[-1] // 2
+            rot = torch.cat([-x[..., half:], x[..., :half]], -1)
+            return x * emb.cos().to(x.dtype) + rot * emb.sin().to(x.dtype)
+
+        def forward(self, h):  # h [B, S, d]: hidden states before the thought slot
+            pos = torch.arange(h.shape[1])[None].expand(h.shape[0], -1)
+            q = self.rope(self.q(h[:, -1:]), pos[:, -1:])
+            k = self.rope(self.k(h), pos)
+            att = torch.softmax((q @ k.transpose(1, 2)).float() / math.sqrt(d), -1).to(h.dtype)
+            return (att @ self.v(h))[:, 0]
+
+    ratt = LatentRATT().to(tdtype)
+    opt = torch.optim.AdamW(ratt.parameters(), lr=5e-5)
+    thought = tok.thought_id
+    embed = model.get_input_embeddings()
+
+    def passes(ids, P, T, noise):
+        """The release's two full passes: latent pass, then log-prob pass with r_k in the slot."""
+        out = model(input_ids=ids, output_hidden_states=True)
+        r = ratt(out.hidden_states[-1][:, :P])
+        emb = embed(ids).clone()
+        emb[:, P] = r + noise
+        logits = model(inputs_embeds=emb).logits[:, P:P + T].float()
+        logp = torch.log_softmax(logits, -1).gather(-1, ids[:, P + 1:P + 1 + T, None])[..., 0]
+        return logp
+
+    def group_step(e):
+        prompt, target = e.prompt_ids, e.target_ids
+        P, T = len(prompt), len(target)
+        ids = torch.tensor([prompt + [thought] + target] * G)
+        noise = 1.5 * torch.randn(G, d, dtype=tdtype)
+        noise[0] = 0
+        with torch.no_grad():                       # rollout: rewards and old log-probs
+            old = passes(ids, P, T, noise)
+            s = -torch.exp(-old.mean(1))
+        adv = s - s[0]                              # one group = the whole batch here
+        adv = adv / (adv.norm() + 1e-6)
+        logp = passes(ids, P, T, noise)             # loss: same passes with gradient
+        ratio = torch.exp(logp - old)
+        loss = -torch.min(ratio * adv[:, None],
+                          ratio.clamp(0.8, 1.28) * adv[:, None]).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    group_step(enc[0])  # warm-up
+    timed = enc[1:1 + groups]
+    t0 = time.perf_counter()
+    for e in timed:
+        group_step(e)
+    dt = time.perf_counter() - t0
+    return {"impl": "torch (release way)", "dtype": dtype, "prompts_per_batch": 1,
+            "steps": len(timed), "seconds": dt, "prompts_per_s": len(timed) / dt,
+            "s_per_prompt": dt / len(timed), "padding_share": 0.0}
+
+
+# --------------------------------------------------------------------------- reward curve
+
+
+def reward_curves(steps: int) -> dict:
+    """SFT on the synthetic dataset, then GRPO with each estimator from the same start."""
+    import logging
+    from latentr3_jax.config import base_config
+    from latentr3_jax.train.grpo import train_grpo
+    from latentr3_jax.train.sft import train_sft
+
+    logging.disable(logging.WARNING)
+    root = tempfile.mkdtemp(prefix="bench_grpo_")
+
+    def cfg_for(workdir):
+        c = base_config()
+        c.workdir = os.path.join(root, workdir)
+        c.dataset_dir = os.path.join(root, "synthetic")
+        c.data.synthetic.num_items = 200
+        c.data.synthetic.num_users = 400
+        c.data.buckets = (128, 192)
+        c.data.target_buckets = (24,)
+        c.data.max_target_len = 24
+        c.data.max_eval_rows = 32
+        c.tokenizer.vocab_size = 1000
+        c.model.hidden_size = 64
+        c.model.intermediate_size = 128
+        c.model.num_layers = 2
+        c.sft.batch_size = 16
+        c.sft.learning_rate = 3e-3
+        c.sft.warmup_steps = 5
+        c.sft.epochs = 1
+        c.sft.max_steps = 60
+        c.sft.log_every = 20
+        return c
+
+    t0 = time.perf_counter()
+    sft = train_sft(cfg_for("sft"), progress=False)
+    out = {"sft": {"steps": sft["steps"], "final_loss": sft["final_loss"],
+                   "seconds": time.perf_counter() - t0}, "runs": {}}
+    for est, lr in (("ppo", 1e-3), ("reinforce", 1e-3), ("pathwise", 1e-3)):
+        c = cfg_for(f"grpo_{est}")
+        c.grpo.init_from = os.path.join(root, "sft")
+        c.grpo.estimator = est
+        c.grpo.prompts_per_batch = 8
+        c.grpo.max_steps = steps
+        c.grpo.warmup_steps = 2
+        c.grpo.learning_rate = lr
+        c.grpo.log_every = 5
+        c.grpo.checkpoint_every = 1000
+        c.grpo.evaluate = False
+        t0 = time.perf_counter()
+        s = train_grpo(c, progress=False)
+        out["runs"][est] = {
+            "lr": lr, "seconds": time.perf_counter() - t0,
+            "reward_eps0": [r["reward_eps0"] for r in s["curve"]],
+            "reward_mean": [r["reward_mean"] for r in s["curve"]],
+            "valid_reward_start": s["valid_reward_start"], "valid_reward_end": s["valid_reward_end"]}
+    return out
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=6, help="timed JAX batches")
+    ap.add_argument("--groups", type=int, default=12, help="timed torch groups")
+    ap.add_argument("--curve-steps", type=int, default=40)
+    ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--skip-curve", action="store_true")
+    args = ap.parse_args()
+    import jax
+    result = {"machine": {"cpus": os.cpu_count(), "jax": jax.__version__,
+                          "backend": jax.default_backend()}, "speed": []}
+    tok, enc, source = cds_prompts()
+    lens = [len(e.prompt_ids) for e in enc]
+    tl = [len(e.target_ids) for e in enc]
+    result["data"] = {"source": source, "vocab_size": tok.vocab_size, "rows": len(enc),
+                      "prompt_tokens_mean": float(np.mean(lens)), "target_tokens_mean": float(np.mean(tl))}
+    print(f"data: {source}, vocab {tok.vocab_size}, prompt tokens {np.mean(lens):.1f}, "
+          f"target tokens {np.mean(tl):.1f}")
+    for dtype in ("float32", "bfloat16"):
+        for prompts in (1, 8):
+            result["speed"].append(bench_jax(tok, enc, dtype, prompts, args.steps if prompts > 1
+                                             else 2 * args.steps))
+            print(result["speed"][-1])
+        if not args.skip_torch:
+            result["speed"].append(bench_torch(tok, enc, dtype, args.groups))
+            print(result["speed"][-1])
+    print(f"\n{'impl':<22}{'dtype':<10}{'prompts/batch':>14}{'prompts/s':>11}{'s/prompt':>10}"
+          f"{'vs torch':>10}")
+    for r in result["speed"]:
+        ref = [x for x in result["speed"] if x["impl"].startswith("torch") and x["dtype"] == r["dtype"]]
+        ratio = f"{r['prompts_per_s'] / ref[0]['prompts_per_s']:.2f}x" if ref else "n/a"
+        r["speedup_vs_torch"] = None if not ref else r["prompts_per_s"] / ref[0]["prompts_per_s"]
+        print(f"{r['impl']:<22}{r['dtype']:<10}{r['prompts_per_batch']:>14}"
+              f"{r['prompts_per_s']:>11.2f}{r['s_per_prompt']:>10.3f}{ratio:>10}")
+    if not args.skip_curve:
+        curves = reward_curves(args.curve_steps)
+        result["reward_curves"] = curves
+        print(f"\nSFT on synthetic data: {curves['sft']['steps']} steps, loss "
+              f"{curves['sft']['final_loss']:.3f}")
+        for est, run in curves["runs"].items():
+            c = run["reward_eps0"]
+            pts = ", ".join(f"{x:.2f}" for x in c[:: max(len(c) // 10, 1)])
+            print(f"{est:<10} noise-free reward per step: {pts} (last {c[-1]:.2f}); "
+                  f"valid {run['valid_reward_start']:.2f} -> {run['valid_reward_end']:.2f}")
+    out = REPO / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "grpo.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out / 'grpo.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
