@@ -191,5 +191,9 @@ def test_sharded_over_four_devices_matches_single_device(setup, tmp_path):
     b = sorted(_rows(tmp_path / "sharded"), key=lambda r: r["row"])
     assert [r["row"] for r in b] == list(range(10))
     for x, y in zip(a, b):
-        assert x["ranked_ids"] == y["ranked_ids"]
         np.testing.assert_allclose(x["scores"], y["scores"], atol=1e-4)
+        gaps = -np.diff(x["scores"])
+        if np.all(gaps > 1e-4):        # no near-ties that device partitioning could flip
+            assert x["ranked_ids"] == y["ranked_ids"], (x, y)
+        else:
+            assert sorted(x["ranked_ids"]) == sorted(y["ranked_ids"]), (x, y)

@@ -1,7 +1,7 @@
 """Trie-constrained beam search over a batch of users, one jitted function (SPEC.md section 7).
 
 The prompt (and, for a LatentR³ model, its thought latents) runs once per user into the KV
-cache; the cache is then repeated once per beam and the decode runs in a `lax.while_loop`.
+cache; the decode then runs in a `lax.while_loop`.
 Each step follows Hugging Face's beam search exactly, so rankings match `generate(
 num_beams=B, length_penalty=...)` with a prefix-trie `prefix_allowed_tokens_fn`:
 
@@ -14,8 +14,9 @@ num_beams=B, length_penalty=...)` with a prefix-trie `prefix_allowed_tokens_fn`:
 - a user stops once all B finished slots are taken and the best running beam, normalised
   at the current length, cannot beat the worst finished one (HF's `early_stopping=False`).
 
-Only the decode slots of the cache are reordered by beam each step: the prompt slots are
-the same for every beam of a user.
+The prompt cache is not copied per beam: each decode step attends to the user's prompt
+cache (shared by its B beams) and to the beams' own small decode cache, which is the only
+thing reordered by parent beam each step.
 
 Without a trie (`trie=None`) the same loop is free generation: every token is allowed and
 a hypothesis finishes at EOS or at `max_len` (used for BIGRec grounding).
@@ -24,6 +25,7 @@ a hypothesis finishes at EOS or at `max_len` (used for BIGRec grounding).
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple, Optional
 
 import jax
@@ -36,6 +38,7 @@ from latentr3_jax.model.config import DecoderConfig
 _MASKED = -1e30   # score of a token outside the trie (finite: no inf - inf)
 _DUMMY = -1e9     # HF's initial score of beams 1..B-1 and its "finished" penalty
 _VALID = -1e8     # accumulated scores above this are real hypotheses
+_NEG_SCORE = -1e30  # masked attention score, as in the decoder
 
 
 class BeamResult(NamedTuple):
@@ -49,19 +52,74 @@ class BeamResult(NamedTuple):
 
 
 def prefill_first_logits(config: DecoderConfig, params: dict, prompt_ids, prompt_mask, *,
-                         num_thoughts: int, latent_mode: str, decode_len: int, dtype):
-    """Prompt (+ thoughts) into a cache with room for `decode_len` tokens.
+                         num_thoughts: int, latent_mode: str, dtype):
+    """Prompt (+ thoughts) into a cache of exactly P + N slots.
 
     Returns (logits [B, V] for the first generated token, cache).
     """
     latents, cache, last_hidden = latent.prefill_and_latents(
         config, params, prompt_ids, prompt_mask, num_thoughts=num_thoughts,
-        latent_mode=latent_mode, suffix_len=decode_len + (1 if num_thoughts else 0), dtype=dtype)
+        latent_mode=latent_mode, suffix_len=1 if num_thoughts else 0, dtype=dtype)
     if num_thoughts:
         logits, _, cache = decoder.apply(config, params, inputs_embeds=latents[:, -1:], cache=cache,
                                          dtype=dtype)
         return logits[:, 0], cache
     return decoder.lm_head(config, params, last_hidden[:, None].astype(dtype))[:, 0], cache
+
+
+def decode_step(config: DecoderConfig, params: dict, tokens, positions, prefix: dict, dec: dict,
+                t, num_beams: int, dtype):
+    """One new token per beam: tokens, positions [b*B] -> (logits [b*B, V], new decode cache).
+
+    Attention reads each user's prompt cache once for all of its beams (`prefix`: k, v
+    [L, b, S, K, D], mask [b, S]) plus the beams' own decode cache (`dec`: k, v
+    [L, b*B, T, K, D], slots 0..t visible; the new token is written at slot t). Same
+    arithmetic as `decoder.apply` on a per-beam copy of the prompt cache, without the copy.
+    """
+    c = config
+    bB, B = tokens.shape[0], num_beams
+    b = bB // B
+    K, H, D = c.num_kv_heads, c.num_heads, c.head_dim
+    G, T, S = H // K, dec["k"].shape[2], prefix["k"].shape[2]
+    x = decoder.embed_tokens(c, params, tokens[:, None], dtype)                # [bB, 1, d]
+    inv = decoder.rope_inv_freq(D, c.rope_theta, c.rope_scaling_dict)
+    cos, sin = decoder.rope_cos_sin(positions[:, None], inv, dtype)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    prefix_mask = prefix["mask"].astype(bool)[:, None, None, None, :]          # [b,1,1,1,S]
+    dec_visible = (jnp.arange(T) <= t)[None, None, None, None, :]
+
+    def layer(x, xs):
+        lp, pk, pv, dk, dv = xs
+        h = decoder.rms_norm(x, lp["input_norm"]["scale"], c.rms_norm_eps)
+        a = lp["attn"]
+        q = decoder.apply_rope(decoder._dense(h, a["q"], "btd,dhk->bthk"), cos, sin)
+        k = decoder.apply_rope(decoder._dense(h, a["k"], "btd,dhk->bthk"), cos, sin)
+        v = decoder._dense(h, a["v"], "btd,dhk->bthk")
+        dk = jax.lax.dynamic_update_slice_in_dim(dk, k.astype(dk.dtype), t, axis=1)
+        dv = jax.lax.dynamic_update_slice_in_dim(dv, v.astype(dv.dtype), t, axis=1)
+        qg = q.reshape(b, B, K, G, D)
+        dk5 = dk.reshape(b, B, T, K, D).astype(q.dtype)
+        dv5 = dv.reshape(b, B, T, K, D).astype(q.dtype)
+        s_pre = jnp.einsum("bnkgd,bskd->bkgns", qg, pk.astype(q.dtype)).astype(jnp.float32)
+        s_dec = jnp.einsum("bnkgd,bntkd->bkgnt", qg, dk5).astype(jnp.float32)
+        s_pre = jnp.where(prefix_mask, s_pre / math.sqrt(D), _NEG_SCORE)
+        s_dec = jnp.where(dec_visible, s_dec / math.sqrt(D), _NEG_SCORE)
+        probs = jax.nn.softmax(jnp.concatenate([s_pre, s_dec], axis=-1), axis=-1).astype(v.dtype)
+        out = (jnp.einsum("bkgns,bskd->bnkgd", probs[..., :S], pv.astype(v.dtype))
+               + jnp.einsum("bkgnt,bntkd->bnkgd", probs[..., S:], dv5))
+        out = out.reshape(bB, 1, H, D)
+        x = x + jnp.einsum("bthk,hkd->btd", out, a["o"]["kernel"].astype(x.dtype))
+        h = decoder.rms_norm(x, lp["post_attn_norm"]["scale"], c.rms_norm_eps)
+        m = lp["mlp"]
+        gate = jnp.einsum("btd,df->btf", h, m["gate"]["kernel"].astype(h.dtype))
+        up = jnp.einsum("btd,df->btf", h, m["up"]["kernel"].astype(h.dtype))
+        x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, m["down"]["kernel"].astype(h.dtype))
+        return x, (dk, dv)
+
+    x, (dk, dv) = jax.lax.scan(layer, x, (params["layers"], prefix["k"], prefix["v"],
+                                          dec["k"], dec["v"]))
+    hidden = decoder.rms_norm(x, params["final_norm"]["scale"], c.rms_norm_eps)
+    return decoder.lm_head(c, params, hidden)[:, 0], {"k": dk, "v": dv}
 
 
 def _gather_beams(x, idx):
@@ -83,15 +141,16 @@ def beam_search(config: DecoderConfig, params: dict, trie: Optional[TrieArrays],
     """
     b = prompt_ids.shape[0]
     B, V = num_beams, config.vocab_size
-    first_logits, cache = prefill_first_logits(
+    first_logits, prefix = prefill_first_logits(
         config, params, prompt_ids, prompt_mask, num_thoughts=num_thoughts,
-        latent_mode=latent_mode, decode_len=max_len, dtype=dtype)
-    decode_start = prompt_ids.shape[1] + num_thoughts      # static: first decode slot
-    cache = decoder.repeat_cache(cache, B)
+        latent_mode=latent_mode, dtype=dtype)
+    positions0 = jnp.repeat(prefix["next_pos"], B)                        # [b*B]
+    dec_shape = (config.num_layers, b * B, max_len, config.num_kv_heads, config.head_dim)
+    dec = {"k": jnp.zeros(dec_shape, prefix["k"].dtype), "v": jnp.zeros(dec_shape, prefix["v"].dtype)}
     logits = jnp.repeat(first_logits, B, axis=0)           # [b*B, V]
 
     state = dict(
-        t=jnp.zeros((), jnp.int32), cache=cache, logits=logits,
+        t=jnp.zeros((), jnp.int32), dec=dec, logits=logits,
         run_scores=jnp.tile(jnp.array([0.0] + [_DUMMY] * (B - 1), jnp.float32), (b, 1)),
         run_nodes=jnp.zeros((b, B), jnp.int32),
         run_tokens=jnp.zeros((b, B, max_len), jnp.int32),
@@ -147,17 +206,16 @@ def beam_search(config: DecoderConfig, params: dict, trie: Optional[TrieArrays],
         fin_len = _gather_beams(jnp.concatenate(
             [s["fin_len"], jnp.full((b, 2 * B), t + 1, jnp.int32)], 1), best)
 
-        # reorder the decode slots of the cache by parent beam, then feed the new tokens
-        # (gathered per user along the beam axis: the batch axis stays sharded)
-        cache = dict(s["cache"])
+        # reorder the beams' decode caches by parent beam (per user: the batch axis stays
+        # sharded), then feed the new tokens
+        dec = {}
         for name in ("k", "v"):
-            kv = cache[name]                                                # [L, b*B, S, K, D]
-            L_, _, S_, K_, D_ = kv.shape
-            dec = kv[:, :, decode_start:].reshape(L_, b, B, S_ - decode_start, K_, D_)
-            dec = jnp.take_along_axis(dec, run_beam[None, :, :, None, None, None], axis=2)
-            cache[name] = kv.at[:, :, decode_start:].set(dec.reshape(L_, b * B, -1, K_, D_))
-        new_tok = _gather_beams(top_tok, keep).reshape(-1, 1)
-        logits, _, cache = decoder.apply(config, params, new_tok, cache=cache, dtype=dtype)
+            kv = s["dec"][name]                                             # [L, b*B, T, K, D]
+            kv = kv.reshape((kv.shape[0], b, B) + kv.shape[2:])
+            kv = jnp.take_along_axis(kv, run_beam[None, :, :, None, None, None], axis=2)
+            dec[name] = kv.reshape((kv.shape[0], b * B) + kv.shape[3:])
+        new_tok = _gather_beams(top_tok, keep).reshape(-1)
+        logits, dec = decode_step(config, params, new_tok, positions0 + t, prefix, dec, t, B, dtype)
 
         # HF's early-stopping heuristic, at the new length
         best_possible = run_scores[:, 0] / length ** length_penalty
@@ -165,7 +223,7 @@ def beam_search(config: DecoderConfig, params: dict, trie: Optional[TrieArrays],
         cannot_improve = full & (best_possible <= fin_scores.min(axis=1))
         still_running = run_scores[:, 0] > _VALID
         open_ = s["open"] & ~cannot_improve & still_running
-        return dict(t=t + 1, cache=cache, logits=logits[:, 0], run_scores=run_scores,
+        return dict(t=t + 1, dec=dec, logits=logits, run_scores=run_scores,
                     run_nodes=run_nodes, run_tokens=run_tokens, fin_scores=fin_scores,
                     fin_leaf=fin_leaf, fin_tokens=fin_tokens, fin_len=fin_len, open=open_)
 
