@@ -93,8 +93,9 @@ def _eval_meta(cfg, split, mode, fingerprint, num_rows, num_thoughts, latent_mod
             "dtype": cfg.model.dtype}
 
 
-def _prepare_output(out_dir: str, meta: dict, resume: bool, is_primary: bool) -> list:
-    """Rows already predicted by an earlier run of the same evaluation (else start over)."""
+def _prepare_output(out_dir: str, meta: dict, resume: bool) -> list:
+    """Rows already predicted by an earlier run of the same evaluation (else start over).
+    Run by the primary process only."""
     os.makedirs(out_dir, exist_ok=True)
     pred_path = os.path.join(out_dir, PREDICTIONS)
     meta_path = os.path.join(out_dir, META)
@@ -106,14 +107,13 @@ def _prepare_output(out_dir: str, meta: dict, resume: bool, is_primary: bool) ->
         except ValueError:
             old = None
         if old == meta:
-            done = M.read_predictions(pred_path, repair=is_primary)
+            done = M.read_predictions(pred_path, repair=True)
         else:
             log.warning("%s belongs to a different evaluation; starting over", pred_path)
-    if is_primary:
-        if not done and os.path.exists(pred_path):
-            os.remove(pred_path)
-        from latentr3_jax.utils.atomic import atomic_write_text
-        atomic_write_text(meta_path, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    if not done and os.path.exists(pred_path):
+        os.remove(pred_path)
+    from latentr3_jax.utils.atomic import atomic_write_text
+    atomic_write_text(meta_path, json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return done
 
 
@@ -173,8 +173,13 @@ def evaluate_run(cfg, run_dir: Optional[str] = None, *, model_config=None, param
     meta = _eval_meta(dcfg, split, mode, params_fingerprint(model_config, params), len(samples),
                       num_thoughts, latent_mode)
     meta["catalog_items"] = len(catalog)
-    done_rows = _prepare_output(out_dir, meta, bool(e.resume), is_primary)
-    done = {int(r["row"]) for r in done_rows}
+    done_rows = _prepare_output(out_dir, meta, bool(e.resume)) if is_primary else []
+    done_mask = np.zeros(len(samples), bool)
+    done_mask[[int(r["row"]) for r in done_rows if 0 <= int(r["row"]) < len(samples)]] = True
+    if jax.process_count() > 1:   # every host must plan the same remaining rows
+        from jax.experimental import multihost_utils
+        done_mask = np.asarray(multihost_utils.broadcast_one_to_all(done_mask))
+    done = set(np.flatnonzero(done_mask).tolist())
     todo = [i for i in range(len(samples)) if i not in done]
 
     encoded = D.encode_split(tokenizer, [samples[i] for i in todo], dataset.category_word,
