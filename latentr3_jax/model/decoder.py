@@ -155,8 +155,28 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotate_half(x) * sin
 
 
-def _dense(x, p, spec):
-    y = jnp.einsum(spec, x, p["kernel"].astype(x.dtype))
+def _tokens_matmul(x, kernel, n_in: int = 1):
+    """x [..., *in] @ kernel [*in, *out] as ONE 2-D matmul over all tokens.
+
+    Same result as the batched einsum; XLA's CPU backend turns the einsum form's gradient
+    (weight grads contracting over batch and sequence) into far slower code than a plain
+    [tokens, in] x [in, out] matmul, so the projections are written this way.
+    """
+    in_shape, out_shape = kernel.shape[:n_in], kernel.shape[n_in:]
+    lead = x.shape[:x.ndim - n_in]
+    k_in = int(np.prod(in_shape))
+    y = x.reshape(-1, k_in) @ kernel.astype(x.dtype).reshape(k_in, -1)
+    return y.reshape(lead + out_shape)
+
+
+def _dense(x, p, spec=None):
+    """Projection with optional bias. `spec` (an einsum string like 'btd,dhk->bthk') is
+    accepted for compatibility; only how many kernel dims it contracts matters."""
+    n_in = 1
+    if isinstance(spec, str):
+        x_spec, k_spec = spec.split("->")[0].split(",")
+        n_in = sum(c in x_spec for c in k_spec)
+    y = _tokens_matmul(x, p["kernel"], n_in)
     if "bias" in p:
         y = y + p["bias"].astype(x.dtype)
     return y
@@ -178,9 +198,9 @@ def _layer(config, x, lp, cos, sin, mask, cache_kv, cache_index):
     """One decoder layer; returns the new hidden and this layer's (k, v) to cache."""
     h = rms_norm(x, lp["input_norm"]["scale"], config.rms_norm_eps)
     a = lp["attn"]
-    q = apply_rope(_dense(h, a["q"], "btd,dhk->bthk"), cos, sin)
-    k = apply_rope(_dense(h, a["k"], "btd,dhk->bthk"), cos, sin)
-    v = _dense(h, a["v"], "btd,dhk->bthk")
+    q = apply_rope(_dense(h, a["q"]), cos, sin)
+    k = apply_rope(_dense(h, a["k"]), cos, sin)
+    v = _dense(h, a["v"])
     if cache_kv is not None:
         ck, cv = cache_kv
         ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
@@ -191,12 +211,12 @@ def _layer(config, x, lp, cos, sin, mask, cache_kv, cache_index):
         new_kv = None
         k_all, v_all = k, v
     attn = _attention(config, q, k_all, v_all, mask)
-    x = x + jnp.einsum("bthk,hkd->btd", attn, a["o"]["kernel"].astype(x.dtype))
+    x = x + _tokens_matmul(attn, a["o"]["kernel"], 2)
     h = rms_norm(x, lp["post_attn_norm"]["scale"], config.rms_norm_eps)
     m = lp["mlp"]
-    gate = jnp.einsum("btd,df->btf", h, m["gate"]["kernel"].astype(h.dtype))
-    up = jnp.einsum("btd,df->btf", h, m["up"]["kernel"].astype(h.dtype))
-    x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, m["down"]["kernel"].astype(h.dtype))
+    gate = _tokens_matmul(h, m["gate"]["kernel"])
+    up = _tokens_matmul(h, m["up"]["kernel"])
+    x = x + _tokens_matmul(jax.nn.silu(gate) * up, m["down"]["kernel"])
     return x, new_kv
 
 
@@ -258,13 +278,14 @@ def embed_tokens(config: DecoderConfig, params: Params, ids: jax.Array, dtype=jn
 
 def lm_head(config: DecoderConfig, params: Params, hidden: jax.Array) -> jax.Array:
     """float32 logits from final normed hidden states."""
+    h2 = hidden.reshape(-1, hidden.shape[-1])  # one 2-D matmul (see _tokens_matmul)
     if config.tie_word_embeddings:
         w = params["embed"]["embedding"].astype(hidden.dtype)
-        out = jnp.einsum("btd,vd->btv", hidden, w, preferred_element_type=jnp.float32)
+        out = jnp.einsum("nd,vd->nv", h2, w, preferred_element_type=jnp.float32)
     else:
         w = params["lm_head"]["kernel"].astype(hidden.dtype)
-        out = jnp.einsum("btd,dv->btv", hidden, w, preferred_element_type=jnp.float32)
-    return out.astype(jnp.float32)
+        out = jnp.einsum("nd,dv->nv", h2, w, preferred_element_type=jnp.float32)
+    return out.astype(jnp.float32).reshape(hidden.shape[:-1] + (w.shape[0] if config.tie_word_embeddings else w.shape[1],))
 
 
 def apply(config: DecoderConfig, params: Params, input_ids: Optional[jax.Array] = None, *,
