@@ -278,13 +278,12 @@ class GRPOStep:
         """(state, metrics of device arrays); `batch` is this process's numpy rows."""
         b = self.train_step.shard_batch({k: batch[k] for k in DEVICE_KEYS if k in batch})
         if self.settings.fused:
-            state, m = self.train_step(state, b)
-            return state, {**m, "step": state.step}
+            return self.train_step(state, b)
         step_in, rmetrics = self._rollout(state, ref_params or {}, b)
         inputs = {**b, **step_in}
         for _ in range(self.settings.iterations):
             state, m = self.train_step(state, inputs)
-        return state, {**rmetrics, **m, "step": state.step}
+        return state, {**rmetrics, **m}
 
 
 def host_metrics(m: dict) -> dict:
@@ -296,7 +295,6 @@ def host_metrics(m: dict) -> dict:
     rec["clip_frac"] = float(h["clipped"]) / max(tokens, 1.0)
     rec["kl"] = float(h["kl_sum"]) / max(tokens, 1.0)
     rec["count"] = tokens
-    rec["step"] = int(h["step"])
     rec["skipped"] = int(not bool(h["finite"]))
     if "lr" in h:
         rec["lr"] = float(h["lr"])
@@ -335,16 +333,18 @@ class RewardEvaluator:
         return float(total) / count if count else float("nan")
 
 
-def _evaluate_ranking(run_dir: str, cfg) -> Optional[dict]:
-    """HR/NDCG on the valid split through the evaluation library, when it is installed."""
+def _evaluate_ranking(cfg, run_dir: str, *, model_config, params, tokenizer, num_thoughts,
+                      latent_mode, dataset, mesh) -> Optional[dict]:
+    """HR/NDCG on the valid split (cfg.eval settings) with the trained params in memory."""
     try:
         mod = importlib.import_module("latentr3_jax.eval.evaluate")
     except ImportError:
         return None
-    fn = getattr(mod, "evaluate_run", None)
-    if fn is None:
-        return None
-    return fn(run_dir, cfg, split="valid")
+    return mod.evaluate_run(cfg, run_dir, model_config=model_config, params=params,
+                            tokenizer=tokenizer, num_thoughts=num_thoughts,
+                            latent_mode=latent_mode, dataset=dataset, split="valid",
+                            out_dir=os.path.join(run_dir, f"eval_valid_{cfg.eval.mode}"),
+                            mesh=mesh, print_table=False)
 
 
 # --------------------------------------------------------------------------- setup
@@ -498,6 +498,7 @@ def train_grpo(cfg, *, progress: bool = True, resume_hint: Optional[str] = None,
         trainer["valid_reward_start"] = evaluator(state.params, valid_it)
     batch_i = int(trainer["batches"])
     start_batch = batch_i
+    opt_step = int(jax.device_get(state.step))
     metrics_out = runs.MetricsWriter(run_dir, enabled=primary)
     if restored is None and trainer["valid_reward_start"] is not None:
         metrics_out.write({"split": "valid", "step": 0, "reward": trainer["valid_reward_start"]})
@@ -515,8 +516,8 @@ def train_grpo(cfg, *, progress: bool = True, resume_hint: Optional[str] = None,
     def flush():
         """Write the buffered per-batch records (one host sync per log_every batches)."""
         nonlocal pending
-        for b_i, m in pending:
-            rec = {"split": "train", "batch": b_i, **host_metrics(m)}
+        for b_i, opt_step, m in pending:
+            rec = {"split": "train", "batch": b_i, "step": opt_step, **host_metrics(m)}
             metrics_out.write(rec)
             curve.append(rec)
             if rec["skipped"]:
@@ -543,7 +544,8 @@ def train_grpo(cfg, *, progress: bool = True, resume_hint: Optional[str] = None,
                 state, m = grpo_step(state, ref_params, batch)
                 batch_i += 1
                 trainer["batches"] = batch_i
-                pending.append((batch_i, m))
+                opt_step += iters
+                pending.append((batch_i, opt_step, m))
                 if batch_i % log_every == 0 or batch_i == total:
                     flush()
                 stopping = stop.requested or (stop_after is not None
@@ -577,9 +579,14 @@ def train_grpo(cfg, *, progress: bool = True, resume_hint: Optional[str] = None,
             metrics_out.write({"split": "valid", "step": int(jax.device_get(state.step)),
                                "reward": valid_reward})
         if g.get("evaluate", True):
-            ranking = _evaluate_ranking(run_dir, cfg)
+            ranking = _evaluate_ranking(cfg, run_dir, model_config=model_config,
+                                        params=state.params, tokenizer=tok,
+                                        num_thoughts=num_thoughts, latent_mode=latent_mode,
+                                        dataset=dataset, mesh=mesh)
             if ranking is not None:
-                metrics_out.write({"split": "valid", "event": "ranking", **ranking})
+                metrics_out.write({"split": "valid", "event": "ranking",
+                                   **{k: v for k, v in ranking.items()
+                                      if isinstance(v, (int, float, str, bool))}})
     metrics_out.close()
     n = batch_i - start_batch
     return {"run_dir": run_dir, "batches": batch_i, "start_batch": start_batch,
@@ -612,6 +619,7 @@ def main(argv: Sequence[str]) -> int:
           f"{fmt(summary['valid_reward_start'])} -> {fmt(summary['valid_reward_end'])}; "
           f"run directory {summary['run_dir']}")
     if summary["ranking"]:
-        print("valid ranking: " + ", ".join(f"{k} {v:.4f}" for k, v in summary["ranking"].items()
-                                           if isinstance(v, float)))
+        print("valid ranking: " + ", ".join(
+            f"{k} {v:.4f}" for k, v in summary["ranking"].items()
+            if (k.startswith("HR@") or k.startswith("NDCG@")) and not k.endswith("_id")))
     return 0
