@@ -25,8 +25,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.max_train_rows = -1     # -1 = all
     c.data.max_eval_rows = -1
     c.data.synthetic = ml_collections.ConfigDict()
-    c.data.synthetic.num_items = 600
-    c.data.synthetic.num_users = 850   # ~4.1k train / 510 valid / 510 test rows
+    c.data.synthetic.num_items = 320
+    c.data.synthetic.num_users = 700   # ~3.1k train / 387 valid / 388 test rows
     c.data.synthetic.seed = 0
 
     # ---- tokenizer: a local HF directory, or trained in-process (byte-level BPE)

@@ -37,89 +37,78 @@ import numpy as np
 from latentr3_jax.data.d3 import Catalog, Sample, atomic_write_text, write_d3
 
 GENRES = {
-    "jazz": (["Blue", "Smoky", "Velvet", "Midnight", "Cool", "Swinging", "Mellow", "Late",
-              "Golden", "Bebop"],
-             ["Saxophone", "Lounge", "Groove", "Ballad", "Trumpet", "Quartet", "Standard",
-              "Serenade", "Riff", "Nocturne"],
-             ["Bayou", "Harlem", "Basement Club", "Rainy Avenue", "Crescent City", "Speakeasy"]),
-    "metal": (["Iron", "Burning", "Savage", "Molten", "Grim", "Thundering", "Black", "Rusted",
-               "Brutal", "Infernal"],
-              ["Anvil", "Skull", "Hammer", "Inferno", "Warlord", "Riffstorm", "Blade", "Chains",
-               "Furnace", "Serpent"],
+    "jazz": (["Smoky", "Velvet", "Midnight", "Bebop"],
+             ["Saxophone", "Lounge", "Groove", "Trumpet", "Quartet", "Serenade", "Nocturne", "Swing", "Blues", "Standards"],
+             ["Harlem", "Bayou", "Speakeasy", "Basement", "Avenue", "Crescent"]),
+    "metal": (["Iron", "Molten", "Infernal", "Brutal"],
+              ["Anvil", "Skull", "Hammer", "Inferno", "Warlord", "Blade", "Chains", "Furnace", "Serpent", "Riffs"],
               ["Abyss", "Volcano", "Forge", "Wasteland", "Catacombs", "Pit"]),
-    "folk": (["Misty", "Wandering", "Humble", "Old", "Quiet", "Rustic", "Gentle", "Lonesome",
-              "Green", "Simple"],
-             ["Fiddle", "Meadow", "Ballad", "Lantern", "Harvest", "Shepherd", "Banjo", "Hearth",
-              "Orchard", "Wagon"],
+    "folk": (["Misty", "Wandering", "Rustic", "Humble"],
+             ["Fiddle", "Meadow", "Lantern", "Harvest", "Shepherd", "Banjo", "Hearth", "Orchard", "Wagon", "Hymns"],
              ["Valley", "Hills", "Village", "Riverbank", "Highlands", "Cottage"]),
-    "electronic": (["Neon", "Digital", "Pulsing", "Synthetic", "Electric", "Binary", "Laser",
-                    "Glitchy", "Hyper", "Chrome"],
-                   ["Circuit", "Pulse", "Synth", "Beacon", "Signal", "Voltage", "Drone",
-                    "Mainframe", "Rave", "Bassline"],
+    "electronic": (["Neon", "Digital", "Synthetic", "Binary"],
+                   ["Circuit", "Pulse", "Synth", "Beacon", "Signal", "Voltage", "Drone", "Mainframe", "Rave", "Bassline"],
                    ["Grid", "Cyberspace", "Warehouse", "Megacity", "Dancefloor", "Satellite"]),
-    "classical": (["Grand", "Noble", "Royal", "Solemn", "Elegant", "Baroque", "Majestic",
-                   "Tender", "Imperial", "Pastoral"],
-                  ["Symphony", "Sonata", "Concerto", "Overture", "Requiem", "Fugue", "Minuet",
-                   "Prelude", "Etude", "Cantata"],
-                  ["Cathedral", "Opera House", "Palace", "Conservatory", "Vienna", "Court"]),
-    "hiphop": (["Street", "Fresh", "Raw", "Concrete", "Hustling", "Dope", "Urban", "Gritty",
-                "Bold", "Lyrical"],
-               ["Cypher", "Block", "Mixtape", "Flow", "Hustle", "Breakbeat", "Rhyme", "Turntable",
-                "Crew", "Anthem"],
-               ["Projects", "Boulevard", "Corner Store", "Subway", "Uptown", "Rooftop"]),
-    "country": (["Dusty", "Whiskey", "Lonesome", "Southern", "Rodeo", "Honky", "Sunburnt",
-                 "Prairie", "Faded", "Steel"],
-                ["Cowboy", "Pickup", "Saloon", "Horseshoe", "Tailgate", "Boots", "Ranch",
-                 "Guitar", "Highway", "Rodeo"],
-                ["Texas", "Nashville", "Dirt Road", "Honky Tonk", "Plains", "Barn"]),
-    "reggae": (["Sunny", "Island", "Roots", "Irie", "Tropical", "Easy", "Dubwise", "Rasta",
-                "Breezy", "Natty"],
-               ["Riddim", "Skank", "Dub", "Sunsplash", "Lion", "Drumbeat", "Palm", "Steelpan",
-                "Yard", "Vibes"],
+    "classical": (["Royal", "Baroque", "Majestic", "Solemn"],
+                  ["Symphony", "Sonata", "Concerto", "Overture", "Requiem", "Fugue", "Minuet", "Prelude", "Etude", "Cantata"],
+                  ["Cathedral", "Palace", "Conservatory", "Vienna", "Court", "Salzburg"]),
+    "hiphop": (["Street", "Concrete", "Hustling", "Lyrical"],
+               ["Cypher", "Block", "Mixtape", "Flow", "Hustle", "Breakbeat", "Rhyme", "Turntable", "Crew", "Anthem"],
+               ["Projects", "Boulevard", "Subway", "Uptown", "Rooftop", "Bronx"]),
+    "country": (["Whiskey", "Dusty", "Rodeo", "Southern"],
+                ["Cowboy", "Pickup", "Saloon", "Horseshoe", "Tailgate", "Boots", "Ranch", "Guitar", "Highway", "Heartache"],
+                ["Texas", "Nashville", "Prairie", "Plains", "Barn", "Oklahoma"]),
+    "reggae": (["Island", "Roots", "Tropical", "Dubwise"],
+               ["Riddim", "Skank", "Dub", "Sunsplash", "Lion", "Drumbeat", "Palm", "Steelpan", "Yard", "Vibes"],
                ["Kingston", "Beach", "Lagoon", "Trenchtown", "Reef", "Harbour"]),
 }
 
 NAME = "synthetic"
 CATEGORY_WORD = "albums"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 3
 
 
-def _genre_titles(rng: np.random.Generator, words, count: int, taken: set) -> list:
-    adjs, nouns, places = words
-    candidates = set()
-    for a in adjs:
-        for n in nouns:
-            candidates.add(f"{a} {n}")
-            candidates.add(f"The {a} {n}")
-            for p in places:
-                candidates.add(f"{a} {n} of the {p}")
-        for p in places:
-            candidates.add(f"{a} {p}")
-    for n in nouns:
-        for p in places:
-            candidates.add(f"{n} of the {p}")
-    pool = sorted(c for c in candidates if c not in taken and 2 <= len(c.split()) <= 5)
-    pick = rng.choice(len(pool), size=count, replace=False)
-    return [pool[i] for i in pick]
+def _genre_titles(rng: np.random.Generator, words, count: int, p_short: float) -> list:
+    """`count` distinct titles of one genre: "Lead Noun" or "Lead Place Noun"."""
+    leads, nouns, places = words
+    short = [f"{a} {n}" for a in leads for n in nouns]
+    long = [f"{a} {p} {n}" for a in leads for p in places for n in nouns]
+    if count > len(short) + len(long):
+        raise ValueError(f"synthetic: at most {len(short) + len(long)} titles per genre")
+    n_short = int(np.clip(rng.binomial(count, p_short), count - len(long), len(short)))
+    out = [short[i] for i in rng.choice(len(short), n_short, replace=False)]
+    out += [long[i] for i in rng.choice(len(long), count - n_short, replace=False)]
+    return out
 
 
-def generate(num_items: int = 600, num_users: int = 850, seed: int = 0, *,
-             min_len: int = 4, max_len: int = 10, max_history: int = 10,
-             p_drift: float = 0.15, p_alternate: float = 0.85, zipf: float = 1.2):
-    """(Catalog, {'train','valid','test': [Sample]}, item genre array)."""
+def _next_genre(rng, taste, weights, last, p_alternate, left) -> int:
+    """Draw the genre of the next purchase (see the module docstring, steps 2-3)."""
+    w = np.array(weights) * np.array([left[g] > 0 for g in taste])
+    if last in taste and rng.random() < p_alternate and w.sum() > w[taste.index(last)]:
+        w[taste.index(last)] = 0.0
+    if w.sum() == 0:              # the taste is bought out (tiny catalogs): any genre left
+        options = [g for g in range(len(left)) if left[g] > 0]
+        return int(rng.choice(options))
+    return int(taste[rng.choice(len(taste), p=w / w.sum())])
+
+
+def generate(num_items: int = 320, num_users: int = 700, seed: int = 0, *,
+             min_len: int = 4, max_len: int = 9, max_history: int = 10,
+             p_drift: float = 0.1, p_alternate: float = 0.9, zipf: float = 1.2,
+             taste_sizes=(2,), concentration: float = 1.5, p_short: float = 0.6):
+    """(Catalog, {'train','valid','test': [Sample]}, item genre array [num_items])."""
     rng = np.random.default_rng(seed)
     names = list(GENRES)
     G = len(names)
-    if num_items < 4 * G:
-        raise ValueError(f"synthetic.num_items={num_items}: need at least {4 * G}")
+    if num_items < 2 * G:
+        raise ValueError(f"synthetic.num_items={num_items}: need at least {2 * G}")
     per_genre = [num_items // G + (1 if g < num_items % G else 0) for g in range(G)]
-    titles, genre_of, taken = [], [], set()
+    titles, genre_of = [], []
     for g, name in enumerate(names):
-        ts = _genre_titles(rng, GENRES[name], per_genre[g], taken)
-        taken.update(ts)
+        ts = _genre_titles(rng, GENRES[name], per_genre[g], p_short)
         titles += ts
         genre_of += [g] * len(ts)
-    # Shuffle ids so genre is not readable from the id.
+    # Shuffle ids so the genre is not readable from the id.
     perm = rng.permutation(num_items)
     titles = [titles[i] for i in perm]
     genre_of = np.array([genre_of[i] for i in perm])
@@ -131,28 +120,27 @@ def generate(num_items: int = 600, num_users: int = 850, seed: int = 0, *,
 
     events = []       # (time, user, history ids, history times, target id)
     for u in range(num_users):
-        k = int(rng.integers(2, 4))
-        taste = list(rng.choice(G, size=k, replace=False))
-        weights = list(rng.dirichlet(np.full(k, 1.5)))
+        k = int(rng.choice(taste_sizes))
+        taste = [int(g) for g in rng.choice(G, size=k, replace=False)]
+        weights = list(rng.dirichlet(np.full(k, concentration)))
         length = int(rng.integers(min_len, max_len + 1))
         t = float(rng.uniform(0, 1000))
-        seq, times, last_genre = [], [], -1
-        for _ in range(length):
+        seq, times, last = [], [], -1
+        left = [len(m) for m in members]          # albums of each genre not bought yet
+        for _ in range(min(length, num_items)):
             if seq and rng.random() < p_drift:
                 j = int(np.argmin(weights))
                 taste[j] = int(rng.choice([g for g in range(G) if g not in taste]))
-                weights = list(rng.dirichlet(np.full(len(taste), 1.5)))
-            w = np.array(weights)
-            if last_genre in taste and rng.random() < p_alternate:
-                w[taste.index(last_genre)] = 0.0
-            g = int(taste[rng.choice(len(taste), p=w / w.sum())])
+                weights = list(rng.dirichlet(np.full(len(taste), concentration)))
+            g = _next_genre(rng, taste, weights, last, p_alternate, left)
             seen = set(seq)
             cand = np.array([i for i in members[g] if i not in seen])
             cw = popularity[cand]
             item = int(cand[rng.choice(len(cand), p=cw / cw.sum())])
             seq.append(item)
             times.append(int(t * 86400))
-            last_genre = g
+            left[g] -= 1
+            last = g
             t += float(rng.uniform(1, 20))
         for i in range(1, len(seq)):
             lo = max(0, i - max_history)
@@ -174,7 +162,7 @@ def generate(num_items: int = 600, num_users: int = 850, seed: int = 0, *,
     return catalog, splits, genre_of
 
 
-def write_synthetic(folder, num_items: int = 600, num_users: int = 850, seed: int = 0) -> pathlib.Path:
+def write_synthetic(folder, num_items: int = 320, num_users: int = 700, seed: int = 0) -> pathlib.Path:
     """Generate into `folder` unless it already holds this exact dataset; returns the folder."""
     folder = pathlib.Path(folder)
     params = {"name": NAME, "category_word": CATEGORY_WORD, "num_items": int(num_items),
