@@ -20,11 +20,15 @@ from latentr3_jax.eval import metrics as M
 from latentr3_jax.model.config import tiny_config
 
 
-def build():
+def build(tokenizer_dir=None):
+    """Small dataset, tokenizer (trained, or loaded from `tokenizer_dir`) and random LatentR3
+    model."""
     catalog, splits, _ = generate(num_items=48, num_users=30, seed=3)
     ds = D.Dataset(name="synthetic", category_word="musics", catalog=catalog, splits=splits)
-    texts = D.tokenizer_corpus(ds)
-    tok = D.train_tokenizer(texts, 400)
+    if tokenizer_dir:
+        tok = D.load_tokenizer(tokenizer_dir)
+    else:
+        tok = D.train_tokenizer(D.tokenizer_corpus(ds), 400)
     config = tiny_config(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
                          eos_token_id=tok.eos_id)
     params = random_params(config, 0, std=0.2, latent_std=0.2)
@@ -165,8 +169,9 @@ import jax
 from latentr3_jax.eval import evaluate as E
 import test_evaluate as T
 assert jax.device_count() == 4
-ds, tok, config, params, cfg = T.build()
+ds, tok, config, params, cfg = T.build(sys.argv[3])
 cfg.eval.batch_size = 8
+cfg.eval.num_beams = len(ds.catalog)
 res = E.evaluate_run(cfg, model_config=config, params=params, tokenizer=tok, num_thoughts=1,
                      latent_mode="ratt", dataset=ds, out_dir=sys.argv[2], print_table=False)
 assert res["complete"], res
@@ -178,12 +183,16 @@ def test_sharded_over_four_devices_matches_single_device(setup, tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                JAX_PLATFORMS="cpu")
     here = os.path.dirname(os.path.abspath(__file__))
-    proc = subprocess.run([sys.executable, "-c", _SHARDED, here, str(tmp_path / "sharded")],
+    ds, tok, config, params, cfg = setup
+    tok.save(str(tmp_path / "tok"))
+    proc = subprocess.run([sys.executable, "-c", _SHARDED, here, str(tmp_path / "sharded"),
+                           str(tmp_path / "tok")],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ds, tok, config, params, cfg = setup
     cfg8 = cfg.copy_and_resolve_references()
     cfg8.eval.batch_size = 8
+    # exhaustive search: a near-tie flipped by device partitioning cannot prune differently
+    cfg8.eval.num_beams = len(ds.catalog)
     E.evaluate_run(cfg8, model_config=config, params=params, tokenizer=tok, num_thoughts=1,
                    latent_mode="ratt", dataset=ds, out_dir=str(tmp_path / "single"),
                    print_table=False)
@@ -191,6 +200,7 @@ def test_sharded_over_four_devices_matches_single_device(setup, tmp_path):
     b = sorted(_rows(tmp_path / "sharded"), key=lambda r: r["row"])
     assert [r["row"] for r in b] == list(range(10))
     for x, y in zip(a, b):
+        assert len(x["ranked_ids"]) == len(ds.catalog)
         np.testing.assert_allclose(x["scores"], y["scores"], atol=1e-4)
         gaps = -np.diff(x["scores"])
         if np.all(gaps > 1e-4):        # no near-ties that device partitioning could flip
