@@ -78,14 +78,15 @@ def test_params_optimizer_state_and_batch_are_sharded(results):
     s = results["1x8x1"]["specs"]
     assert s["q_kernel"] == "P(None, 'fsdp', None, None)"
     assert s["mu_q_kernel"] == s["q_kernel"]          # Adam moments follow their params
-    assert s["batch"] == "P('fsdp',)"
+    assert s["batch"] == "P(('data', 'fsdp'),)"
     t = results["2x2x2"]["specs"]
     assert t["q_kernel"] == "P(None, 'fsdp', 'tensor', None)"
     assert t["mlp_up"] == "P(None, 'fsdp', 'tensor')"
     # vocab 97 is not divisible by tensor=2: replicated on that dim, embed still on fsdp
     assert t["embedding"] == "P(None, 'fsdp')"
     assert t["batch"] == "P(('data', 'fsdp'),)"
-    assert results["8x1x1"]["specs"]["batch"] == "P('data',)"
+    assert results["8x1x1"]["specs"]["batch"] == "P(('data', 'fsdp'),)"
+    assert results["8x1x1"]["specs"]["q_kernel"] == "P(None, None, None, None)"  # pure data parallel
 
 
 def test_compile_count_equals_shape_buckets(results):

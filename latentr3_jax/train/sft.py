@@ -73,6 +73,7 @@ class Evaluator:
 
     def __init__(self, loss_fn, mesh, params_sharding):
         rep = mesh_lib.replicated(mesh)
+        self.mesh = mesh
         self.batch_sharding = mesh_lib.batch_sharding(mesh)
 
         def fn(params, batch):
@@ -86,7 +87,8 @@ class Evaluator:
         for batch in iterator.epoch(0, start=0):
             b = {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
                  for k, v in device_batch(batch).items()}
-            s, n = self._fn(params, b)
+            with jax.set_mesh(self.mesh):
+                s, n = self._fn(params, b)
             total, count = total + s, count + n
         count = float(count)
         return float(total) / count if count else float("nan")

@@ -147,7 +147,8 @@ class TrainStep:
             if B % need:
                 raise ValueError(f"global batch {B} must be a multiple of micro-batches x batch "
                                  f"devices = {need}")
-            exe = self._jitted.lower(state, batch).compile()
+            with jax.set_mesh(self.mesh):  # lets the model constrain activations to the batch axes
+                exe = self._jitted.lower(state, batch).compile()
             self._compiled[key] = exe
             self.compile_count += 1
         return exe
