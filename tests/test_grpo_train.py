@@ -62,14 +62,17 @@ def test_ppo_one_iteration_ratio_is_one_and_matches_weighted_loglik():
     """With one iteration the stored log-probs equal the current ones: ratio 1 on every
     token, so the loss value is -sum A_k over target tokens and nothing is clipped."""
     cfg, params, batch = _tiny_problem()
-    s = grpo.GRPOSettings(group_size=4, sigma=1.5)
-    step_in, _ = jax.jit(lambda p, b, r: grpo.make_rollout_fn(cfg, s)(p, {}, b, r))(
+    s = grpo.GRPOSettings(group_size=4, sigma=1.5, kl_beta=0.1)
+    ref = {"latent": params["latent"]}   # the reference model is the starting point
+    step_in, _ = jax.jit(lambda p, b, r: grpo.make_rollout_fn(cfg, s)(p, ref, b, r))(
         params, batch, jax.random.PRNGKey(3))
+    np.testing.assert_allclose(step_in["ref_logp"], step_in["old_logp"], rtol=1e-6, atol=1e-6)
     loss_sum, count, aux = jax.jit(grpo.make_grpo_loss(cfg, s))(params, {**batch, **step_in}, None)
     m = np.repeat(np.asarray(batch["target_mask"]), 4, axis=0)
     adv = np.asarray(step_in["advantages"]).reshape(-1, 1)
-    np.testing.assert_allclose(loss_sum, -(adv * m).sum(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(loss_sum, -(adv * m).sum(), rtol=1e-4, atol=1e-5)
     assert float(count) == m.sum() and float(aux["clipped"]) == 0.0
+    assert abs(float(aux["kl_sum"])) < 1e-5     # KL to itself
 
 
 def test_fused_step_matches_rollout_then_update_reinforce():
