@@ -8,6 +8,11 @@
   that sees the whole history but not its order).
 Ranks use the item-id rule; `title_rule=True` counts any item with the target's title
 as a hit (SPEC.md section 7, the release's rule). Ties break towards the smaller id.
+
+Fair comparison with the LLM recommender: its trie-constrained beam search ranks the whole
+catalog, items already in the history included, so `exclude_history=False` (the default)
+is the like-for-like setting; `exclude_history=True` gives the baselines an advantage the
+model does not get (the synthetic data never repeats a purchase).
 """
 
 from __future__ import annotations
@@ -114,3 +119,19 @@ def format_table(result: dict, ks: Sequence[int] = (1, 5, 10, 20)) -> str:
     for m, v in result.items():
         lines.append(f"{m:<14}" + "".join(f"{v[c]:>9.4f}" for c in cols))
     return "\n".join(lines)
+
+
+LABELS = {"most_popular": "most popular (no model)",
+          "last_item": "last-item transitions (no model)",
+          "cooccurrence": "history co-occurrence (no model)"}
+
+
+def table_rows(dataset, split: str = "test", *, exclude_history: bool = False,
+               title_rule: bool = False) -> list:
+    """The baselines as rows of the `latentr3 run` results table (same keys as a variant)."""
+    result = evaluate_baselines(dataset, split, exclude_history=exclude_history,
+                                title_rule=title_rule)
+    return [{"variant": LABELS[m], "name": m, **{k: v[k] for k in ("HR@1", "HR@5", "HR@10",
+                                                                    "HR@20", "NDCG@5",
+                                                                    "NDCG@10", "NDCG@20")},
+             "users": len(dataset.splits[split])} for m, v in result.items()]
