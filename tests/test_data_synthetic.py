@@ -152,3 +152,15 @@ def test_load_dataset_caches_and_cli(tmp_path, capsys):
     from latentr3_jax.errors import InputError
     with pytest.raises(InputError, match="dataset='nope'"):
         load_dataset(cfg)
+
+
+def test_baseline_table_rows():
+    catalog, splits, _ = generate(num_items=64, num_users=80, seed=2)
+    ds = Dataset("synthetic", "albums", catalog, splits)
+    rows = baselines.table_rows(ds, "test")
+    ref = baselines.evaluate_baselines(ds, "test")
+    assert [r["name"] for r in rows] == list(ref)
+    for r in rows:
+        assert r["users"] == len(splits["test"])
+        assert r["HR@10"] == ref[r["name"]]["HR@10"] and r["NDCG@5"] == ref[r["name"]]["NDCG@5"]
+        assert "no model" in r["variant"]
