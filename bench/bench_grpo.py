@@ -239,7 +239,7 @@ def reward_curves(steps: int) -> dict:
         c.sft.learning_rate = 3e-3
         c.sft.warmup_steps = 5
         c.sft.epochs = 1
-        c.sft.max_steps = 60
+        c.sft.max_steps = 30
         c.sft.log_every = 20
         return c
 
@@ -247,24 +247,66 @@ def reward_curves(steps: int) -> dict:
     sft = train_sft(cfg_for("sft"), progress=False)
     out = {"sft": {"steps": sft["steps"], "final_loss": sft["final_loss"],
                    "seconds": time.perf_counter() - t0}, "runs": {}}
-    for est, lr in (("ppo", 1e-3), ("reinforce", 1e-3), ("pathwise", 1e-3)):
-        c = cfg_for(f"grpo_{est}")
+    # ppo at the release's best learning rate and at a large one; the other estimators at
+    # the large one
+    for name, est, lr in (("ppo lr 5e-5", "ppo", 5e-5), ("ppo lr 3e-3", "ppo", 3e-3),
+                          ("reinforce lr 3e-3", "reinforce", 3e-3),
+                          ("pathwise lr 3e-3", "pathwise", 3e-3)):
+        c = cfg_for(f"grpo_{est}_{lr:g}")
         c.grpo.init_from = os.path.join(root, "sft")
         c.grpo.estimator = est
         c.grpo.prompts_per_batch = 8
         c.grpo.max_steps = steps
         c.grpo.warmup_steps = 2
         c.grpo.learning_rate = lr
-        c.grpo.log_every = 5
+        c.grpo.log_every = 10
         c.grpo.checkpoint_every = 1000
         c.grpo.evaluate = False
         t0 = time.perf_counter()
         s = train_grpo(c, progress=False)
-        out["runs"][est] = {
+        out["runs"][name] = {
             "lr": lr, "seconds": time.perf_counter() - t0,
             "reward_eps0": [r["reward_eps0"] for r in s["curve"]],
             "reward_mean": [r["reward_mean"] for r in s["curve"]],
             "valid_reward_start": s["valid_reward_start"], "valid_reward_end": s["valid_reward_end"]}
+    out["fixed_batch"] = fixed_batch_curves(os.path.join(root, "sft"))
+    return out
+
+
+def fixed_batch_curves(sft_dir: str, steps: int = 30) -> dict:
+    """Each estimator on one fixed batch of 8 train prompts from the SFT model: the
+    noise-free reward of that same batch every 5 steps (no batch-to-batch noise)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from latentr3_jax import data
+    from latentr3_jax.train import checkpoint as ckpt_lib, grpo, optim, state as state_lib
+    from latentr3_jax.train import step as step_lib
+
+    art = ckpt_lib.load_run(sft_dir)
+    ds = data.load_dataset(art.config)
+    enc = data.encode_split(art.tokenizer, ds.splits["train"][:8], ds.category_word, "latentr3",
+                            512, max_target_len=24)
+    it = data.BatchIterator(enc, 8, buckets=(192,), target_buckets=(24,),
+                            pad_id=art.tokenizer.pad_id, shuffle=False, process_index=0,
+                            process_count=1)
+    batch = {k: jnp.asarray(v) for k, v in next(iter(it.epoch(0))).items()
+             if k in grpo.DEVICE_KEYS}
+    out = {}
+    for name, est, lr in (("ppo lr 5e-5", "ppo", 5e-5), ("ppo lr 3e-3", "ppo", 3e-3),
+                          ("reinforce lr 3e-3", "reinforce", 3e-3),
+                          ("pathwise lr 3e-3", "pathwise", 3e-3)):
+        s = grpo.GRPOSettings(group_size=G, sigma=1.5, estimator=est)
+        mask = optim.latent_only(art.params)
+        tx = optim.adamw(optax.constant_schedule(lr), trainable=lambda _, m=mask: m)
+        state = state_lib.new_state(art.params, tx, jax.random.PRNGKey(1))
+        step = jax.jit(step_lib.make_step_fn(grpo.make_fused_loss(art.model_config, s), tx))
+        curve = []
+        for i in range(steps + 1):
+            state, m = step(state, batch)
+            if i % 5 == 0:
+                curve.append(float(m["reward_eps0"]))
+        out[name] = {"every": 5, "reward_eps0": curve}
     return out
 
 
@@ -275,7 +317,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=6, help="timed JAX batches")
     ap.add_argument("--groups", type=int, default=12, help="timed torch groups")
-    ap.add_argument("--curve-steps", type=int, default=40)
+    ap.add_argument("--curve-steps", type=int, default=60)
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--skip-curve", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
@@ -301,11 +343,18 @@ def main() -> int:
         curves = result["reward_curves"]
         print(f"\nSFT on synthetic data: {curves['sft']['steps']} steps, loss "
               f"{curves['sft']['final_loss']:.3f}")
+        print("noise-free train reward, mean of each block of 10 steps (batches differ, so "
+              "single steps are noisy), and the mean valid reward before -> after:")
         for est, run in curves["runs"].items():
-            c = run["reward_eps0"]
-            pts = ", ".join(f"{x:.2f}" for x in c[:: max(len(c) // 10, 1)])
-            print(f"{est:<10} noise-free reward per step: {pts} (last {c[-1]:.2f}); "
-                  f"valid {run['valid_reward_start']:.2f} -> {run['valid_reward_end']:.2f}")
+            c = np.asarray(run["reward_eps0"])
+            blocks = [float(c[i:i + 10].mean()) for i in range(0, len(c), 10)]
+            pts = ", ".join(f"{x:.2f}" for x in blocks)
+            print(f"  {est:<20} {pts};  valid {run['valid_reward_start']:.3f} -> "
+                  f"{run['valid_reward_end']:.3f}")
+        if "fixed_batch" in curves:
+            print("one fixed batch of 8 train prompts, its noise-free reward every 5 steps:")
+            for est, run in curves["fixed_batch"].items():
+                print(f"  {est:<20} " + ", ".join(f"{x:.2f}" for x in run["reward_eps0"]))
     out.mkdir(parents=True, exist_ok=True)
     (out / "grpo.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out / 'grpo.json'}")
