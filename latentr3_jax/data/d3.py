@@ -138,7 +138,11 @@ class _RowError(Exception):
 
 def _decoded_lines(path: pathlib.Path, on_bad) -> Iterator[tuple]:
     """(1-based line number, text) for each line; undecodable lines go to `on_bad`."""
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as e:  # a directory, no permission, ...
+        raise InputError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
+    with f:
         for n, raw in enumerate(f, start=1):
             try:
                 yield n, raw.decode("utf-8")
@@ -255,12 +259,12 @@ def _check_row(row: dict, path, line, catalog: Catalog) -> Sample:
     if row.get("timestamp") not in (None, ""):
         try:
             ts = int(float(row["timestamp"]))
-        except ValueError:
+        except (ValueError, OverflowError):
             ts = None
     if row.get("history_timestamp") not in (None, ""):
         try:
             h_ts = tuple(int(float(v)) for v in ast.literal_eval(row["history_timestamp"].strip()))
-        except (ValueError, SyntaxError, TypeError):
+        except (ValueError, SyntaxError, TypeError, OverflowError, RecursionError, MemoryError):
             h_ts = None
     user = row.get("user_id")
     return Sample(user_id=user if user not in (None, "") else None,
@@ -352,6 +356,8 @@ def read_dataset_meta(folder) -> dict:
         meta = json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{p}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise InputError(f"{p}: cannot read ({e.strerror or type(e).__name__})") from None
     if not isinstance(meta, dict):
         raise InputError(f"{p}: expected a JSON object")
     return meta
