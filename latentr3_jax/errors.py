@@ -13,3 +13,9 @@ def where(path, line=None, field=None) -> str:
     if field is not None:
         s += f" field {field!r}"
     return s
+
+
+def one_line(err, limit: int = 300) -> str:
+    """A wrapped library error as one line (white space collapsed, long text cut)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."

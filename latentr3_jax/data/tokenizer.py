@@ -11,7 +11,7 @@ import json
 import pathlib
 from typing import Iterable, Optional, Sequence
 
-from latentr3_jax.errors import InputError
+from latentr3_jax.errors import InputError, one_line
 
 THOUGHT_TOKEN = "<|Thought|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -20,7 +20,7 @@ META_FILE = "latentr3_tokenizer.json"
 
 def _token_str(v) -> Optional[str]:
     if isinstance(v, dict):
-        return v.get("content")
+        v = v.get("content")
     return v if isinstance(v, str) else None
 
 
@@ -91,6 +91,10 @@ def _special_tokens_from_config(d: pathlib.Path) -> dict:
                 cfg = json.loads(p.read_text(encoding="utf-8"))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise InputError(f"{p}: not valid JSON ({e})") from None
+            except OSError as e:
+                raise InputError(f"{p}: cannot read ({e.strerror or type(e).__name__})") from None
+            if not isinstance(cfg, dict):
+                raise InputError(f"{p}: expected a JSON object")
             for key in ("eos_token", "pad_token", "bos_token"):
                 v = _token_str(cfg.get(key))
                 if v:
@@ -109,13 +113,13 @@ def load_tokenizer(directory) -> Tokenizer:
         try:
             backend = Backend.from_file(str(d / "tokenizer.json"))
         except Exception as e:  # the library raises a bare Exception on bad files
-            raise InputError(f"{d / 'tokenizer.json'}: cannot load ({e})") from None
+            raise InputError(f"{d / 'tokenizer.json'}: cannot load ({one_line(e)})") from None
     else:
         try:
             from transformers import AutoTokenizer
             hf = AutoTokenizer.from_pretrained(str(d), local_files_only=True, use_fast=True)
         except Exception as e:
-            raise InputError(f"{d}: no tokenizer.json and AutoTokenizer failed ({e})") from None
+            raise InputError(f"{d}: no tokenizer.json and AutoTokenizer failed ({one_line(e)})") from None
         backend = getattr(hf, "backend_tokenizer", None)
         if backend is None:
             raise InputError(f"{d}: only fast (Rust) tokenizers are supported")
