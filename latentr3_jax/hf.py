@@ -22,7 +22,7 @@ from typing import Iterable, Optional
 import jax.numpy as jnp
 import numpy as np
 
-from latentr3_jax.errors import InputError, where
+from latentr3_jax.errors import InputError, one_line, where
 from latentr3_jax.model.config import ARCHITECTURES, DecoderConfig
 from latentr3_jax.model.decoder import param_shapes
 
@@ -178,6 +178,15 @@ def _first_id(v):
 
 def config_from_hf(hf: dict, source: str = "config.json") -> DecoderConfig:
     """DecoderConfig from the dict of an HF `config.json`; unsupported features are errors."""
+    try:
+        return _config_from_hf(hf, source)
+    except InputError:
+        raise
+    except (TypeError, ValueError, ArithmeticError, AttributeError, KeyError) as e:
+        raise InputError(f"{source}: bad value ({type(e).__name__}: {one_line(e)})") from None
+
+
+def _config_from_hf(hf: dict, source: str) -> DecoderConfig:
     archs = hf.get("architectures") or []
     model_type = None
     for arch in archs:
@@ -291,7 +300,7 @@ class _SafetensorsReader:
         try:
             self._f = safe_open(path, framework="numpy")
         except Exception as e:  # corrupt header, not a safetensors file, ...
-            raise InputError(f"{path}: cannot read safetensors file: {e}") from None
+            raise InputError(f"{path}: cannot read safetensors file: {one_line(e)}") from None
         self._jax = None
 
     def keys(self) -> list:
@@ -302,13 +311,16 @@ class _SafetensorsReader:
 
     def get(self, name: str) -> np.ndarray:
         try:
-            return self._f.get_tensor(name)
-        except (TypeError, ValueError):
-            # Older safetensors cannot make numpy bfloat16 arrays; go through jax instead.
-            if self._jax is None:
-                from safetensors import safe_open
-                self._jax = safe_open(self.path, framework="flax")
-            return np.asarray(self._jax.get_tensor(name).astype("float32"))
+            try:
+                return self._f.get_tensor(name)
+            except (TypeError, ValueError):
+                # Older safetensors cannot make numpy bfloat16 arrays; go through jax instead.
+                if self._jax is None:
+                    from safetensors import safe_open
+                    self._jax = safe_open(self.path, framework="flax")
+                return np.asarray(self._jax.get_tensor(name).astype("float32"))
+        except Exception as e:  # truncated or damaged data
+            raise InputError(f"{self.path}: cannot read tensor {name!r}: {one_line(e)}") from None
 
 
 class _TorchReader:
@@ -321,7 +333,10 @@ class _TorchReader:
             raise InputError(f"{path}: reading pytorch_model.bin needs torch, which is not "
                              "installed; convert the checkpoint to safetensors or install torch") from None
         self.path = path
-        self._state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            self._state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated, not a torch file, unsafe pickle, ...
+            raise InputError(f"{path}: cannot read pytorch_model.bin: {one_line(e)}") from None
 
     def keys(self) -> list:
         return list(self._state)
@@ -345,7 +360,10 @@ def _weight_files(path: str) -> tuple:
             try:
                 with open(index_path, encoding="utf-8") as f:
                     weight_map = json.load(f)["weight_map"]
-            except (OSError, ValueError, KeyError) as e:
+                if not isinstance(weight_map, dict) or not all(
+                        isinstance(v, str) for v in weight_map.values()):
+                    raise ValueError("expected an object of tensor name -> file name")
+            except (OSError, ValueError, KeyError, TypeError) as e:
                 raise InputError(f"{where(index_path, field='weight_map')}: cannot read: {e}") from None
             files = {k: os.path.join(path, v) for k, v in weight_map.items()}
             for fname in sorted(set(files.values())):
@@ -375,6 +393,8 @@ def read_hf_config(path: str) -> DecoderConfig:
             hf = json.load(f)
     except ValueError as e:
         raise InputError(f"{cfg_path}: not valid JSON: {e}") from None
+    if not isinstance(hf, dict):
+        raise InputError(f"{cfg_path}: expected a JSON object, found {type(hf).__name__}")
     if "text_config" in hf and "hidden_size" not in hf:
         raise InputError(f"{where(cfg_path, field='text_config')}: multimodal checkpoints are not supported")
     return config_from_hf(hf, cfg_path)
@@ -405,13 +425,9 @@ def load_pretrained(path: str, dtype=np.float32) -> tuple:
         if name not in files:
             raise InputError(f"{source}: missing tensor {name!r}")
 
-    shapes = param_shapes(config)
-    params: dict = {}
-    for leaf_path in _leaf_paths(shapes):
-        _set(params, leaf_path, np.empty(_get(shapes, leaf_path), dtype))
     readers: dict = {}
 
-    def read(name, want_shape):
+    def read(name, want_shape, check_only=False):
         fname = files[name]
         if fname not in readers:
             readers[fname] = reader_cls(fname)
@@ -420,7 +436,16 @@ def load_pretrained(path: str, dtype=np.float32) -> tuple:
         if got != tuple(want_shape):
             raise InputError(f"{fname}: tensor {name!r} has shape {list(got)}, expected "
                              f"{list(want_shape)} from config.json")
-        return r.get(name)
+        return None if check_only else r.get(name)
+
+    # every shape first: a config.json that disagrees with the tensors is an error before
+    # anything is allocated
+    for name, (_, _, layout, shape) in expected.items():
+        read(name, _hf_shape(layout, shape), check_only=True)
+    shapes = param_shapes(config)
+    params: dict = {}
+    for leaf_path in _leaf_paths(shapes):
+        _set(params, leaf_path, np.empty(_get(shapes, leaf_path), dtype))
 
     for name, (leaf_path, layer, layout, shape) in expected.items():
         arr = _from_hf(layout, read(name, _hf_shape(layout, shape)), shape)
@@ -494,6 +519,17 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def _write_then_rename(write, tmp: str, final: str) -> None:
+    """Run `write` (which creates `tmp`), then rename it to `final`; on any error remove `tmp`."""
+    try:
+        write()
+        os.replace(tmp, final)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def save_pretrained(config: DecoderConfig, params: dict, path: str) -> None:
     """Write `config.json` + `model.safetensors` (float32) that transformers loads.
 
@@ -507,16 +543,15 @@ def save_pretrained(config: DecoderConfig, params: dict, path: str) -> None:
     os.makedirs(path, exist_ok=True)
     tensors = hf_state_dict(config, params)
     tmp = os.path.join(path, ".model.safetensors.tmp")
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(path, "model.safetensors"))
+    _write_then_rename(lambda: save_file(tensors, tmp, metadata={"format": "pt"}), tmp,
+                       os.path.join(path, "model.safetensors"))
     for stale in ("model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"):
         if os.path.exists(os.path.join(path, stale)):
             os.remove(os.path.join(path, stale))
     latent_path = os.path.join(path, LATENT_FILE)
     if params.get("latent"):
         tmp = latent_path + ".tmp"
-        save_file(_flatten(params["latent"]), tmp)
-        os.replace(tmp, latent_path)
+        _write_then_rename(lambda: save_file(_flatten(params["latent"]), tmp), tmp, latent_path)
     elif os.path.exists(latent_path):
         os.remove(latent_path)
     atomic_write_text(os.path.join(path, "config.json"),
