@@ -103,6 +103,12 @@ class MetricsWriter:
         self.path = os.path.join(run_dir, METRICS)
         self.enabled = enabled
         self._f = open(self.path, "a", encoding="utf-8") if enabled else None
+        if self._f and self._f.tell() > 0:
+            with open(self.path, "rb") as f:   # a line cut by a crash must not swallow the next
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    self._f.write("\n")
+                    self._f.flush()
 
     def write(self, record: dict) -> None:
         if not self._f:
