@@ -1,0 +1,159 @@
+"""Multi-host: 2 processes x 4 CPU devices (gloo collectives over localhost) train exactly
+like 1 process x 8 devices: same SFT losses, validation loss, and LR-GRPO losses/rewards.
+
+Each process feeds only its own slice of every global batch (BatchIterator with the
+process index/count), and both write checkpoints into the same run directory.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from latentr3_jax.parallel import distributed
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(REPO, "tests", "_multihost_worker.py")
+TIMEOUT_S = 420
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def test_initialize_kwargs_from_config_then_environment(monkeypatch):
+    import ml_collections
+    for k in (distributed.ENV_ADDRESS, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID,
+              "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(k, raising=False)
+    d = lambda **kw: ml_collections.ConfigDict(
+        {"coordinator_address": "", "num_processes": 0, "process_id": -1, **kw})
+    assert distributed.initialize_kwargs(d()) is None
+    assert distributed.initialize_kwargs(d(coordinator_address="h:1", num_processes=2,
+                                           process_id=1)) == \
+        {"coordinator_address": "h:1", "num_processes": 2, "process_id": 1}
+    monkeypatch.setenv(distributed.ENV_ADDRESS, "10.0.0.2:1234")
+    monkeypatch.setenv(distributed.ENV_NUM_PROCESSES, "4")
+    monkeypatch.setenv(distributed.ENV_PROCESS_ID, "3")
+    assert distributed.initialize_kwargs(d()) == \
+        {"coordinator_address": "10.0.0.2:1234", "num_processes": 4, "process_id": 3}
+    # the config wins field by field
+    assert distributed.initialize_kwargs(d(process_id=0)) == \
+        {"coordinator_address": "10.0.0.2:1234", "num_processes": 4, "process_id": 0}
+    monkeypatch.setenv(distributed.ENV_PROCESS_ID, "4")
+    with pytest.raises(ValueError, match="outside 0..3"):
+        distributed.initialize_kwargs(d())
+    monkeypatch.setenv(distributed.ENV_PROCESS_ID, "x")
+    with pytest.raises(ValueError, match="JAX_PROCESS_ID"):
+        distributed.initialize_kwargs(d())
+    monkeypatch.delenv(distributed.ENV_ADDRESS)
+    monkeypatch.delenv(distributed.ENV_PROCESS_ID)
+    with pytest.raises(ValueError, match="no coordinator address"):
+        distributed.initialize_kwargs(d())
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _prepare(root):
+    """The synthetic dataset and a tokenizer, made once so the workers only read them."""
+    from latentr3_jax import data
+    from latentr3_jax.config import base_config
+    from latentr3_jax.data.synthetic import write_synthetic
+    c = base_config()
+    c.dataset_dir = os.path.join(root, "data")
+    c.data.synthetic.num_items, c.data.synthetic.num_users = 40, 60
+    write_synthetic(c.dataset_dir, num_items=40, num_users=60, seed=0)
+    ds = data.load_dataset(c)
+    tok = data.train_tokenizer(data.tokenizer_corpus(ds, c.data.template), 300)
+    tok_dir = os.path.join(root, "tokenizer")
+    tok.save(tok_dir)
+    return c.dataset_dir, tok_dir
+
+
+def _start(out, local_devices, workdir, data_dir, tok_dir, flags, log):
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    for k in ("XLA_FLAGS", distributed.ENV_ADDRESS, distributed.ENV_NUM_PROCESSES,
+              distributed.ENV_PROCESS_ID):
+        env.pop(k, None)
+    return subprocess.Popen([sys.executable, WORKER, str(out), str(local_devices), str(workdir),
+                             data_dir, tok_dir, *flags], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, cwd=REPO)
+
+
+def _tail(path, n=4000):
+    with open(path, errors="replace") as f:
+        return f.read()[-n:]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path):
+    data_dir, tok_dir = _prepare(str(tmp_path))
+    port = _free_port()
+    jobs = {}   # name -> (process, out json, log path)
+    try:
+        for name, devices, workdir, flags in (
+                ["single", 8, tmp_path / "single", []],
+                *[[f"multi{i}", 4, tmp_path / "multi",
+                   ["--config.distributed.coordinator_address=127.0.0.1:%d" % port,
+                    "--config.distributed.num_processes=2",
+                    f"--config.distributed.process_id={i}"]] for i in range(2)]):
+            log_path = tmp_path / f"{name}.log"
+            log = open(log_path, "w")
+            out = tmp_path / f"{name}.json"
+            jobs[name] = (_start(out, devices, workdir, data_dir, tok_dir, flags, log), out,
+                          log_path)
+            log.close()
+        deadline = time.monotonic() + TIMEOUT_S
+        for name, (proc, _, log_path) in jobs.items():
+            try:
+                rc = proc.wait(timeout=max(deadline - time.monotonic(), 1))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"{name} did not finish in {TIMEOUT_S}s:\n{_tail(log_path)}")
+            assert rc == 0, f"{name} exited with {rc}:\n{_tail(log_path)}"
+    finally:
+        for proc, _, _ in jobs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    res = {name: json.loads(out.read_text()) for name, (_, out, _) in jobs.items()}
+    one, m0, m1 = res["single"], res["multi0"], res["multi1"]
+    assert (one["process_count"], one["local_devices"], one["devices"]) == (1, 8, 8)
+    for i, m in enumerate((m0, m1)):
+        assert (m["process_index"], m["process_count"], m["local_devices"], m["devices"]) == \
+            (i, 2, 4, 8)
+    assert m1["sft_metrics"] is not None    # the shared run directory, written by process 0
+
+    tol = dict(rtol=2e-5, atol=1e-6)
+    # SFT: every step's loss and gradient norm, and the validation loss
+    train = lambda r: [x for x in r["sft_metrics"] if x.get("split") == "train"]
+    t_one, t_multi = train(one), train(m0)
+    assert [x["step"] for x in t_one] == [x["step"] for x in t_multi] == [1, 2, 3, 4]
+    for key in ("loss", "grad_norm", "target_tokens"):
+        np.testing.assert_allclose([x[key] for x in t_multi], [x[key] for x in t_one],
+                                   err_msg=f"sft {key}", **tol)
+    assert t_one[-1]["loss"] < t_one[0]["loss"]    # it trained
+    np.testing.assert_allclose(m0["sft"]["best_valid_loss"], one["sft"]["best_valid_loss"], **tol)
+    # both processes see the same replicated metrics
+    assert m1["sft"]["final_loss"] == m0["sft"]["final_loss"]
+
+    # LR-GRPO from each setup's own SFT run
+    c_one, c_multi = one["grpo"]["curve"], m0["grpo"]["curve"]
+    assert len(c_one) == len(c_multi) == 3
+    for key in ("loss", "reward_mean", "reward_eps0", "adv_std", "grad_norm", "count"):
+        np.testing.assert_allclose([x[key] for x in c_multi], [x[key] for x in c_one],
+                                   err_msg=f"grpo {key}", rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(m0["grpo"]["valid_reward_end"], one["grpo"]["valid_reward_end"],
+                               rtol=1e-4, atol=1e-5)
+    assert [x["loss"] for x in m1["grpo"]["curve"]] == [x["loss"] for x in c_multi]
