@@ -35,7 +35,7 @@ with them excluded in brackets), HR@5 / HR@10:
   most popular                0.126 / 0.216   (0.142 / 0.250)
   last-item transitions       0.129 / 0.206   (0.129 / 0.209)
   history co-occurrence       0.263 / 0.351   (0.278 / 0.363)
-  the structure's own scorer  0.356 / 0.454   (0.381 / 0.490)   (recency-weighted genres)
+  the structure's own scorer        -           (0.379 / 0.479)   (test_data_synthetic.py)
   `latentr3 run --config configs/demo.py` (2-layer, 128-wide decoder, 10-beam trie search):
     SFT N=0 0.356 / 0.469, SFT + LatentR³ 0.343 / 0.461, + LR-GRPO 0.340 / 0.464
 `latentr3 data baselines DIR` prints the baseline rows for any D3 folder.
