@@ -74,6 +74,12 @@ def train_records(run_dir, key: str) -> list:
     return out
 
 
+def saves_in_flight(run_dir) -> list:
+    """Orbax temporary step directories left by the kill (a save was being written)."""
+    d = os.path.join(run_dir, "checkpoints", "latest")
+    return sorted(x for x in os.listdir(d) if not x.isdigit()) if os.path.isdir(d) else []
+
+
 def checkpoint_steps(run_dir) -> list:
     d = os.path.join(run_dir, "checkpoints", "latest")
     if not os.path.isdir(d):
@@ -126,6 +132,7 @@ def run_with_kills(args, run_dir, key: str, total: int, rng, kills: int, timeout
         seen = kill_at(proc, run_dir, key, target, delay, timeout)
         records.append({"target": target, "delay": round(delay, 3), "seen_at_kill": seen,
                         "checkpoints_at_kill": checkpoint_steps(run_dir),
+                        "save_in_flight_at_kill": saves_in_flight(run_dir),
                         "records_at_kill": len(train_records(run_dir, key))})
         if seen is None:  # finished before the kill: nothing left to interrupt
             return proc.returncode, records

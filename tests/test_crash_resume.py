@@ -73,6 +73,7 @@ def _check_kills(kills, killed_dir, key, total):
     # the kills really interrupted the run, and every restart resumed from a checkpoint
     assert len(kills) == KILLS, kills
     assert all(k["seen_at_kill"] is not None and k["seen_at_kill"] < total for k in kills), kills
+    print(f"\n{os.path.basename(os.path.dirname(killed_dir))} kills:", *kills, sep="\n  ")
     steps = ch.train_records(killed_dir, key)
     assert set(steps) == set(range(1, total + 1)), steps
     # each restart went on right after the newest checkpoint complete at the kill

@@ -232,20 +232,36 @@ def test_folder_shapes(tmp_path):
 # --------------------------------------------------------------------------- CLI
 
 
-def test_cli_data_inspect_bad_input(tmp_path):
-    """`latentr3 data inspect` on bad folders: exit code 2, one line on stderr."""
+def test_cli_bad_input_exit_2_one_line(tmp_path):
+    """The command line on bad input: exit code 2, one line on stderr, no traceback, and no
+    output left behind. `data inspect` on bad folders, `data prepare-amazon` on a cut file,
+    `convert` and `sft` on a broken Hugging Face directory."""
     good = make_folder(tmp_path)
+    broken_hf = tmp_path / "broken_hf"
+    broken_hf.mkdir()
+    (broken_hf / "config.json").write_text('{"architectures": ["Qwen2ForCausalLM"], "hidden_size": "big"}')
+    (tmp_path / "cut.json.gz").write_bytes(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03\xab\xae")
+    (tmp_path / "meta.json").write_text('{"asin": "A", "title": "T"}\n')
+    inspect = ["data", "inspect"]
     cases = {
-        "broken_list": make_folder(tmp_path, train=[valid_row(), {**valid_row(), "history_item_id": "[10, 11"}]),
-        "non_utf8": make_folder(tmp_path, test=csv_bytes([valid_row()]) + b"\xff\xfe,1\n"),
-        "missing_column": make_folder(tmp_path, valid=b"user_id,item_id\nu,10\n"),
-        "bad_info": make_folder(tmp_path, info=b"Abbey Road\t10\nKind of Blue\tten\n"),
-        "no_dir": tmp_path / "nope",
+        "broken_list": inspect + [str(make_folder(tmp_path, train=[
+            valid_row(), {**valid_row(), "history_item_id": "[10, 11"}]))],
+        "non_utf8": inspect + [str(make_folder(tmp_path, test=csv_bytes([valid_row()]) + b"\xff\xfe,1\n"))],
+        "missing_column": inspect + [str(make_folder(tmp_path, valid=b"user_id,item_id\nu,10\n"))],
+        "bad_info": inspect + [str(make_folder(tmp_path, info=b"Abbey Road\t10\nKind of Blue\tten\n"))],
+        "no_dir": inspect + [str(tmp_path / "nope")],
+        "prepare_cut_gz": ["data", "prepare-amazon", "--reviews", str(tmp_path / "cut.json.gz"),
+                           "--meta", str(tmp_path / "meta.json"), "--out", str(tmp_path / "out_amazon"),
+                           "--quiet"],
+        "convert_bad_config": ["convert", "--hf", str(broken_hf), "--out", str(tmp_path / "out_convert")],
+        "sft_bad_hf_path": ["sft", "--config", os.path.join(REPO, "configs", "sft_tiny.py"),
+                            f"--config.workdir={tmp_path / 'out_sft'}",
+                            f"--config.model.hf_path={broken_hf}"],
     }
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    procs = {name: subprocess.Popen([sys.executable, "-m", "latentr3_jax", "data", "inspect", str(p)],
-                                    cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for name, p in {**cases, "good": good}.items()}
+    procs = {name: subprocess.Popen([sys.executable, "-m", "latentr3_jax", *argv], cwd=REPO,
+                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for name, argv in {**cases, "good": inspect + [str(good)]}.items()}
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=300)
         err = err.decode("utf-8", "replace")
@@ -255,8 +271,13 @@ def test_cli_data_inspect_bad_input(tmp_path):
             continue
         assert proc.returncode == 2, (name, err)
         assert "Traceback" not in err, (name, err)
-        lines = err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("latentr3 data: error: "), (name, err)
+        lines = [x for x in err.strip().splitlines() if x.strip()]
+        command = cases[name][0]
+        assert lines and lines[-1].startswith(f"latentr3 {command}: error: "), (name, err)
+        if command != "sft":        # sft also logs its progress before the error
+            assert len(lines) == 1, (name, err)
+    assert not (tmp_path / "out_convert").exists()
+    assert not (tmp_path / "out_amazon").exists() or not any((tmp_path / "out_amazon").iterdir())
 
 
 # --------------------------------------------------------------------------- tokenizers
