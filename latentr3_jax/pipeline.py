@@ -42,7 +42,7 @@ def _variant_config(cfg, name: str, workdir: str):
     return v
 
 
-def _shared_inputs(cfg, workdir: str) -> None:
+def _shared_inputs(cfg, workdir: str):
     """Generate the dataset and the tokenizer once, so every variant sees the same ones."""
     from latentr3_jax import data as D
 
@@ -63,6 +63,21 @@ def _shared_inputs(cfg, workdir: str) -> None:
         cfg.tokenizer.path = tok_dir
     sizes = {k: len(v) for k, v in dataset.splits.items()}
     print(f"dataset {dataset.name}: {len(dataset.catalog)} items, splits {sizes}", flush=True)
+    return dataset
+
+
+def _baseline_rows(cfg, dataset) -> list:
+    """Model-free recommenders on the same evaluation rows, ranked by the same title rule."""
+    import dataclasses
+
+    from latentr3_jax.data import baselines
+
+    split = cfg.eval.split
+    rows = dataset.splits[split]
+    if cfg.eval.max_users >= 0:
+        rows = rows[:cfg.eval.max_users]
+    view = dataclasses.replace(dataset, splits={**dataset.splits, split: rows})
+    return baselines.table_rows(view, split, title_rule=True)
 
 
 def _timed_stage(name: str, stage: str, vcfg) -> dict:
@@ -102,7 +117,7 @@ def run_pipeline(cfg, variants: Optional[Sequence[str]] = None) -> list:
     workdir = os.path.abspath(cfg.workdir)
     os.makedirs(workdir, exist_ok=True)
     cfg = copy.deepcopy(cfg)
-    _shared_inputs(cfg, workdir)
+    dataset = _shared_inputs(cfg, workdir)
     wanted = set(variants or [v[0] for v in VARIANTS])
     rows, curves = [], {}
     for name, label, stage in VARIANTS:
@@ -121,6 +136,7 @@ def run_pipeline(cfg, variants: Optional[Sequence[str]] = None) -> list:
         curves[label] = read_metrics(vcfg.workdir)
         print(f"[{name}] HR@5 {metrics.get('HR@5', 0):.4f}  NDCG@5 {metrics.get('NDCG@5', 0):.4f}",
               flush=True)
+    rows += _baseline_rows(cfg, dataset)
     paths = report.write_tables(rows, workdir, stem="results")
     png = report.plot_pipeline(curves, rows, os.path.join(workdir, "results.png"))
     print("\n" + report.text_table(rows))

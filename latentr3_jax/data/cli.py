@@ -62,8 +62,8 @@ def main(argv: Sequence[str]) -> int:
 
     p = sub.add_parser("synthetic", help="write the synthetic dataset to a folder")
     p.add_argument("--out", required=True)
-    p.add_argument("--num-items", type=int, default=600)
-    p.add_argument("--num-users", type=int, default=850)
+    p.add_argument("--num-items", type=int, default=320)
+    p.add_argument("--num-users", type=int, default=700)
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("baselines", help="most-popular / transition baselines, HR@K NDCG@K")
