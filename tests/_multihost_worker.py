@@ -3,7 +3,7 @@
     python tests/_multihost_worker.py OUT_JSON LOCAL_DEVICES WORKDIR DATA_DIR TOKENIZER_DIR \
         [--config.distributed.coordinator_address=... --config....]
 
-The CPU device count is set before jax is imported. The extra arguments are config flags
+The CPU device count (and cheap-to-compile XLA flags) are set before jax is imported. The extra arguments are config flags
 (the same `--config.a.b=v` syntax as the CLI). Writes a JSON summary to OUT_JSON.
 """
 
@@ -23,14 +23,32 @@ def main(argv):
     out_path, local_devices, workdir, data_dir, tok_dir = argv[:5]
     flags = argv[5:]
     os.environ["JAX_PLATFORMS"] = "cpu"
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={int(local_devices)}"
+    # every process compiles with the same flags; these only make codegen cheaper (the
+    # test time is mostly XLA compiles of the 8-device programs)
+    os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={int(local_devices)} "
+                               "--xla_backend_optimization_level=0 "
+                               "--xla_llvm_disable_expensive_passes=true")
 
     _mark("start")
     import jax
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
+    import numpy as np
+
     from latentr3_jax.configlib import parse_config
-    from latentr3_jax.train import grpo, sft
+    from latentr3_jax.train import grpo, sft, step
+
+    # record how many rows this process feeds per step and the global batch they form
+    fed = []
+    shard_batch = step.TrainStep.shard_batch
+
+    def recording_shard_batch(self, batch):
+        out = shard_batch(self, batch)
+        local = {np.shape(v)[0] for v in batch.values() if not isinstance(v, jax.Array)}
+        if local:   # host rows (not arrays already on the devices)
+            fed.append([sorted(local), sorted({v.shape[0] for v in out.values()})])
+        return out
+    step.TrainStep.shard_batch = recording_shard_batch
 
     common = [
         f"--config.dataset_dir={data_dir}", f"--config.tokenizer.path={tok_dir}",
@@ -51,6 +69,7 @@ def main(argv):
     _mark("imported")
     sft_summary = sft.train_sft(cfg, progress=False)
     _mark("sft done")
+    sft_fed, fed[:] = list(fed), []
 
     grpo_dir = os.path.join(workdir, "grpo")
     gcfg, _ = parse_config(common + flags + [
@@ -74,7 +93,7 @@ def main(argv):
         "local_devices": jax.local_device_count(), "devices": jax.device_count(),
         "sft": {k: sft_summary[k] for k in ("steps", "final_loss", "valid_losses",
                                             "best_valid_loss")},
-        "sft_metrics": records(sft_dir),
+        "sft_metrics": records(sft_dir), "sft_fed": sft_fed, "grpo_fed": list(fed),
         "grpo": {"curve": grpo_summary["curve"], "batches": grpo_summary["batches"],
                  "valid_reward_start": grpo_summary["valid_reward_start"],
                  "valid_reward_end": grpo_summary["valid_reward_end"]},

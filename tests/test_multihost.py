@@ -81,11 +81,12 @@ def _prepare(root):
     return c.dataset_dir, tok_dir
 
 
-def _start(out, local_devices, workdir, data_dir, tok_dir, flags, log):
+def _start(out, local_devices, workdir, data_dir, tok_dir, flags, log, extra_env=None):
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
     for k in ("XLA_FLAGS", distributed.ENV_ADDRESS, distributed.ENV_NUM_PROCESSES,
               distributed.ENV_PROCESS_ID):
         env.pop(k, None)
+    env.update(extra_env or {})
     return subprocess.Popen([sys.executable, WORKER, str(out), str(local_devices), str(workdir),
                              data_dir, tok_dir, *flags], env=env, stdout=log,
                             stderr=subprocess.STDOUT, cwd=REPO)
@@ -100,20 +101,24 @@ def _tail(path, n=4000):
 def test_two_processes_match_one_process(tmp_path):
     data_dir, tok_dir = _prepare(str(tmp_path))
     port = _free_port()
+    address = f"127.0.0.1:{port}"
+    # process 0 joins through config flags (as launch/ passes them), process 1 through the
+    # JAX_* environment variables
+    runs = [("single", 8, tmp_path / "single", [], {}),
+            ("multi0", 4, tmp_path / "multi",
+             [f"--config.distributed.coordinator_address={address}",
+              "--config.distributed.num_processes=2", "--config.distributed.process_id=0"], {}),
+            ("multi1", 4, tmp_path / "multi", [],
+             {distributed.ENV_ADDRESS: address, distributed.ENV_NUM_PROCESSES: "2",
+              distributed.ENV_PROCESS_ID: "1"})]
     jobs = {}   # name -> (process, out json, log path)
     try:
-        for name, devices, workdir, flags in (
-                ["single", 8, tmp_path / "single", []],
-                *[[f"multi{i}", 4, tmp_path / "multi",
-                   ["--config.distributed.coordinator_address=127.0.0.1:%d" % port,
-                    "--config.distributed.num_processes=2",
-                    f"--config.distributed.process_id={i}"]] for i in range(2)]):
+        for name, devices, workdir, flags, extra_env in runs:
             log_path = tmp_path / f"{name}.log"
-            log = open(log_path, "w")
             out = tmp_path / f"{name}.json"
-            jobs[name] = (_start(out, devices, workdir, data_dir, tok_dir, flags, log), out,
-                          log_path)
-            log.close()
+            with open(log_path, "w") as log:
+                jobs[name] = (_start(out, devices, workdir, data_dir, tok_dir, flags, log,
+                                     extra_env), out, log_path)
         deadline = time.monotonic() + TIMEOUT_S
         for name, (proc, _, log_path) in jobs.items():
             try:
@@ -134,6 +139,13 @@ def test_two_processes_match_one_process(tmp_path):
         assert (m["process_index"], m["process_count"], m["local_devices"], m["devices"]) == \
             (i, 2, 4, 8)
     assert m1["sft_metrics"] is not None    # the shared run directory, written by process 0
+    # each process fed half of every global batch; the single process fed all of it
+    assert one["sft_fed"] and all(f == [[16], [16]] for f in one["sft_fed"])
+    for m in (m0, m1):
+        assert len(m["sft_fed"]) == len(one["sft_fed"])
+        assert all(f == [[8], [16]] for f in m["sft_fed"]), m["sft_fed"]
+        assert len(m["grpo_fed"]) == len(one["grpo_fed"]) == 3
+        assert all(f == [[4], [8]] for f in m["grpo_fed"]), m["grpo_fed"]
 
     tol = dict(rtol=2e-5, atol=1e-6)
     # SFT: every step's loss and gradient norm, and the validation loss
