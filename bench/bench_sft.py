@@ -281,6 +281,7 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--investigate", action="store_true")
+    ap.add_argument("--variants", default="", help="comma list of variant names (default: all)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "sft.json"))
     args = ap.parse_args()
     if args.worker:
@@ -303,11 +304,17 @@ def main():
     result["torch"] = _run_worker("torch", bpath, steps=args.steps, threads=args.threads)
     if args.investigate:
         result["variants"] = {}
+        chosen = [v for v in args.variants.split(",") if v]
         for name, flags, code in VARIANTS:
+            if chosen and name not in chosen:
+                continue
             result["variants"][name] = {"xla_flags": flags, "code": code, **_run_worker(
-                "jax", bpath, variant=code, xla_flags=flags, kinds="plain", steps=args.steps)}
-        result["variants"]["torch_eager_attn"] = _run_worker(
-            "torch", bpath, variant="eager", kinds="plain", steps=args.steps, threads=args.threads)
+                "jax", bpath, variant=code, xla_flags=flags, kinds="plain", dtypes="float32",
+                steps=args.steps)}
+        if not chosen or "torch_eager_attn" in chosen:
+            result["variants"]["torch_eager_attn"] = _run_worker(
+                "torch", bpath, variant="eager", kinds="plain", dtypes="float32", steps=args.steps,
+                threads=args.threads)
     result["load_avg_end"] = os.getloadavg()
 
     rows = []
