@@ -119,13 +119,19 @@ def test_two_processes_match_one_process(tmp_path):
             with open(log_path, "w") as log:
                 jobs[name] = (_start(out, devices, workdir, data_dir, tok_dir, flags, log,
                                      extra_env), out, log_path)
+        # poll all of them: one failed process would leave its peer waiting on collectives
         deadline = time.monotonic() + TIMEOUT_S
+        while any(proc.poll() is None for proc, _, _ in jobs.values()):
+            for name, (proc, _, log_path) in jobs.items():
+                rc = proc.poll()
+                assert rc in (None, 0), f"{name} exited with {rc}:\n{_tail(log_path)}"
+            if time.monotonic() > deadline:
+                late = [n for n, (p, _, _) in jobs.items() if p.poll() is None]
+                pytest.fail(f"{late} did not finish in {TIMEOUT_S}s:\n"
+                            + "\n".join(_tail(jobs[n][2]) for n in late))
+            time.sleep(0.5)
         for name, (proc, _, log_path) in jobs.items():
-            try:
-                rc = proc.wait(timeout=max(deadline - time.monotonic(), 1))
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"{name} did not finish in {TIMEOUT_S}s:\n{_tail(log_path)}")
-            assert rc == 0, f"{name} exited with {rc}:\n{_tail(log_path)}"
+            assert proc.returncode == 0, f"{name} exited with {proc.returncode}:\n{_tail(log_path)}"
     finally:
         for proc, _, _ in jobs.values():
             if proc.poll() is None:
