@@ -1,0 +1,101 @@
+"""The decoder as a Flax Linen module, for code that composes `nn.Module`s.
+
+The computation is `decoder.apply` (and `latent.latent_forward`); this module only
+declares the same parameter tree through Flax, each weight wrapped in
+`nn.LogicallyPartitioned` with its logical axis names, so `nn.get_partition_spec` and
+`nn.logical_to_mesh_sharding` place it on a mesh the usual Flax way. Unboxed, its
+`params` collection is exactly the pytree the pure functions take.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from latentr3_jax.model import decoder, latent
+from latentr3_jax.model.config import DecoderConfig
+
+
+def _is_shape(x) -> bool:
+    return isinstance(x, tuple) and all(isinstance(d, int) for d in x)
+
+
+class LatentR3LM(nn.Module):
+    """Qwen2 / Llama decoder (+ LatentRATT when `with_latent`) as a Linen module."""
+
+    config: DecoderConfig
+    with_latent: bool = True
+    dtype: Any = jnp.float32
+
+    def _declare(self, shapes: dict, axes: dict, init_tree_fn, prefix: str = "") -> dict:
+        values = None
+
+        def leaf_init(path):
+            def init(rng):
+                nonlocal values
+                if values is None:
+                    values = init_tree_fn(rng)
+                node = values
+                for k in path:
+                    node = node[k]
+                return node
+            return init
+
+        flat_shapes = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=_is_shape)[0]
+        out: dict = {}
+        for path, _ in flat_shapes:
+            keys = tuple(p.key for p in path)
+            node_axes = axes
+            for k in keys:
+                node_axes = node_axes[k]
+            init = nn.with_logical_partitioning(leaf_init(keys), tuple(node_axes))
+            value = self.param(prefix + "/".join(keys), init)
+            node = out
+            for k in keys[:-1]:
+                node = node.setdefault(k, {})
+            node[keys[-1]] = value
+        return out
+
+    def setup(self):
+        self.tree = self._params_tree()
+
+    def _params_tree(self) -> dict:
+        c = self.config
+        params = self._declare(decoder.param_shapes(c), decoder.param_axes(c),
+                               lambda rng: decoder.init_params(c, rng))
+        if self.with_latent:
+            d = c.hidden_size
+            lat_shapes = {n: {"kernel": (d, d), "bias": (d,)} for n in ("q", "k", "v")}
+            params["latent"] = self._declare(lat_shapes, latent.latent_param_axes(),
+                                             lambda rng: latent.init_latent_params(c, rng),
+                                             prefix="latent/")
+        return params
+
+    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
+        """Same contract as `decoder.apply`: (logits f32, final hidden, new cache)."""
+        return decoder.apply(self.config, self.tree, input_ids,
+                             attention_mask=attention_mask, positions=positions, cache=cache,
+                             dtype=self.dtype)
+
+    def latent_forward(self, prompt_ids, prompt_mask, target_ids, target_mask,
+                       num_thoughts: int = 1, latent_mode: str = "ratt"):
+        """Prefix-cached LatentR³ forward: (target logits, latents)."""
+        return latent.latent_forward(self.config, self.tree, prompt_ids, prompt_mask,
+                                     target_ids, target_mask, num_thoughts=num_thoughts,
+                                     latent_mode=latent_mode, dtype=self.dtype)
+
+
+def unflatten_params(variables: dict) -> dict:
+    """Flax `params` collection ('a/b/c' names, boxed) -> the nested pytree of decoder.apply."""
+    flat = nn.meta.unbox(variables["params"])
+    out: dict = {}
+    for name, value in flat.items():
+        node = out
+        keys = name.split("/")
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return out
