@@ -54,8 +54,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(scope="module")
-def results():
+def _results():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", SCRIPT, HERE], env=env, capture_output=True,
@@ -65,7 +64,15 @@ def results():
     return json.loads(line[len("RESULT"):])
 
 
-def test_meshes_give_the_same_loss_curve(results):
+def test_sharded_training():
+    """One subprocess for all checks (a module fixture would run once per xdist worker)."""
+    results = _results()
+    _check_loss_curves(results)
+    _check_shardings(results)
+    _check_compile_count(results)
+
+
+def _check_loss_curves(results):
     ref = results["1x1x1"]["losses"]
     for name in ("8x1x1", "1x8x1"):
         assert results[name]["losses"] == pytest.approx(ref, rel=2e-5), name
@@ -74,7 +81,7 @@ def test_meshes_give_the_same_loss_curve(results):
     assert results["2x2x2"]["losses"][0] == pytest.approx(ref[0], rel=2e-5)
 
 
-def test_params_optimizer_state_and_batch_are_sharded(results):
+def _check_shardings(results):
     s = results["1x8x1"]["specs"]
     assert s["q_kernel"] == "P(None, 'fsdp', None, None)"
     assert s["mu_q_kernel"] == s["q_kernel"]          # Adam moments follow their params
@@ -89,7 +96,7 @@ def test_params_optimizer_state_and_batch_are_sharded(results):
     assert results["8x1x1"]["specs"]["q_kernel"] == "P(None, None, None, None)"  # pure data parallel
 
 
-def test_compile_count_equals_shape_buckets(results):
+def _check_compile_count(results):
     assert results["1x1x1"]["compiles"] == 1
     assert results["2x2x2"]["compiles"] == 2
 
