@@ -215,7 +215,8 @@ def evaluate_run(cfg, run_dir: Optional[str] = None, *, model_config=None, param
     top = max(e.ks)
 
     t0 = time.time()
-    t_first, first_rows = None, 0       # after the first batch (which includes compilation)
+    # steady-state speed: a batch whose prompt shape is new pays a compile and is not counted
+    seen_shapes, steady_time, steady_rows = set(), 0.0, 0
     evaluated = 0
     writer = M.PredictionWriter(os.path.join(out_dir, PREDICTIONS)) if is_primary else None
     try:
@@ -232,6 +233,7 @@ def evaluate_run(cfg, run_dir: Optional[str] = None, *, model_config=None, param
             for step, batch in enumerate(steps):
                 if max_batches is not None and step >= max_batches:
                     break
+                t_batch, rows_before = time.time(), evaluated
                 global_rows = plan[step]
                 prompt = _shard(mesh, {"ids": batch["prompt_ids"], "mask": batch["prompt_mask"]})
                 if mode == "constrained":
@@ -269,8 +271,11 @@ def evaluate_run(cfg, run_dir: Optional[str] = None, *, model_config=None, param
                             row=row, user=s.user_id, line=s.line, target_id=s.target_id,
                             target_title=s.target_title, **outputs[r]))
                     evaluated += 1
-                if t_first is None:
-                    t_first, first_rows = time.time(), evaluated
+                shape = tuple(batch["prompt_ids"].shape)
+                if shape in seen_shapes:
+                    steady_time += time.time() - t_batch
+                    steady_rows += evaluated - rows_before
+                seen_shapes.add(shape)
     finally:
         if writer is not None:
             writer.close()
@@ -279,8 +284,7 @@ def evaluate_run(cfg, run_dir: Optional[str] = None, *, model_config=None, param
     rows = M.read_predictions(os.path.join(out_dir, PREDICTIONS)) if is_primary else []
     complete = len({int(r["row"]) for r in rows}) == len(samples)
     result = M.summarize(rows, e.ks)
-    steady = (evaluated - first_rows) / (t0 + elapsed - t_first) \
-        if t_first is not None and evaluated > first_rows else None
+    steady = steady_rows / steady_time if steady_rows and steady_time > 0 else None
     result.update({"users_per_s": evaluated / elapsed if elapsed > 0 else 0.0,
                    "users_per_s_after_compile": steady,
                    "complete": complete, "split": split, "mode": mode,
