@@ -384,18 +384,6 @@ def check_grpo_config(cfg) -> None:
     setup.check_model_options(cfg)
 
 
-def _encode(cfg, tok, dataset, split: str):
-    from latentr3_jax import data
-    return data.encode_split(tok, dataset.splits.get(split, []), dataset.category_word,
-                             cfg.data.template, cfg.data.cutoff,
-                             max_target_len=cfg.data.max_target_len)
-
-
-def _target_buckets(cfg) -> tuple:
-    tb = tuple(int(b) for b in cfg.data.get("target_buckets", ()) or ())
-    return tb or (int(cfg.data.max_target_len),)
-
-
 # --------------------------------------------------------------------------- training
 
 
@@ -427,8 +415,8 @@ def train_grpo(cfg, *, progress: bool = True, resume_hint: Optional[str] = None,
     num_thoughts, latent_mode = sft.num_thoughts, sft.latent_mode
 
     dataset = data.load_dataset(cfg)
-    train_enc = _encode(cfg, tok, dataset, "train")
-    valid_enc = _encode(cfg, tok, dataset, "valid")
+    train_enc = setup.encode_split(cfg, tok, dataset, "train")
+    valid_enc = setup.encode_split(cfg, tok, dataset, "valid")
     if not train_enc:
         raise InputError("the train split is empty")
 
@@ -440,7 +428,7 @@ def train_grpo(cfg, *, progress: bool = True, resume_hint: Optional[str] = None,
     if prompts % per_step:
         raise InputError(f"config grpo.prompts_per_batch {prompts} must be a multiple of "
                          f"{per_step} (micro-batches x data-parallel devices)")
-    buckets, t_buckets = tuple(cfg.data.buckets), _target_buckets(cfg)
+    buckets, t_buckets = tuple(cfg.data.buckets), setup.target_buckets(cfg)
     train_it = data.BatchIterator(train_enc, prompts, buckets=buckets, target_buckets=t_buckets,
                                   pad_id=tok.pad_id, seed=int(cfg.seed), shuffle=True,
                                   drop_last=True)

@@ -104,3 +104,17 @@ def init_fn(cfg, config: DecoderConfig):
             params["latent"] = latent.init_latent_params(config, lat_rng)
         return params
     return init
+
+
+def encode_split(cfg, tok, dataset, split: str) -> list:
+    """One split of `dataset` as token ids, with the config's template and cutoffs."""
+    from latentr3_jax import data
+    return data.encode_split(tok, dataset.splits.get(split, []), dataset.category_word,
+                             cfg.data.template, cfg.data.cutoff,
+                             max_target_len=cfg.data.max_target_len)
+
+
+def target_buckets(cfg) -> tuple:
+    """Target-length buckets (static shapes); one bucket of max_target_len when unset."""
+    tb = tuple(int(b) for b in cfg.data.get("target_buckets", ()) or ())
+    return tb or (int(cfg.data.max_target_len),)

@@ -120,23 +120,7 @@ def get_tokenizer(cfg, dataset, run_dir: str):
     saved = os.path.join(run_dir, runs.TOKENIZER)
     if os.path.isdir(saved):
         return data.load_tokenizer(saved)
-    path = cfg.tokenizer.path or cfg.model.hf_path
-    if path:
-        return data.load_tokenizer(path)
-    corpus = data.tokenizer_corpus(dataset, cfg.data.template)
-    return data.train_tokenizer(corpus, int(cfg.tokenizer.vocab_size))
-
-
-def _encode(cfg, tok, dataset, split: str):
-    from latentr3_jax import data
-    return data.encode_split(tok, dataset.splits.get(split, []), dataset.category_word,
-                             cfg.data.template, cfg.data.cutoff,
-                             max_target_len=cfg.data.max_target_len)
-
-
-def _target_buckets(cfg) -> tuple:
-    tb = tuple(int(b) for b in cfg.data.get("target_buckets", ()) or ())
-    return tb or (int(cfg.data.max_target_len),)
+    return data.make_tokenizer(cfg, dataset)
 
 
 # --------------------------------------------------------------------------- training
@@ -164,8 +148,8 @@ def train_sft(cfg, *, progress: bool = True, resume_hint: Optional[str] = None,
 
     dataset = data.load_dataset(cfg)
     tok = get_tokenizer(cfg, dataset, run_dir)
-    train_enc = _encode(cfg, tok, dataset, "train")
-    valid_enc = _encode(cfg, tok, dataset, "valid")
+    train_enc = setup.encode_split(cfg, tok, dataset, "train")
+    valid_enc = setup.encode_split(cfg, tok, dataset, "valid")
     if not train_enc:
         raise InputError("the train split is empty")
 
@@ -176,7 +160,7 @@ def train_sft(cfg, *, progress: bool = True, resume_hint: Optional[str] = None,
     if s.batch_size % per_step:
         raise InputError(f"config sft.batch_size {s.batch_size} must be a multiple of "
                          f"{per_step} (micro-batches x data-parallel devices)")
-    buckets, t_buckets = tuple(cfg.data.buckets), _target_buckets(cfg)
+    buckets, t_buckets = tuple(cfg.data.buckets), setup.target_buckets(cfg)
     train_it = data.BatchIterator(train_enc, int(s.batch_size), buckets=buckets,
                                   target_buckets=t_buckets, pad_id=tok.pad_id, seed=int(cfg.seed),
                                   shuffle=True, drop_last=True)
