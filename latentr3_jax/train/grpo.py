@@ -22,9 +22,6 @@ import dataclasses
 import importlib
 import logging
 import os
-import shlex
-import signal
-import sys
 import time
 from typing import Any, Optional, Sequence
 
@@ -589,18 +586,10 @@ def train_grpo(cfg, *, progress: bool = True, resume_hint: Optional[str] = None,
 
 
 def main(argv: Sequence[str]) -> int:
-    from latentr3_jax.configlib import parse_config
-    cfg, _ = parse_config(argv)
-    hint = "latentr3 grpo " + " ".join(shlex.quote(a) for a in argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        summary = train_grpo(cfg, progress=True, resume_hint=hint)
-    except StopRequested as e:
-        print(f"latentr3 grpo: {e}", file=sys.stderr)
-        return 128 + int(getattr(signal, e.signame, signal.SIGTERM))
-    except NonFiniteError as e:
-        print(f"latentr3 grpo: error: {e}", file=sys.stderr)
-        return 1
+    from latentr3_jax.train.signals import run_training_command
+    code, summary = run_training_command("grpo", argv, train_grpo)
+    if summary is None:
+        return code
     fmt = lambda x: "n/a" if x is None else f"{x:.4f}"
     print(f"grpo done: {summary['batches']} batches ({summary['optimizer_steps']} optimizer "
           f"steps), last mean reward {fmt(summary['final_reward_mean'])}, valid reward "

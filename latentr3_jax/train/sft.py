@@ -10,9 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shlex
-import signal
-import sys
 import time
 from typing import Optional, Sequence
 
@@ -318,18 +315,10 @@ def train_sft(cfg, *, progress: bool = True, resume_hint: Optional[str] = None,
 
 
 def main(argv: Sequence[str]) -> int:
-    from latentr3_jax.configlib import parse_config
-    cfg, _ = parse_config(argv)
-    hint = "latentr3 sft " + " ".join(shlex.quote(a) for a in argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        summary = train_sft(cfg, progress=True, resume_hint=hint)
-    except StopRequested as e:
-        print(f"latentr3 sft: {e}", file=sys.stderr)
-        return 128 + int(getattr(signal, e.signame, signal.SIGTERM))
-    except NonFiniteError as e:
-        print(f"latentr3 sft: error: {e}", file=sys.stderr)
-        return 1
+    from latentr3_jax.train.signals import run_training_command
+    code, summary = run_training_command("sft", argv, train_sft)
+    if summary is None:
+        return code
     best = summary["best_valid_loss"]
     print(f"sft done: {summary['steps']} steps, final train loss "
           f"{summary['final_loss'] if summary['final_loss'] is None else round(summary['final_loss'], 4)}"

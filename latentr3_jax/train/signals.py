@@ -50,3 +50,30 @@ class GracefulStop:
     @property
     def requested(self) -> bool:
         return self.received is not None
+
+
+def run_training_command(command: str, argv, train_fn):
+    """Shared CLI wrapper of `latentr3 sft|grpo`: parse the config, train, map stops to exit codes.
+
+    Returns (exit_code, summary or None). A stop signal exits 128 + signal number after
+    the trainer saved; repeated non-finite steps exit 1; the resume hint is the command line.
+    """
+    import logging
+    import shlex
+    import signal as signal_mod
+    import sys
+
+    from latentr3_jax.configlib import parse_config
+    from latentr3_jax.train.step import NonFiniteError
+
+    cfg, _ = parse_config(argv)
+    hint = f"latentr3 {command} " + " ".join(shlex.quote(a) for a in argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return 0, train_fn(cfg, progress=True, resume_hint=hint)
+    except StopRequested as e:
+        print(f"latentr3 {command}: {e}", file=sys.stderr)
+        return 128 + int(getattr(signal_mod, e.signame, signal_mod.SIGTERM)), None
+    except NonFiniteError as e:
+        print(f"latentr3 {command}: error: {e}", file=sys.stderr)
+        return 1, None
