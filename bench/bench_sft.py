@@ -7,7 +7,8 @@ bfloat16, 2 threads. Each engine runs in its own process (XLA flags are per proc
 the parent prints a table and writes bench/results/sft.json.
 
   python bench/bench_sft.py                  # main table
-  python bench/bench_sft.py --investigate    # + XLA flag / formulation variants
+  python bench/bench_sft.py --investigate    # + XLA flag / formulation / allocator variants
+  python bench/bench_sft.py --investigate --variants scan_layers,plain_bf16_einsum
 """
 
 from __future__ import annotations
@@ -111,31 +112,39 @@ def worker_jax(args) -> dict:
     from latentr3_jax.parallel import make_mesh
     from latentr3_jax.train import optim, state as state_lib
     from latentr3_jax.train.sft import make_sft_loss
+    from latentr3_jax.train import setup
     from latentr3_jax.train.step import TrainStep
 
     if args.variant == "attn_dpa":
-        def dpa(config, q, k, v, mask):  # XLA's fused dot_product_attention, GQA native
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="xla")
+        def dpa(config, q, k, v, bias):  # XLA's fused dot_product_attention, GQA native
+            out = jax.nn.dot_product_attention(q, k, v, bias=bias[:, None], implementation="xla")
             return out
         decoder._attention = dpa
 
     if args.variant == "naive_einsum":  # the batched-einsum projections decoder.py had before
         import string
 
-        def einsum_mm(x, kernel, n_in=1):
+        def einsum_mm(x, kernel, n_in=1, bias=None):
             lead = string.ascii_lowercase[:x.ndim - n_in]
             ins = string.ascii_uppercase[:n_in]
             outs = string.ascii_uppercase[n_in:kernel.ndim]
-            return jnp.einsum(f"{lead}{ins},{ins}{outs}->{lead}{outs}", x, kernel.astype(x.dtype))
+            y = jnp.einsum(f"{lead}{ins},{ins}{outs}->{lead}{outs}", x, kernel.astype(x.dtype))
+            return y if bias is None else y + bias.astype(x.dtype)
         decoder._tokens_matmul = einsum_mm
 
-        def lm_head_einsum(config, params, hidden):
-            w = params["embed"]["embedding"].astype(hidden.dtype)
-            return jnp.einsum("btd,vd->btv", hidden, w, preferred_element_type=jnp.float32)
-        decoder.lm_head = lm_head_einsum
+    if args.variant == "plain_bf16_einsum":  # bf16 dots without the float32-accumulate VJP
+        from latentr3_jax.model import mixed
+
+        def plain(spec, a, b, out_dtype=None, bias=None):
+            y = jnp.einsum(spec, a, b.astype(a.dtype)).astype(out_dtype or a.dtype)
+            return y if bias is None else y + bias.astype(y.dtype)
+        mixed.einsum = plain
 
     batches, vocab, thought = load_batches(args.batches)
     config = bench_config(vocab_size=vocab)
+    # what `latentr3 sft` runs for this model (model.scan_layers=auto), unless forced
+    scan = args.variant == "scan_layers" or setup.scan_layers_option("auto", config.num_layers)
+    config = config.with_execution(scan_layers=scan)
     mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     res = {}
 
@@ -247,8 +256,8 @@ def check_parity(batches_path: str) -> dict:
 
 
 def _run_worker(kind: str, batches: str, *, variant="default", xla_flags="", kinds="latent,plain",
-                dtypes="float32,bfloat16", steps=10, threads=2) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+                dtypes="float32,bfloat16", steps=10, threads=2, env=None) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **(env or {}))
     env["XLA_FLAGS"] = xla_flags
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--batches", batches,
            "--variant", variant, "--kinds", kinds, "--dtypes", dtypes, "--steps", str(steps),
@@ -261,13 +270,21 @@ def _run_worker(kind: str, batches: str, *, variant="default", xla_flags="", kin
     return json.loads(line[len("RESULT"):])
 
 
-VARIANTS = [  # (name, XLA_FLAGS, code variant)
-    ("naive_einsum_projections", "", "naive_einsum"),
-    ("no_thunk_runtime", "--xla_cpu_use_thunk_runtime=false", "default"),
-    ("single_thread_eigen", "--xla_cpu_multi_thread_eigen=false", "default"),
-    ("onednn", "--xla_cpu_use_onednn=true", "default"),
-    ("no_xnnpack", "--xla_cpu_use_xnnpack=false", "default"),
-    ("attn_dpa", "", "attn_dpa"),
+# (name, engine, XLA_FLAGS, code variant, dtypes, extra environment)
+MALLOC = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"}
+VARIANTS = [
+    ("scan_layers", "jax", "", "scan_layers", "float32,bfloat16", {}),
+    ("plain_bf16_einsum", "jax", "", "plain_bf16_einsum", "bfloat16", {}),
+    ("naive_einsum_projections", "jax", "", "naive_einsum", "float32", {}),
+    ("no_thunk_runtime", "jax", "--xla_cpu_use_thunk_runtime=false", "default", "float32", {}),
+    ("single_thread_eigen", "jax", "--xla_cpu_multi_thread_eigen=false", "default", "float32", {}),
+    ("onednn", "jax", "--xla_cpu_use_onednn=true", "default", "float32", {}),
+    ("no_xnnpack", "jax", "--xla_cpu_use_xnnpack=false", "default", "float32", {}),
+    ("attn_dpa", "jax", "", "attn_dpa", "float32", {}),
+    ("torch_eager_attn", "torch", "", "eager", "float32", {}),
+    # large buffers kept in the heap instead of fresh page-faulting mmaps, for both engines
+    ("malloc_no_mmap/jax", "jax", "", "default", "float32,bfloat16", MALLOC),
+    ("malloc_no_mmap/torch", "torch", "", "default", "float32,bfloat16", MALLOC),
 ]
 
 
@@ -305,16 +322,13 @@ def main():
     if args.investigate:
         result["variants"] = {}
         chosen = [v for v in args.variants.split(",") if v]
-        for name, flags, code in VARIANTS:
+        for name, engine, flags, code, dtypes, env in VARIANTS:
             if chosen and name not in chosen:
                 continue
-            result["variants"][name] = {"xla_flags": flags, "code": code, **_run_worker(
-                "jax", bpath, variant=code, xla_flags=flags, kinds="plain", dtypes="float32",
-                steps=args.steps)}
-        if not chosen or "torch_eager_attn" in chosen:
-            result["variants"]["torch_eager_attn"] = _run_worker(
-                "torch", bpath, variant="eager", kinds="plain", dtypes="float32", steps=args.steps,
-                threads=args.threads)
+            result["variants"][name] = {"engine": engine, "xla_flags": flags, "code": code,
+                                        "env": env, **_run_worker(
+                engine, bpath, variant=code, xla_flags=flags, kinds="plain", dtypes=dtypes,
+                steps=args.steps, threads=args.threads, env=env)}
     result["load_avg_end"] = os.getloadavg()
 
     rows = []
@@ -336,12 +350,14 @@ def main():
               f"{t['tokens_per_s']:>12.0f}{ratio:>9.2f}x")
     result["table"] = table
     if args.investigate:
-        base = result["jax"].get("plain/float32", {}).get("step_s")
-        print(f"\nJAX plain step variants (ms; baseline {base * 1e3 if base else float('nan'):.0f} fp32):")
+        ms = lambda e, k: result[e].get(k, {}).get("step_s", float("nan")) * 1e3
+        print(f"\nplain step variants, ms (defaults: JAX {ms('jax', 'plain/float32'):.0f} fp32 / "
+              f"{ms('jax', 'plain/bfloat16'):.0f} bf16, torch {ms('torch', 'plain/float32'):.0f} / "
+              f"{ms('torch', 'plain/bfloat16'):.0f}):")
         for name, v in result["variants"].items():
             cells = "  ".join(f"{k}: {v[k]['step_s'] * 1e3:.0f}" for k in ("plain/float32", "plain/bfloat16")
                               if isinstance(v.get(k), dict))
-            print(f"  {name:<22}{cells or v.get('error', '')}")
+            print(f"  {name:<26}{cells or v.get('error', '')}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

@@ -50,7 +50,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.num_thoughts = 1       # 0 = plain BIGRec/D3 SFT baseline
     c.model.latent_mode = "ratt"   # ratt | hidden (ablation: raw hidden state as latent)
     c.model.dtype = "float32"      # compute dtype: float32 | bfloat16 (params stay float32)
-    c.model.remat = False
+    c.model.remat = False          # recompute each layer's activations in the backward pass
+    # auto: run the layers under lax.scan when there are more than 8 (one layer compiled;
+    # deep models, TPUs), unrolled otherwise (faster for shallow models: no stacked
+    # residual copies); or true / false
+    c.model.scan_layers = "auto"
 
     # ---- device mesh (-1 = all remaining devices)
     c.mesh = ml_collections.ConfigDict()

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from latentr3_jax.decode.trie import TrieArrays, child_table
-from latentr3_jax.model import decoder, latent
+from latentr3_jax.model import decoder, latent, mixed
 from latentr3_jax.model.config import DecoderConfig
 
 _MASKED = -1e30   # score of a token outside the trie (finite: no inf - inf)
@@ -100,20 +100,20 @@ def decode_step(config: DecoderConfig, params: dict, tokens, positions, prefix: 
         qg = q.reshape(b, B, K, G, D)
         dk5 = dk.reshape(b, B, T, K, D).astype(q.dtype)
         dv5 = dv.reshape(b, B, T, K, D).astype(q.dtype)
-        s_pre = jnp.einsum("bnkgd,bskd->bkgns", qg, pk.astype(q.dtype)).astype(jnp.float32)
-        s_dec = jnp.einsum("bnkgd,bntkd->bkgnt", qg, dk5).astype(jnp.float32)
+        s_pre = mixed.einsum("bnkgd,bskd->bkgns", qg, pk, jnp.float32)
+        s_dec = mixed.einsum("bnkgd,bntkd->bkgnt", qg, dk5, jnp.float32)
         s_pre = jnp.where(prefix_mask, s_pre / math.sqrt(D), _NEG_SCORE)
         s_dec = jnp.where(dec_visible, s_dec / math.sqrt(D), _NEG_SCORE)
         probs = jax.nn.softmax(jnp.concatenate([s_pre, s_dec], axis=-1), axis=-1).astype(v.dtype)
-        out = (jnp.einsum("bkgns,bskd->bnkgd", probs[..., :S], pv.astype(v.dtype))
-               + jnp.einsum("bkgnt,bntkd->bnkgd", probs[..., S:], dv5))
+        out = (mixed.einsum("bkgns,bskd->bnkgd", probs[..., :S], pv)
+               + mixed.einsum("bkgnt,bntkd->bnkgd", probs[..., S:], dv5))
         out = out.reshape(bB, 1, H, D)
-        x = x + jnp.einsum("bthk,hkd->btd", out, a["o"]["kernel"].astype(x.dtype))
+        x = x + decoder._tokens_matmul(out, a["o"]["kernel"], 2)
         h = decoder.rms_norm(x, lp["post_attn_norm"]["scale"], c.rms_norm_eps)
         m = lp["mlp"]
-        gate = jnp.einsum("btd,df->btf", h, m["gate"]["kernel"].astype(h.dtype))
-        up = jnp.einsum("btd,df->btf", h, m["up"]["kernel"].astype(h.dtype))
-        x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, m["down"]["kernel"].astype(h.dtype))
+        gate = decoder._tokens_matmul(h, m["gate"]["kernel"])
+        up = decoder._tokens_matmul(h, m["up"]["kernel"])
+        x = x + decoder._tokens_matmul(jax.nn.silu(gate) * up, m["down"]["kernel"])
         return x, (dk, dv)
 
     x, (dk, dv) = jax.lax.scan(layer, x, (params["layers"], prefix["k"], prefix["v"],

@@ -146,6 +146,8 @@ def evaluate_run(cfg, run_dir: Optional[str] = None, *, model_config=None, param
         art = load_run(run_dir, which="best")
         model_config, params, tokenizer = art.model_config, art.params, art.tokenizer
         num_thoughts, latent_mode, run_config = art.num_thoughts, art.latent_mode, art.config
+        from latentr3_jax.train.setup import execution_config
+        model_config = execution_config(cfg, model_config)
     elif model_config is None or tokenizer is None:
         raise InputError("in-memory evaluation needs model_config, params and tokenizer")
     num_thoughts = int(cfg.model.num_thoughts if num_thoughts is None else num_thoughts)

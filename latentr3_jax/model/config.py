@@ -11,6 +11,9 @@ ARCHITECTURES = {
 }
 
 
+EXECUTION_FIELDS = ("scan_layers", "remat")
+
+
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
     """Static shape and behaviour of the decoder; hashable so it can be a jit static arg."""
@@ -34,6 +37,13 @@ class DecoderConfig:
     pad_token_id: Optional[int] = None
     # Latent reasoning module (LatentRATT), SPEC.md section 4.
     latent_rope_theta: float = 1000.0
+    # How the layers run, not what they compute (not saved with the weights, see
+    # EXECUTION_FIELDS): `scan_layers` runs the stacked layers under `lax.scan` (one layer
+    # compiled, the choice for deep models and TPUs); False unrolls them in Python, which
+    # avoids the scan's stacked-residual copies and is faster for shallow models on CPU.
+    # `remat` recomputes each layer's activations in the backward pass.
+    scan_layers: bool = True
+    remat: bool = False
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -57,9 +67,19 @@ class DecoderConfig:
         return dataclasses.replace(self, **kw)
 
     def to_dict(self) -> dict:
+        """The architecture (what checkpoints and fingerprints record), without
+        EXECUTION_FIELDS."""
         d = dataclasses.asdict(self)
         d["rope_scaling"] = self.rope_scaling_dict
+        for k in EXECUTION_FIELDS:
+            d.pop(k)
         return d
+
+    def with_execution(self, *, scan_layers: Optional[bool] = None,
+                       remat: Optional[bool] = None) -> "DecoderConfig":
+        """Same architecture, other execution options (None keeps the current one)."""
+        kw = {k: bool(v) for k, v in (("scan_layers", scan_layers), ("remat", remat)) if v is not None}
+        return dataclasses.replace(self, **kw) if kw else self
 
     @classmethod
     def from_dict(cls, d: dict) -> "DecoderConfig":

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from latentr3_jax.model.config import DecoderConfig
+from latentr3_jax.model import mixed
 
 Params = dict
 Cache = dict
@@ -155,17 +156,19 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotate_half(x) * sin
 
 
-def _tokens_matmul(x, kernel, n_in: int = 1):
-    """x [..., *in] @ kernel [*in, *out] as ONE 2-D matmul over all tokens.
+def _tokens_matmul(x, kernel, n_in: int = 1, bias=None):
+    """x [..., *in] @ kernel [*in, *out] (+ bias [*out]) as ONE 2-D matmul over all tokens.
 
     Same result as the batched einsum; XLA's CPU backend turns the einsum form's gradient
     (weight grads contracting over batch and sequence) into far slower code than a plain
-    [tokens, in] x [in, out] matmul, so the projections are written this way.
+    [tokens, in] x [in, out] matmul, so the projections are written this way. Low-precision
+    compute accumulates in float32 (see `mixed`).
     """
     in_shape, out_shape = kernel.shape[:n_in], kernel.shape[n_in:]
     lead = x.shape[:x.ndim - n_in]
     k_in = int(np.prod(in_shape))
-    y = x.reshape(-1, k_in) @ kernel.astype(x.dtype).reshape(k_in, -1)
+    y = mixed.matmul(x.reshape(-1, k_in), kernel.reshape(k_in, -1),
+                     bias=None if bias is None else bias.reshape(-1))
     return y.reshape(lead + out_shape)
 
 
@@ -176,25 +179,28 @@ def _dense(x, p, spec=None):
     if isinstance(spec, str):
         x_spec, k_spec = spec.split("->")[0].split(",")
         n_in = sum(c in x_spec for c in k_spec)
-    y = _tokens_matmul(x, p["kernel"], n_in)
-    if "bias" in p:
-        y = y + p["bias"].astype(x.dtype)
-    return y
+    return _tokens_matmul(x, p["kernel"], n_in, p.get("bias"))
 
 
-def _attention(config: DecoderConfig, q, k, v, mask):
-    """Grouped-query attention. q [B,T,H,D]; k, v [B,S,K,D]; mask [B,T,S] bool."""
+def _attention(config: DecoderConfig, q, k, v, bias):
+    """Grouped-query attention. q [B,T,H,D]; k, v [B,S,K,D]; bias [B,T,S] float32, 0 where
+    a query may attend and _NEG_INF elsewhere (built once per forward by `attention_bias`;
+    adding it costs the backward pass nothing, unlike a select)."""
     B, T, H, D = q.shape
     K = config.num_kv_heads
-    q = q.reshape(B, T, K, H // K, D)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / math.sqrt(D)
-    scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
+    q = (q * (1.0 / math.sqrt(D))).astype(q.dtype).reshape(B, T, K, H // K, D)
+    scores = mixed.einsum("btkgd,bskd->bkgts", q, k, jnp.float32) + bias[:, None, None]
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = mixed.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(B, T, H, D)
 
 
-def _layer(config, x, lp, cos, sin, mask, cache_kv, cache_index):
+def attention_bias(mask: jax.Array) -> jax.Array:
+    """bool [B,T,S] -> additive float32 bias (0 / _NEG_INF)."""
+    return jnp.where(mask, 0.0, _NEG_INF).astype(jnp.float32)
+
+
+def _layer(config, x, lp, cos, sin, attn_bias, cache_kv, cache_index):
     """One decoder layer; returns the new hidden and this layer's (k, v) to cache."""
     h = rms_norm(x, lp["input_norm"]["scale"], config.rms_norm_eps)
     a = lp["attn"]
@@ -210,7 +216,7 @@ def _layer(config, x, lp, cos, sin, mask, cache_kv, cache_index):
     else:
         new_kv = None
         k_all, v_all = k, v
-    attn = _attention(config, q, k_all, v_all, mask)
+    attn = _attention(config, q, k_all, v_all, attn_bias)
     x = x + _tokens_matmul(attn, a["o"]["kernel"], 2)
     h = rms_norm(x, lp["post_attn_norm"]["scale"], config.rms_norm_eps)
     m = lp["mlp"]
@@ -280,11 +286,11 @@ def lm_head(config: DecoderConfig, params: Params, hidden: jax.Array) -> jax.Arr
     """float32 logits from final normed hidden states."""
     h2 = hidden.reshape(-1, hidden.shape[-1])  # one 2-D matmul (see _tokens_matmul)
     if config.tie_word_embeddings:
-        w = params["embed"]["embedding"].astype(hidden.dtype)
-        out = jnp.einsum("nd,vd->nv", h2, w, preferred_element_type=jnp.float32)
+        w = params["embed"]["embedding"]
+        out = mixed.einsum("nd,vd->nv", h2, w, jnp.float32)
     else:
-        w = params["lm_head"]["kernel"].astype(hidden.dtype)
-        out = jnp.einsum("nd,dv->nv", h2, w, preferred_element_type=jnp.float32)
+        w = params["lm_head"]["kernel"]
+        out = mixed.einsum("nd,dv->nv", h2, w, jnp.float32)
     return out.astype(jnp.float32).reshape(hidden.shape[:-1] + (w.shape[0] if config.tie_word_embeddings else w.shape[1],))
 
 
@@ -330,15 +336,24 @@ def apply(config: DecoderConfig, params: Params, input_ids: Optional[jax.Array] 
         query_slot = index + jnp.arange(T)[:, None]
         attn_mask = (slot <= query_slot)[None] & key_mask[:, None, :]
 
+    attn_bias = attention_bias(attn_mask)
+
     def body(carry, xs):
         lp, kv = xs
-        y, new_kv = _layer(config, carry, lp, cos, sin, attn_mask, kv, index)
+        y, new_kv = _layer(config, carry, lp, cos, sin, attn_bias, kv, index)
         return y, new_kv
 
-    if remat:
+    if remat or config.remat:
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
     kv_in = (cache["k"], cache["v"]) if cache is not None else None
-    x, kv_out = jax.lax.scan(body, x, (params["layers"], kv_in))
+    if config.scan_layers:
+        x, kv_out = jax.lax.scan(body, x, (params["layers"], kv_in))
+    else:
+        kv_layers = []
+        for i in range(config.num_layers):
+            x, kv = body(x, jax.tree.map(lambda a: a[i], (params["layers"], kv_in)))
+            kv_layers.append(kv)
+        kv_out = None if kv_in is None else jax.tree.map(lambda *a: jnp.stack(a), *kv_layers)
     hidden = rms_norm(x, params["final_norm"]["scale"], config.rms_norm_eps)
 
     new_cache = None

@@ -20,7 +20,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from latentr3_jax.model import decoder
+from latentr3_jax.model import decoder, mixed
 from latentr3_jax.model.config import DecoderConfig
 
 LATENT_MODES = ("ratt", "hidden")  # LatentRATT, or the ablation "raw hidden state as latent"
@@ -49,16 +49,16 @@ def latent_ratt(config: DecoderConfig, lparams: dict, hidden: jax.Array, key_mas
     """
     dt = hidden.dtype
     d = hidden.shape[-1]
-    lin = lambda p, x: x @ p["kernel"].astype(dt) + p["bias"].astype(dt)
+    lin = lambda p, x: decoder._tokens_matmul(x, p["kernel"], 1, p["bias"])
     inv = decoder.rope_inv_freq(d, config.latent_rope_theta)
     cos, sin = decoder.rope_cos_sin(positions, inv, dt)              # [B, S, d]
     q = decoder.apply_rope(lin(lparams["q"], hidden[:, -1:]), cos[:, -1:], sin[:, -1:])  # [B,1,d]
     k = decoder.apply_rope(lin(lparams["k"], hidden), cos, sin)     # [B, S, d]
     v = lin(lparams["v"], hidden)                                   # [B, S, d]
-    scores = jnp.einsum("bqd,bsd->bqs", q, k).astype(jnp.float32) / math.sqrt(d)
+    scores = mixed.einsum("bqd,bsd->bqs", q, k, jnp.float32) / math.sqrt(d)
     scores = jnp.where(key_mask[:, None, :].astype(bool), scores, -1e30)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    return jnp.einsum("bqs,bsd->bqd", probs, v)[:, 0]              # [B, d]
+    return mixed.einsum("bqs,bsd->bqd", probs, v)[:, 0]            # [B, d]
 
 
 def _one_latent(config, params, hidden, mask, positions, latent_mode):

@@ -408,7 +408,7 @@ def train_grpo(cfg, *, progress: bool = True, resume_hint: Optional[str] = None,
     if "latent" not in sft.params and not g.train_llm:
         raise InputError(f"{sft.run_dir}: latent_mode {sft.latent_mode!r} has no LatentRATT "
                          f"weights to train; set grpo.train_llm=True to train the LLM instead")
-    model_config, tok = sft.model_config, sft.tokenizer
+    model_config, tok = setup.execution_config(cfg, sft.model_config), sft.tokenizer
     num_thoughts, latent_mode = sft.num_thoughts, sft.latent_mode
 
     dataset = data.load_dataset(cfg)

@@ -22,6 +22,7 @@ def check_model_options(cfg) -> None:
     if cfg.model.latent_mode not in latent.LATENT_MODES:
         raise InputError(f"config model.latent_mode must be one of {latent.LATENT_MODES}, "
                          f"got {cfg.model.latent_mode!r}")
+    scan_layers_option(cfg.model.get("scan_layers", "auto"), 1)
     if cfg.model.dtype not in ("float32", "bfloat16"):
         raise InputError(f"config model.dtype must be float32 or bfloat16, got {cfg.model.dtype!r}")
 
@@ -81,7 +82,29 @@ def build_model(cfg, tokenizer, rng: jax.Array) -> Tuple[DecoderConfig, dict]:
     params = dict(params)
     if wants_latent_params(cfg):
         params["latent"] = latent.init_latent_params(config, lat_rng)
-    return config, params
+    return execution_config(cfg, config), params
+
+
+SCAN_AUTO_MIN_LAYERS = 9
+
+
+def scan_layers_option(value, num_layers: int) -> bool:
+    """cfg.model.scan_layers ('auto', 'true', 'false' or a bool) for a model's depth."""
+    v = str(value).strip().lower()
+    if v == "auto":
+        return num_layers >= SCAN_AUTO_MIN_LAYERS
+    if v in ("true", "1", "yes"):
+        return True
+    if v in ("false", "0", "no"):
+        return False
+    raise InputError(f"config model.scan_layers must be auto, true or false, got {value!r}")
+
+
+def execution_config(cfg, config: DecoderConfig) -> DecoderConfig:
+    """`config` with the run's execution options (cfg.model.scan_layers / remat)."""
+    scan = cfg.model.get("scan_layers", "auto")
+    return config.with_execution(scan_layers=scan_layers_option(scan, config.num_layers),
+                                 remat=bool(cfg.model.get("remat", False)))
 
 
 def params_axes(config: DecoderConfig, params: dict) -> dict:
