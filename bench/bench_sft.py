@@ -105,6 +105,8 @@ def _time(fn, batches, steps: int, warmup: int = 2) -> dict:
 
 
 def worker_jax(args) -> dict:
+    from latentr3_jax.utils import cpu_alloc
+    cpu_alloc.configure()  # what `latentr3` does at start-up ($LATENTR3_CPU_MALLOC=system: off)
     import jax
     import jax.numpy as jnp
     from latentr3_jax.model import decoder, latent
@@ -271,7 +273,9 @@ def _run_worker(kind: str, batches: str, *, variant="default", xla_flags="", kin
 
 
 # (name, engine, XLA_FLAGS, code variant, dtypes, extra environment)
-MALLOC = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"}
+# latentr3_jax/utils/cpu_alloc.py's heap-reuse policy, for torch through glibc's tunables
+MALLOC = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+                            "glibc.malloc.trim_threshold=2147483647"}
 VARIANTS = [
     ("scan_layers", "jax", "", "scan_layers", "float32,bfloat16", {}),
     ("plain_bf16_einsum", "jax", "", "plain_bf16_einsum", "bfloat16", {}),
@@ -282,9 +286,9 @@ VARIANTS = [
     ("no_xnnpack", "jax", "--xla_cpu_use_xnnpack=false", "default", "float32", {}),
     ("attn_dpa", "jax", "", "attn_dpa", "float32", {}),
     ("torch_eager_attn", "torch", "", "eager", "float32", {}),
-    # large buffers kept in the heap instead of fresh page-faulting mmaps, for both engines
-    ("malloc_no_mmap/jax", "jax", "", "default", "float32,bfloat16", MALLOC),
-    ("malloc_no_mmap/torch", "torch", "", "default", "float32,bfloat16", MALLOC),
+    # the allocator policy: JAX with glibc's defaults, torch with latentr3's heap reuse
+    ("jax_system_malloc", "jax", "", "default", "float32,bfloat16", {"LATENTR3_CPU_MALLOC": "system"}),
+    ("torch_heap_reuse_malloc", "torch", "", "default", "float32,bfloat16", MALLOC),
 ]
 
 

@@ -39,6 +39,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     target, _ = COMMANDS[name]
     module_name, func_name = target.split(":")
+    from latentr3_jax.utils import cpu_alloc
+    try:
+        cpu_alloc.configure()  # before XLA starts its threads (see cpu_alloc)
+    except ValueError as e:
+        print(f"latentr3: error: {e}", file=sys.stderr)
+        return 2
     try:
         func = getattr(importlib.import_module(module_name), func_name)
         return int(func(rest) or 0)

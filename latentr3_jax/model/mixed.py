@@ -22,6 +22,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 LOW_PRECISION = (jnp.bfloat16, jnp.float16)
 
@@ -67,15 +68,25 @@ def _grad_einsum(spec: str, x, y):
     The weight gradient of a token matmul contracts the token axis, which leads both
     operands ('nk,nm->km'). XLA's CPU backend sends that form to a generic kernel without
     bf16 support, so it would upcast both operands to float32; with a size-1 axis put in
-    front of both, the dot is canonicalised with one operand transposed and runs natively.
+    front of both, the dot is canonicalised with one operand transposed (the one giving
+    the output's first axis) and runs natively. When that operand is the large one (the
+    lm head's [tokens, vocab] gradient), the transposed product is computed instead and
+    only the small result is transposed back.
     """
     ins, out = spec.split("->")
     sx, sy = ins.split(",")
-    if sx[0] == sy[0] and sx[0] not in out:
-        z = next(c for c in "zyxwvutsrqponmlkjihgfedcba" if c not in spec)
-        return jnp.einsum(f"{z}{sx},{z}{sy}->{out}", x[None], y[None],
-                          preferred_element_type=jnp.float32)
-    return jnp.einsum(spec, x, y, preferred_element_type=jnp.float32)
+    if not (sx[0] == sy[0] and sx[0] not in out):
+        return jnp.einsum(spec, x, y, preferred_element_type=jnp.float32)
+    z = next(c for c in "zyxwvutsrqponmlkjihgfedcba" if c not in spec)
+    first, other = (x, y) if out[0] in sx else (y, x)
+    out_size = int(np.prod([dict(zip(sx + sy, x.shape + y.shape))[c] for c in out]))
+    if len(out) == 2 and first.size > other.size + 2 * out_size:
+        swapped = jnp.einsum(f"{z}{sx},{z}{sy}->{out[::-1]}", x[None], y[None],
+                             preferred_element_type=jnp.float32)
+        # the barrier keeps XLA from folding the transpose back into the dot
+        return jax.lax.optimization_barrier(swapped).T
+    return jnp.einsum(f"{z}{sx},{z}{sy}->{out}", x[None], y[None],
+                      preferred_element_type=jnp.float32)
 
 
 _lowp_einsum.defvjp(_lowp_fwd, _lowp_bwd)
