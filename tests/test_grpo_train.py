@@ -91,8 +91,11 @@ def test_fused_step_matches_rollout_then_update_reinforce():
         np.testing.assert_allclose(fm[k], rm[k], rtol=1e-5)
     np.testing.assert_allclose(fm["loss"], sm["loss"], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(fm["grad_norm"], sm["grad_norm"], rtol=1e-4)
+    # AdamW normalises each update to about lr (1e-2) in size, so float32 reassociation
+    # between the two graphs can move a parameter by a few 1e-7; a real difference in the
+    # estimator would move it by up to lr
     for a, b in zip(jax.tree.leaves(fused_state.params), jax.tree.leaves(split_state.params)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- full runs
