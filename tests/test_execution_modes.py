@@ -133,16 +133,12 @@ def test_unrolled_and_remat_match_scanned(variant):
     l_new = decoder.apply(other, params, ids, attention_mask=mask)[0]
     np.testing.assert_allclose(l_new, l_ref, rtol=1e-5, atol=1e-5)
     # prefill + one cached step
-    for cfg_, out in ((base, []), (other, [])):
+    def cached_step(cfg_):
         cache = decoder.init_cache(cfg_, 3, 16)
         _, _, cache = decoder.apply(cfg_, params, batch[0], attention_mask=batch[1], cache=cache)
         step, _, cache = decoder.apply(cfg_, params, batch[2][:, :1], cache=cache)
-        out.extend([step, cache["k"], cache["v"]])
-        if cfg_ is base:
-            ref_out = out
-        else:
-            new_out = out
-    for x, y in zip(new_out, ref_out):
+        return step, cache["k"], cache["v"]
+    for x, y in zip(cached_step(other), cached_step(base)):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
     loss_r, grad_r = _sft_grad(base, params, batch)(params)
     loss_n, grad_n = _sft_grad(other, params, batch)(params)

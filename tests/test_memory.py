@@ -62,8 +62,8 @@ def compiled_step_memory(config, *, batch_per_device, seq_len, target_len, mesh_
             p = trained
             x = decoder.embed_tokens(config, p, ids, jnp.float32)
             x = jax.lax.with_sharding_constraint(x, bsh)   # [batch, seq, hidden]
-            _, h, _ = decoder.apply(config, p, inputs_embeds=x, attention_mask=mask,
-                                    return_logits=False, remat=remat)
+            _, h, _ = decoder.apply(config.with_execution(remat=remat), p, inputs_embeds=x,
+                                    attention_mask=mask, return_logits=False)
             logits = decoder.lm_head(config, p, h[:, -T - 1:-1])
         else:  # LR-GRPO shape: frozen prompt cache, only the suffix carries gradients
             p = dict(jax.lax.stop_gradient(frozen), latent=trained)

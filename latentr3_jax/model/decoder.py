@@ -291,13 +291,13 @@ def lm_head(config: DecoderConfig, params: Params, hidden: jax.Array) -> jax.Arr
     else:
         w = params["lm_head"]["kernel"]
         out = mixed.einsum("nd,dv->nv", h2, w, jnp.float32)
-    return out.astype(jnp.float32).reshape(hidden.shape[:-1] + (w.shape[0] if config.tie_word_embeddings else w.shape[1],))
+    return out.reshape(hidden.shape[:-1] + out.shape[-1:])
 
 
 def apply(config: DecoderConfig, params: Params, input_ids: Optional[jax.Array] = None, *,
           inputs_embeds: Optional[jax.Array] = None, attention_mask: Optional[jax.Array] = None,
           positions: Optional[jax.Array] = None, cache: Optional[Cache] = None,
-          dtype: Any = jnp.float32, return_logits: bool = True, remat: bool = False):
+          dtype: Any = jnp.float32, return_logits: bool = True):
     """Run the decoder.
 
     Args:
@@ -343,7 +343,7 @@ def apply(config: DecoderConfig, params: Params, input_ids: Optional[jax.Array] 
         y, new_kv = _layer(config, carry, lp, cos, sin, attn_bias, kv, index)
         return y, new_kv
 
-    if remat or config.remat:
+    if config.remat:
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
     kv_in = (cache["k"], cache["v"]) if cache is not None else None
     if config.scan_layers:

@@ -22,6 +22,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+from typing import Optional
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
 _applied = None
 
 
-def configure(mode: str = None) -> bool:
+def configure(mode: Optional[str] = None) -> bool:
     """Apply the heap-reuse policy unless `mode` (default: $LATENTR3_CPU_MALLOC) is
     'system'. Returns whether it is in effect. Idempotent."""
     global _applied
