@@ -96,6 +96,40 @@ def test_interrupted_write_is_never_picked(saved):
     assert not any("/7" in str(x.message) for x in w)
 
 
+def test_saved_json_is_taken_at_the_call(saved):
+    """The trainer dicts go on changing right after `save` returns, while Orbax writes in the
+    background: each checkpoint must hold the values of its own step (a restart from step k
+    with the counters of step k+1 skips a batch)."""
+    ck, abstract, sh, state0, _, latest = saved
+    handed = []   # what Orbax was given to write, read after the caller's changes
+    real_save = ck.latest.save
+
+    def spy(step, args, **kw):
+        handed.append((step, args))
+        return real_save(step, args=args, **kw)
+
+    ck.latest.save = spy
+    for s in range(4, 12):
+        trainer = {"batches": s, "history": [s]}
+        data = {"epoch": 0, "step": s}
+        st = state0.replace(step=jnp.int32(s))
+        ck.save(st, data, extra={"trainer": trainer})
+        trainer["batches"] += 1000
+        trainer["history"].append(-1)
+        data["step"] += 1000
+    ck.wait()
+    assert [s for s, _ in handed] == list(range(4, 12))
+    for s, args in handed:
+        assert args["meta"].item["trainer"] == {"batches": s, "history": [s]}
+        assert args["data"].item["step"] == s
+    kept = sorted(int(p.name) for p in latest.iterdir() if p.name.isdigit())
+    assert kept == [7, 8, 9, 10, 11]  # keep=5
+    for s in kept:
+        meta = json.loads((latest / str(s) / "meta" / "metadata").read_text())
+        assert meta["trainer"] == {"batches": s, "history": [s]}, (s, meta)
+        assert json.loads((latest / str(s) / "data" / "metadata").read_text())["step"] == s
+
+
 def test_corrupted_latest_falls_back_with_warning(saved):
     ck, abstract, sh, _, _, latest = saved
     files = [f for f in glob.glob(str(latest / "3" / "params" / "**"), recursive=True)

@@ -71,15 +71,19 @@ def _assert_same_params(a_dir, b_dir):
 
 def _check_kills(kills, killed_dir, key, total):
     # the kills really interrupted the run, and every restart resumed from a checkpoint
+    # (a kill may land after the last step's record, while its checkpoint is being written)
     assert len(kills) == KILLS, kills
-    assert all(k["seen_at_kill"] is not None and k["seen_at_kill"] < total for k in kills), kills
+    assert all(k["seen_at_kill"] is not None for k in kills), kills
     print(f"\n{os.path.basename(os.path.dirname(killed_dir))} kills:", *kills, sep="\n  ")
     steps = ch.train_records(killed_dir, key)
     assert set(steps) == set(range(1, total + 1)), steps
     # each restart went on right after the newest checkpoint complete at the kill
     for k in kills:
-        first = steps[k["records_at_kill"]]
-        assert first == max(k["checkpoints_at_kill"], default=0) + 1, (k, steps)
+        newest = max(k["checkpoints_at_kill"], default=0)
+        if k["records_at_kill"] == len(steps):  # nothing left to train after this kill
+            assert newest == total, (k, steps)
+            continue
+        assert steps[k["records_at_kill"]] == newest + 1, (k, steps)
 
 
 @pytest.fixture(scope="module")

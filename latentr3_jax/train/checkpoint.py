@@ -38,6 +38,17 @@ class CheckpointWarning(UserWarning):
     """A damaged checkpoint was skipped."""
 
 
+class _QuietReadOnly(logging.Filter):
+    """Orbax warns each time a checkpoint directory is opened read-only, which is how every
+    params-only restore opens one: drop that line, keep the rest."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Given directory is read only")
+
+
+logging.getLogger("absl").addFilter(_QuietReadOnly())
+
+
 # --------------------------------------------------------------------------- fingerprints
 
 
@@ -91,6 +102,11 @@ def _train_part(state: TrainState) -> dict:
             "bad_steps": state.bad_steps, "total_bad_steps": state.total_bad_steps}
 
 
+def _snapshot(tree: dict) -> dict:
+    """A deep, JSON-normalised copy of `tree`, taken at the call."""
+    return json.loads(json.dumps(tree))
+
+
 def _step_dirs_complete(step_dir: str, items: tuple) -> Optional[str]:
     """Why a finalized step directory is unusable, or None if it looks whole."""
     if not os.path.isdir(step_dir):
@@ -137,11 +153,13 @@ class Checkpointer:
         step = int(jax.device_get(state.step))
         if step in self.latest.all_steps():
             return False
-        meta = {"fingerprint": self.fingerprint, "step": step, **(extra or {})}
+        # The JSON items are serialized on Orbax's background thread: snapshot them now, or
+        # a caller that goes on mutating its dicts (a trainer's counters) saves later values.
+        meta = _snapshot({"fingerprint": self.fingerprint, "step": step, **(extra or {})})
         return self.latest.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(state.params),
             train=ocp.args.StandardSave(_train_part(state)),
-            data=ocp.args.JsonSave(data_state or {}),
+            data=ocp.args.JsonSave(_snapshot(data_state or {})),
             meta=ocp.args.JsonSave(meta)), force=True)
 
     def save_best(self, state: TrainState, valid_loss: float, extra: Optional[dict] = None) -> bool:
@@ -149,8 +167,8 @@ class Checkpointer:
         step = int(jax.device_get(state.step))
         if step in self.best.all_steps():
             return False
-        meta = {"fingerprint": self.fingerprint, "step": step, "valid_loss": float(valid_loss),
-                **(extra or {})}
+        meta = _snapshot({"fingerprint": self.fingerprint, "step": step,
+                          "valid_loss": float(valid_loss), **(extra or {})})
         return self.best.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(state.params), meta=ocp.args.JsonSave(meta)),
             metrics={"valid_loss": float(valid_loss)}, force=True)
@@ -223,7 +241,8 @@ def restore_params(ckpt_dir: str, which: str = BEST, *, abstract_params=None,
     root = os.path.join(ckpt_dir, which)
     if not os.path.isdir(root):
         raise FileNotFoundError(root)
-    mngr = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+    mngr = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(
+        read_only=True, create=False, save_interval_steps=0))
     try:
         steps = sorted(mngr.all_steps(), reverse=True)
         if not steps:
