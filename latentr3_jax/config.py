@@ -70,6 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     # ---- stage 1: SFT (SPEC.md section 5)
     c.sft = ml_collections.ConfigDict()
+    c.sft.init_from = ""            # run directory whose best weights start this run ('' = model.*)
     c.sft.learning_rate = 3e-4
     c.sft.warmup_steps = 20
     c.sft.batch_size = 128          # global batch (sequences)
@@ -109,6 +110,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.grpo.keep_checkpoints = 2
     c.grpo.max_bad_steps = 10
     c.grpo.evaluate = True          # HR/NDCG on the valid split after training
+
+    # ---- `latentr3 run` (the whole recipe)
+    c.pipeline = ml_collections.ConfigDict()
+    c.pipeline.base_epochs = 0      # >0: a shared N=0 SFT stage of this many epochs that both
+                                    # SFT variants start from (sft.init_from); 0 = none
 
     # ---- evaluation (SPEC.md section 7)
     c.eval = ml_collections.ConfigDict()

@@ -38,6 +38,15 @@ def test_run_pipeline_writes_table_and_plot(tmp_path):
         assert 0.0 <= r["HR@10"] <= 1.0 and r["HR@5"] <= r["HR@10"]
         assert r["users"] == 8 and r["train_time_s"] > 0 and r["ms_per_user"] > 0
     assert rows[0]["num_thoughts"] == 0 and rows[1]["num_thoughts"] == 1
+    # the demo's shared N=0 base stage ran first and both SFT variants started from it
+    base = workdir / "base"
+    assert json.loads((base / "model_config.json").read_text())["num_thoughts"] == 0
+    assert (base / "train_summary.json").exists() and rows[0]["base_time_s"] > 0
+    for name in ("sft_baseline", "sft_latentr3"):
+        run_cfg = json.loads((workdir / name / "config.json").read_text())
+        assert run_cfg["sft"]["init_from"] == str(base)
+        assert (json.loads((workdir / name / "model_config.json").read_text())["decoder"]
+                == json.loads((base / "model_config.json").read_text())["decoder"])
     md = (workdir / "results.md").read_text()
     assert "SFT + LatentR³ + LR-GRPO" in md and "HR@5" in md
     png = (workdir / "results.png").read_bytes()

@@ -1,4 +1,5 @@
-"""Building the model a run trains: from a local Hugging Face checkpoint or from scratch."""
+"""Building the model a run trains: from a local Hugging Face checkpoint, from an earlier
+run's weights (`sft.init_from`) or from scratch."""
 
 from __future__ import annotations
 
@@ -23,8 +24,40 @@ def check_model_options(cfg) -> None:
         raise InputError(f"config model.latent_mode must be one of {latent.LATENT_MODES}, "
                          f"got {cfg.model.latent_mode!r}")
     scan_layers_option(cfg.model.get("scan_layers", "auto"), 1)
+    if init_from_run(cfg) and cfg.model.hf_path:
+        raise InputError("config sft.init_from and model.hf_path are both set: the weights come "
+                         "from one or the other (the run named by init_from records its own source)")
     if cfg.model.dtype not in ("float32", "bfloat16"):
         raise InputError(f"config model.dtype must be float32 or bfloat16, got {cfg.model.dtype!r}")
+
+
+def init_from_run(cfg) -> str:
+    """cfg.sft.init_from: a run directory whose weights start this SFT run ('' = none)."""
+    return str(cfg.get("sft", {}).get("init_from", "") or "")
+
+
+def load_init_run(cfg, tokenizer=None):
+    """The RunArtifacts of cfg.sft.init_from (its best checkpoint), checked against
+    `tokenizer` when one is given."""
+    from latentr3_jax.train import checkpoint as ckpt_lib
+
+    path = init_from_run(cfg)
+    base = ckpt_lib.load_run(path, which=ckpt_lib.BEST)
+    if tokenizer is not None:
+        got = ckpt_lib.tokenizer_fingerprint(tokenizer)
+        want = ckpt_lib.tokenizer_fingerprint(base.tokenizer)
+        if got != want:
+            raise InputError(f"config sft.init_from {path}: that run's tokenizer differs from this "
+                             f"run's ({_first_diff(want, got)}); leave tokenizer.path empty to use "
+                             f"the init run's tokenizer")
+    return base
+
+
+def _first_diff(a: dict, b: dict) -> str:
+    for k in sorted(set(a) | set(b), key=lambda k: (k != "vocab_size", k)):
+        if a.get(k) != b.get(k):
+            return f"{k}: {a.get(k)!r} there vs {b.get(k)!r} here"
+    return "no difference"
 
 
 def compute_dtype(cfg):
@@ -67,21 +100,34 @@ def _fit_vocab(config: DecoderConfig, params: dict, tokenizer) -> Tuple[DecoderC
 
 
 def build_model(cfg, tokenizer, rng: jax.Array) -> Tuple[DecoderConfig, dict]:
-    """(DecoderConfig, params) for a run, incl. params['latent'] when it trains LatentRATT."""
+    """(DecoderConfig, params) for a run, incl. params['latent'] when it trains LatentRATT.
+
+    With sft.init_from, the decoder weights (and the shape) are that run's best checkpoint;
+    its LatentRATT weights carry over when it has them in the same latent mode, otherwise
+    the module starts fresh (N = 0 run -> LatentR³ run).
+    """
     check_model_options(cfg)
     dec_rng, lat_rng = jax.random.split(rng)
+    carried_latent = None
     if cfg.model.hf_path:
         from latentr3_jax import hf
         config, params = hf.load_pretrained(cfg.model.hf_path)
         config, params = _fit_vocab(config, params, tokenizer)
         if tokenizer.eos_id is not None and config.eos_token_id is None:
             config = config.replace(eos_token_id=int(tokenizer.eos_id))
+    elif init_from_run(cfg):
+        base = load_init_run(cfg, tokenizer)
+        config = base.model_config
+        params = {k: v for k, v in base.params.items() if k != "latent"}
+        if "latent" in base.params and base.latent_mode == cfg.model.latent_mode:
+            carried_latent = base.params["latent"]   # continuing a LatentR³ run
     else:
         config = scratch_config(cfg, tokenizer)
         params = decoder.init_params(config, dec_rng)
     params = dict(params)
     if wants_latent_params(cfg):
-        params["latent"] = latent.init_latent_params(config, lat_rng)
+        params["latent"] = carried_latent if carried_latent is not None else \
+            latent.init_latent_params(config, lat_rng)
     return execution_config(cfg, config), params
 
 

@@ -112,11 +112,17 @@ def check_sft_config(cfg) -> None:
 
 def get_tokenizer(cfg, dataset, run_dir: str):
     """The run's tokenizer: the one saved in the run directory (resuming), a given local
-    directory, the HF model's, or a byte-level BPE trained on the dataset."""
+    directory, the HF model's, the sft.init_from run's, or a byte-level BPE trained on the
+    dataset."""
     from latentr3_jax import data
     saved = os.path.join(run_dir, runs.TOKENIZER)
     if os.path.isdir(saved):
         return data.load_tokenizer(saved)
+    if setup.init_from_run(cfg) and not cfg.tokenizer.get("path", ""):
+        init_dir = os.path.abspath(setup.init_from_run(cfg))
+        if not os.path.isdir(init_dir):
+            raise InputError(f"config sft.init_from: run directory {init_dir} not found")
+        return runs.load_run_tokenizer(init_dir)
     return data.make_tokenizer(cfg, dataset)
 
 
@@ -180,7 +186,7 @@ def train_sft(cfg, *, progress: bool = True, resume_hint: Optional[str] = None,
     model_key, state_key = jax.random.split(key)
     schedule = optim.linear_warmup_decay(float(s.learning_rate), int(s.warmup_steps), total)
     tx = optim.adamw(schedule, weight_decay=float(s.weight_decay), grad_clip=float(s.grad_clip))
-    if cfg.model.hf_path:
+    if cfg.model.hf_path or setup.init_from_run(cfg):
         model_config, params = setup.build_model(cfg, tok, model_key)
         axes = setup.params_axes(model_config, params)
         state, shardings = create_sharded_state(None, axes, tx, state_key, mesh, params=params)
