@@ -519,48 +519,34 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def _write_then_rename(write, tmp: str, final: str) -> None:
-    """Run `write` (which creates `tmp`), then rename it to `final`; on any error remove `tmp`."""
-    try:
-        write()
-        os.replace(tmp, final)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_pretrained(config: DecoderConfig, params: dict, path: str) -> None:
     """Write `config.json` + `model.safetensors` (float32) that transformers loads.
 
     `params['latent']`, which transformers has no place for, goes to `latent.safetensors`.
+    The files replace an earlier export together: an interrupted export leaves the folder
+    as it was.
     """
     from safetensors.numpy import save_file
 
-    from latentr3_jax.utils.atomic import atomic_write_text
+    from latentr3_jax.utils.atomic import atomic_files
 
     path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
     tensors = hf_state_dict(config, params)
-    tmp = os.path.join(path, ".model.safetensors.tmp")
-    _write_then_rename(lambda: save_file(tensors, tmp, metadata={"format": "pt"}), tmp,
-                       os.path.join(path, "model.safetensors"))
-    for stale in ("model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"):
-        if os.path.exists(os.path.join(path, stale)):
-            os.remove(os.path.join(path, stale))
-    latent_path = os.path.join(path, LATENT_FILE)
-    if params.get("latent"):
-        tmp = latent_path + ".tmp"
-        _write_then_rename(lambda: save_file(_flatten(params["latent"]), tmp), tmp, latent_path)
-    elif os.path.exists(latent_path):
-        os.remove(latent_path)
-    atomic_write_text(os.path.join(path, "config.json"),
-                      json.dumps(config_to_hf(config), indent=2, sort_keys=True) + "\n")
     gen = {k: v for k, v in (("bos_token_id", config.bos_token_id),
                              ("eos_token_id", config.eos_token_id),
                              ("pad_token_id", config.pad_token_id)) if v is not None}
-    atomic_write_text(os.path.join(path, "generation_config.json"),
-                      json.dumps(gen, indent=2, sort_keys=True) + "\n")
+    with atomic_files(path) as fs:
+        save_file(tensors, fs.temp_path("model.safetensors"), metadata={"format": "pt"})
+        if params.get("latent"):
+            save_file(_flatten(params["latent"]), fs.temp_path(LATENT_FILE))
+        fs.write_text("config.json", json.dumps(config_to_hf(config), indent=2, sort_keys=True) + "\n")
+        fs.write_text("generation_config.json", json.dumps(gen, indent=2, sort_keys=True) + "\n")
+    stale = ["model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"]
+    if not params.get("latent"):
+        stale.append(LATENT_FILE)
+    for name in stale:
+        if os.path.exists(os.path.join(path, name)):
+            os.remove(os.path.join(path, name))
 
 
 # --------------------------------------------------------------------------- vocab

@@ -247,3 +247,22 @@ def test_eight_devices_use_the_global_batch():
             np.testing.assert_allclose(other[key], one[key], rtol=1e-5, atol=1e-7,
                                        err_msg=f"{name} {key}")
         np.testing.assert_allclose(other["latent_q"], one["latent_q"], rtol=1e-4, atol=1e-7)
+
+
+def test_non_finite_steps_stop_with_a_clear_error(sft_run, tmp_path):
+    """A learning rate that blows the latent up: the non-finite steps are skipped (never
+    applied), and after grpo.max_bad_steps of them in a row the run stops, naming the last
+    good checkpoint, which holds finite weights."""
+    from latentr3_jax.train import checkpoint as ckpt_lib, runs
+    from latentr3_jax.train.step import NonFiniteError
+    run = tmp_path / "nan"
+    cfg = _grpo_cfg(run, sft_run, **{"grpo.learning_rate": 1e30, "grpo.warmup_steps": 0,
+                                     "grpo.max_bad_steps": 2, "grpo.max_steps": 8,
+                                     "grpo.checkpoint_every": 1, "grpo.log_every": 1})
+    with pytest.raises(NonFiniteError, match=r"2 consecutive steps had a non-finite loss.*"
+                                             r"Last good checkpoint: step \d+ in .*grpo.learning_rate"):
+        grpo.train_grpo(cfg, progress=False)
+    recs = [r for r in runs.read_metrics(str(run)) if r.get("split") == "train"]
+    assert len(recs) < 8 and [r["skipped"] for r in recs[-2:]] == [True, True], recs
+    art = ckpt_lib.load_run(str(run), which="latest")
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(jax.device_get(art.params)))

@@ -381,18 +381,22 @@ def csv_text(rows: Iterable[Sequence], header: Sequence[str]) -> str:
 
 
 def write_d3(folder, catalog: Catalog, splits: dict) -> None:
-    """Write `info.txt` and the split CSVs (CDs-style columns) atomically."""
+    """Write `info.txt` and the split CSVs (CDs-style columns); they replace an earlier
+    version of the folder together, so an interrupted write leaves it as it was."""
+    from latentr3_jax.utils.atomic import atomic_files
+
     folder = pathlib.Path(folder)
     for t in catalog.titles.values():
         if "\t" in t or "\n" in t or "\r" in t:
             raise InputError(f"title {t[:60]!r} holds a tab or newline; it cannot go in info.txt")
     info = "".join(f"{catalog.titles[i]}\t{i}\n" for i in catalog.ids)
-    for split, samples in splits.items():
-        rows = []
-        for s in samples:
-            h_ts = list(s.history_timestamps) if s.history_timestamps is not None else ""
-            rows.append([s.user_id or "", str(list(s.history_ids)), s.target_id,
-                         str(list(s.history_titles)), s.target_title, h_ts,
-                         "" if s.timestamp is None else s.timestamp])
-        atomic_write_text(folder / f"{split}.csv", csv_text(rows, D3_COLUMNS))
-    atomic_write_text(folder / "info.txt", info)
+    with atomic_files(folder) as fs:
+        for split, samples in splits.items():
+            rows = []
+            for s in samples:
+                h_ts = list(s.history_timestamps) if s.history_timestamps is not None else ""
+                rows.append([s.user_id or "", str(list(s.history_ids)), s.target_id,
+                             str(list(s.history_titles)), s.target_title, h_ts,
+                             "" if s.timestamp is None else s.timestamp])
+            fs.write_text(f"{split}.csv", csv_text(rows, D3_COLUMNS))
+        fs.write_text("info.txt", info)

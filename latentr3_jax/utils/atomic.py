@@ -33,3 +33,58 @@ def atomic_write_text(path: str, text: str) -> None:
 def atomic_write_bytes(path: str, data: bytes) -> None:
     with atomic_open(path, "wb") as f:
         f.write(data)
+
+
+class FileSet:
+    """Several files of one folder replaced together: each is written to a temp file beside
+    its target, and only when all are written are they renamed into place (a crash while
+    writing leaves the old set untouched; only the renames, microseconds long, can split
+    it). Use through `atomic_files`."""
+
+    def __init__(self, folder: str):
+        self.folder = os.path.abspath(os.fspath(folder))
+        os.makedirs(self.folder, exist_ok=True)
+        self._pending: list = []   # (tmp, final)
+
+    def temp_path(self, name: str) -> str:
+        """A fresh temp path to write `name` to (the caller writes it, e.g. a library saver)."""
+        final = os.path.join(self.folder, name)
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(name) + ".", suffix=".tmp",
+                                   dir=os.path.dirname(final))
+        os.close(fd)
+        self._pending.append((tmp, final))
+        return tmp
+
+    def write_text(self, name: str, text: str, encoding: str = "utf-8") -> None:
+        tmp = self.temp_path(name)
+        with open(tmp, "w", encoding=encoding) as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def commit(self) -> None:
+        for tmp, _ in self._pending:   # bytes on disk before any rename
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        for tmp, final in self._pending:
+            os.replace(tmp, final)
+        self._pending = []
+
+    def discard(self) -> None:
+        for tmp, _ in self._pending:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        self._pending = []
+
+
+@contextlib.contextmanager
+def atomic_files(folder: str):
+    """`with atomic_files(d) as fs: fs.write_text('a.csv', ...); save(fs.temp_path('w.bin'))`:
+    all of them replace their targets at the end, or none does."""
+    fs = FileSet(folder)
+    try:
+        yield fs
+        fs.commit()
+    except BaseException:
+        fs.discard()
+        raise
