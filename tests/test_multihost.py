@@ -19,6 +19,7 @@ from latentr3_jax.parallel import distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "tests", "_multihost_worker.py")
+STOP_WORKER = os.path.join(REPO, "tests", "_multihost_stop_worker.py")
 TIMEOUT_S = 420
 
 
@@ -81,36 +82,22 @@ def _prepare(root):
     return c.dataset_dir, tok_dir
 
 
-def _start(out, local_devices, workdir, data_dir, tok_dir, flags, log, extra_env=None):
+def _start(out, local_devices, workdir, data_dir, tok_dir, flags, log, extra_env=None,
+           worker=WORKER, worker_args=()):
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
     for k in ("XLA_FLAGS", distributed.ENV_ADDRESS, distributed.ENV_NUM_PROCESSES,
               distributed.ENV_PROCESS_ID):
         env.pop(k, None)
     env.update(extra_env or {})
-    return subprocess.Popen([sys.executable, WORKER, str(out), str(local_devices), str(workdir),
-                             data_dir, tok_dir, *flags], env=env, stdout=log,
+    return subprocess.Popen([sys.executable, worker, str(out), str(local_devices), str(workdir),
+                             data_dir, tok_dir, *worker_args, *flags], env=env, stdout=log,
                             stderr=subprocess.STDOUT, cwd=REPO)
 
 
-def _tail(path, n=4000):
-    with open(path, errors="replace") as f:
-        return f.read()[-n:]
-
-
-@pytest.mark.slow
-def test_two_processes_match_one_process(tmp_path):
-    data_dir, tok_dir = _prepare(str(tmp_path))
-    port = _free_port()
-    address = f"127.0.0.1:{port}"
-    # process 0 joins through config flags (as launch/ passes them), process 1 through the
-    # JAX_* environment variables
-    runs = [("single", 8, tmp_path / "single", [], {}),
-            ("multi0", 4, tmp_path / "multi",
-             [f"--config.distributed.coordinator_address={address}",
-              "--config.distributed.num_processes=2", "--config.distributed.process_id=0"], {}),
-            ("multi1", 4, tmp_path / "multi", [],
-             {distributed.ENV_ADDRESS: address, distributed.ENV_NUM_PROCESSES: "2",
-              distributed.ENV_PROCESS_ID: "1"})]
+def _run_all(tmp_path, runs, data_dir, tok_dir, worker=WORKER, worker_args=()):
+    """Start every (name, local devices, workdir, flags, env) process, wait for all, and
+    return name -> the JSON each wrote. One failed process fails the test at once (its
+    peers would wait on collectives until the timeout)."""
     jobs = {}   # name -> (process, out json, log path)
     try:
         for name, devices, workdir, flags, extra_env in runs:
@@ -118,8 +105,7 @@ def test_two_processes_match_one_process(tmp_path):
             out = tmp_path / f"{name}.json"
             with open(log_path, "w") as log:
                 jobs[name] = (_start(out, devices, workdir, data_dir, tok_dir, flags, log,
-                                     extra_env), out, log_path)
-        # poll all of them: one failed process would leave its peer waiting on collectives
+                                     extra_env, worker, worker_args), out, log_path)
         deadline = time.monotonic() + TIMEOUT_S
         while any(proc.poll() is None for proc, _, _ in jobs.values()):
             for name, (proc, _, log_path) in jobs.items():
@@ -137,8 +123,31 @@ def test_two_processes_match_one_process(tmp_path):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+    return {name: json.loads(out.read_text()) for name, (_, out, _) in jobs.items()}
 
-    res = {name: json.loads(out.read_text()) for name, (_, out, _) in jobs.items()}
+
+def _two_hosts(address, workdir):
+    """Process 0 joins through config flags (as launch/ passes them), process 1 through the
+    JAX_* environment variables."""
+    return [("multi0", 4, workdir,
+             [f"--config.distributed.coordinator_address={address}",
+              "--config.distributed.num_processes=2", "--config.distributed.process_id=0"], {}),
+            ("multi1", 4, workdir, [],
+             {distributed.ENV_ADDRESS: address, distributed.ENV_NUM_PROCESSES: "2",
+              distributed.ENV_PROCESS_ID: "1"})]
+
+
+def _tail(path, n=4000):
+    with open(path, errors="replace") as f:
+        return f.read()[-n:]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path):
+    data_dir, tok_dir = _prepare(str(tmp_path))
+    address = f"127.0.0.1:{_free_port()}"
+    runs = [("single", 8, tmp_path / "single", [], {}), *_two_hosts(address, tmp_path / "multi")]
+    res = _run_all(tmp_path, runs, data_dir, tok_dir)
     one, m0, m1 = res["single"], res["multi0"], res["multi1"]
     assert (one["process_count"], one["local_devices"], one["devices"]) == (1, 8, 8)
     for i, m in enumerate((m0, m1)):
@@ -175,3 +184,49 @@ def test_two_processes_match_one_process(tmp_path):
     np.testing.assert_allclose(m0["grpo"]["valid_reward_end"], one["grpo"]["valid_reward_end"],
                                rtol=1e-4, atol=1e-5)
     assert [x["loss"] for x in m1["grpo"]["curve"]] == [x["loss"] for x in c_multi]
+
+
+@pytest.mark.slow
+def test_a_signal_on_one_host_stops_every_host_at_the_same_step(tmp_path):
+    """Only process 1 gets SIGTERM, during step 3. Both stop after step 4 (the next logging
+    step, sft.log_every=2), save, and the same command resumes both to the end. Without the
+    agreement, process 1 would stop alone and process 0 would hang in step 4's collectives."""
+    data_dir, tok_dir = _prepare(str(tmp_path))
+    address = f"127.0.0.1:{_free_port()}"
+    res = _run_all(tmp_path, _two_hosts(address, tmp_path / "run"), data_dir, tok_dir,
+                   worker=STOP_WORKER, worker_args=("3",))
+    for name in ("multi0", "multi1"):
+        assert res[name]["stopped"] == {"step": 4, "signal": "SIGTERM"}, res[name]
+        assert res[name]["resumed"] == {"start_step": 4, "steps": 6}, res[name]
+    with open(tmp_path / "run" / "sft" / "metrics.jsonl") as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    assert [r["step"] for r in recs if r.get("split") == "train"] == [2, 4, 6]
+    assert [(r["step"], r["signal"]) for r in recs if r.get("event") == "stopped"] == [(4, "SIGTERM")]
+
+
+def test_should_stop_waits_for_the_sync_step_on_several_processes(monkeypatch):
+    """The agreement schedule, with the exchange replaced by a stand-in for the other host."""
+    import signal as signal_mod
+
+    from jax.experimental import multihost_utils
+
+    from latentr3_jax.train.signals import GracefulStop
+    other = {"code": 0}
+    seen = []
+
+    def allgather(x):
+        seen.append(int(x))
+        return np.array([int(x), other["code"]], np.int32)
+
+    monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+    stop = GracefulStop(sync_every=3, process_count=2)
+    assert [stop.should_stop(s) for s in (1, 2, 3)] == [False, False, False]
+    other["code"] = int(signal_mod.SIGTERM)           # the other host was signalled
+    assert [stop.should_stop(s) for s in (4, 5)] == [False, False]   # not a sync step
+    assert stop.should_stop(6) and stop.received == "SIGTERM" and stop.requested
+    assert seen == [0, 0]                              # exchanged at steps 3 and 6 only
+    # one process: the local flag, no exchange
+    single = GracefulStop(sync_every=3, process_count=1)
+    assert not single.should_stop(3)
+    single.received = "SIGINT"
+    assert single.should_stop(1) and seen == [0, 0]

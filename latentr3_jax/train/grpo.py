@@ -522,7 +522,8 @@ def train_grpo(cfg, *, progress: bool = True, resume_hint: Optional[str] = None,
         pending = []
 
     try:
-        with GracefulStop() as stop:
+        # multi-host: the hosts agree on a stop at logging steps, where the host syncs anyway
+        with GracefulStop(sync_every=log_every) as stop:
             it = iter(train_it)
             while batch_i < total:
                 batch = next(it)
@@ -533,7 +534,7 @@ def train_grpo(cfg, *, progress: bool = True, resume_hint: Optional[str] = None,
                 pending.append((batch_i, opt_step, m))
                 if batch_i % log_every == 0 or batch_i == total:
                     flush()
-                stopping = stop.requested or (stop_after is not None
+                stopping = stop.should_stop(batch_i) or (stop_after is not None
                                               and batch_i - start_batch >= stop_after)
                 if batch_i % int(g.checkpoint_every) == 0 or batch_i == total or stopping:
                     flush()

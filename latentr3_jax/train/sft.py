@@ -245,7 +245,8 @@ def train_sft(cfg, *, progress: bool = True, resume_hint: Optional[str] = None,
                 f"sft.learning_rate or check the data.")
 
     try:
-        with GracefulStop() as stop:
+        # multi-host: the hosts agree on a stop at logging steps, where the host syncs anyway
+        with GracefulStop(sync_every=int(s.log_every)) as stop:
             it = iter(train_it)
             prev = None
             window_tokens = 0
@@ -291,7 +292,7 @@ def train_sft(cfg, *, progress: bool = True, resume_hint: Optional[str] = None,
                 if step % int(s.checkpoint_every) == 0 or epoch_end or step == total \
                         or trainer["stopped_early"]:
                     save()
-                if stop.requested or (stop_at_step is not None and step >= stop_at_step):
+                if stop.should_stop(step) or (stop_at_step is not None and step >= stop_at_step):
                     save()
                     ckpt.wait()
                     why = stop.received or "stop_at_step"

@@ -1,4 +1,9 @@
-"""Graceful stop on SIGTERM / SIGINT: finish the current step, save, exit."""
+"""Graceful stop on SIGTERM / SIGINT: finish the current step, save, exit.
+
+On a multi-process run the signal may reach one host only (or the hosts at different
+steps); a host that stopped alone would leave the others waiting in the next step's
+collectives. So the hosts agree: every `sync_every` steps (the same steps on every host)
+they exchange their flags, and all of them stop at that step if any one was signalled."""
 
 from __future__ import annotations
 
@@ -23,9 +28,12 @@ class GracefulStop:
     pressing Ctrl-C twice still kills the process.
     """
 
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT), *, sync_every: int = 1,
+                 process_count: Optional[int] = None):
         self.signals = signals
         self.received: Optional[str] = None
+        self.sync_every = max(int(sync_every), 1)
+        self._process_count = process_count
         self._old: dict = {}
 
     def _handler(self, signum, frame):
@@ -49,7 +57,31 @@ class GracefulStop:
 
     @property
     def requested(self) -> bool:
+        """Whether this process received a stop signal."""
         return self.received is not None
+
+    def should_stop(self, step: int) -> bool:
+        """Whether the run stops after `step`: on one process, as soon as a signal arrived;
+        on several, at the next multiple of `sync_every` once any process received one
+        (every process must call this at every step). `received` then names the signal,
+        also on the hosts that did not get it."""
+        count = self._process_count
+        if count is None:
+            import jax
+            count = jax.process_count()
+        if count <= 1:
+            return self.requested
+        if step % self.sync_every:
+            return False
+        import numpy as np
+        from jax.experimental import multihost_utils
+        mine = int(signal.Signals[self.received]) if self.received else 0
+        codes = np.asarray(multihost_utils.process_allgather(np.int32(mine))).reshape(-1)
+        if not codes.any():
+            return False
+        if self.received is None:
+            self.received = signal.Signals(int(codes.max())).name
+        return True
 
 
 def run_training_command(command: str, argv, train_fn):
