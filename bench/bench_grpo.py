@@ -73,7 +73,10 @@ def _summary(impl, dtype, prompts, times, extra=None) -> dict:
             "prompts_per_s_best": prompts / best, "s_per_prompt": med / prompts, **(extra or {})}
 
 
-def bench_jax(tok, enc, dtype: str, prompts: int, steps: int, fuse: bool = True) -> dict:
+def bench_jax(tok, enc, dtype: str, prompts: int, steps: int, fuse: bool = True, cfg=None,
+              one_shape: bool = False) -> dict:
+    """`cfg`: the decoder shape (default SPEC.md section 9's). `one_shape`: time only the
+    batches of the commonest padded shape (one compile; for large models)."""
     import jax
     import jax.numpy as jnp
     import ml_collections
@@ -83,7 +86,7 @@ def bench_jax(tok, enc, dtype: str, prompts: int, steps: int, fuse: bool = True)
     from latentr3_jax.parallel import mesh as mesh_lib
     from latentr3_jax.train import grpo, optim, setup, state as state_lib
 
-    cfg = bench_config(vocab_size=tok.vocab_size)
+    cfg = cfg or bench_config(vocab_size=tok.vocab_size)
     k1, k2 = jax.random.split(jax.random.PRNGKey(0))
     params = decoder.init_params(cfg, k1)
     params["latent"] = latent_lib.init_latent_params(cfg, k2)
@@ -99,6 +102,11 @@ def bench_jax(tok, enc, dtype: str, prompts: int, steps: int, fuse: bool = True)
                             target_buckets=(16, 32), pad_id=tok.pad_id, seed=0, shuffle=True,
                             drop_last=True, process_index=0, process_count=1)
     batches = list(it.epoch(0))
+    if one_shape:
+        import collections
+        key_of = lambda b: (b["prompt_ids"].shape, b["target_ids"].shape)
+        common = collections.Counter(map(key_of, batches)).most_common(1)[0][0]
+        batches = [b for b in batches if key_of(b) == common]
     shapes = {}
     for b in batches:  # compile every shape once, outside the timing
         key = (b["prompt_ids"].shape, b["target_ids"].shape)
@@ -123,19 +131,27 @@ def bench_jax(tok, enc, dtype: str, prompts: int, steps: int, fuse: bool = True)
 # --------------------------------------------------------------------------- torch
 
 
-def bench_torch(tok, enc, dtype: str, groups: int) -> dict:
+def bench_torch(tok, enc, dtype: str, groups: int, cfg=None, device: str = "cpu") -> dict:
+    """`cfg`: the decoder shape (default SPEC.md section 9's); `device`: cpu (2 threads) or cuda."""
     import torch
     import torch.nn as nn
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    torch.set_num_threads(2)
+    if device == "cpu":
+        torch.set_num_threads(2)
     torch.manual_seed(0)
     tdtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
-    d = 256
-    hf_cfg = Qwen2Config(vocab_size=tok.vocab_size, hidden_size=d, intermediate_size=1024,
-                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                         tie_word_embeddings=True, rope_theta=1e6, max_position_embeddings=2048)
-    model = Qwen2ForCausalLM(hf_cfg).to(tdtype).eval()
+    if cfg is None:
+        from latentr3_jax.model.config import bench_config
+        cfg = bench_config(vocab_size=tok.vocab_size)
+    d = cfg.hidden_size
+    hf_cfg = Qwen2Config(vocab_size=cfg.vocab_size, hidden_size=d,
+                         intermediate_size=cfg.intermediate_size,
+                         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                         num_key_value_heads=cfg.num_kv_heads,
+                         tie_word_embeddings=cfg.tie_word_embeddings, rope_theta=cfg.rope_theta,
+                         max_position_embeddings=2048)
+    model = Qwen2ForCausalLM(hf_cfg).to(tdtype).to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
 
@@ -159,13 +175,13 @@ def bench_torch(tok, enc, dtype: str, groups: int) -> dict:
             return x * emb.cos().to(x.dtype) + rot * emb.sin().to(x.dtype)
 
         def forward(self, h):  # h [B, S, d]: hidden states before the thought slot
-            pos = torch.arange(h.shape[1])[None].expand(h.shape[0], -1)
+            pos = torch.arange(h.shape[1], device=h.device)[None].expand(h.shape[0], -1)
             q = self.rope(self.q(h[:, -1:]), pos[:, -1:])
             k = self.rope(self.k(h), pos)
             att = torch.softmax((q @ k.transpose(1, 2)).float() / math.sqrt(d), -1).to(h.dtype)
             return (att @ self.v(h))[:, 0]
 
-    ratt = LatentRATT().to(tdtype)
+    ratt = LatentRATT().to(tdtype).to(device)
     opt = torch.optim.AdamW(ratt.parameters(), lr=5e-5)
     thought = tok.thought_id
     embed = model.get_input_embeddings()
@@ -183,8 +199,8 @@ def bench_torch(tok, enc, dtype: str, groups: int) -> dict:
     def group_step(e):
         prompt, target = e.prompt_ids, e.target_ids
         P, T = len(prompt), len(target)
-        ids = torch.tensor([prompt + [thought] + target] * G)
-        noise = 1.5 * torch.randn(G, d, dtype=tdtype)
+        ids = torch.tensor([prompt + [thought] + target] * G, device=device)
+        noise = 1.5 * torch.randn(G, d, dtype=tdtype, device=device)
         noise[0] = 0
         with torch.no_grad():                       # rollout: rewards and old log-probs
             old = passes(ids, P, T, noise)
@@ -198,8 +214,13 @@ def bench_torch(tok, enc, dtype: str, groups: int) -> dict:
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if device != "cpu":
+            torch.cuda.synchronize()
 
-    group_step(enc[0])  # warm-up
+    # warm-up on every timed group: each new sequence length can cost a one-off kernel
+    # plan (cuDNN attention on GPU), which a long run pays once per length
+    for e in enc[1:1 + groups]:
+        group_step(e)
     times = []
     for e in enc[1:1 + groups]:
         t0 = time.perf_counter()

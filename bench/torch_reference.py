@@ -104,14 +104,21 @@ def make_optimizer(modules, lr: float = 3e-4):
     return torch.optim.AdamW(ps, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
 
 
-def to_torch(batch: dict) -> dict:
-    return {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items() if k != "row"}
+def to_torch(batch: dict, device=None) -> dict:
+    return {k: torch.from_numpy(np.asarray(v)).to(device or "cpu")
+            for k, v in batch.items() if k != "row"}
+
+
+def _autocast(batch, dtype):
+    """Mixed precision on the batch's device (cpu or cuda), or nothing for float32."""
+    return torch.autocast(batch["prompt_ids"].device.type, dtype=dtype) if dtype else _null()
 
 
 def _sequence(batch, thought_id: int, num_thoughts: int):
     """[prompt, thoughts, target] ids, mask, position ids (counted over real tokens)."""
     B = batch["prompt_ids"].shape[0]
-    th = torch.full((B, num_thoughts), thought_id, dtype=batch["prompt_ids"].dtype)
+    th = torch.full((B, num_thoughts), thought_id, dtype=batch["prompt_ids"].dtype,
+                    device=batch["prompt_ids"].device)
     ids = torch.cat([batch["prompt_ids"], th, batch["target_ids"]], 1).long()
     mask = torch.cat([batch["prompt_mask"], torch.ones_like(th), batch["target_mask"]], 1).long()
     pos = (mask.cumsum(1) - 1).clamp(min=0)
@@ -131,7 +138,7 @@ def release_forward_loss(model, ratt, batch, thought_id: int, autocast_dtype=Non
     """Two full passes (N = 1), as the release trains: returns the loss."""
     ids, mask, pos = _sequence(batch, thought_id, 1)
     P = batch["prompt_ids"].shape[1]
-    ctx = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else _null()
+    ctx = _autocast(batch, autocast_dtype)
     with ctx:
         emb = model.model.embed_tokens(ids)
         out = model.model(inputs_embeds=emb, attention_mask=mask, position_ids=pos)
@@ -158,7 +165,7 @@ def plain_step(model, opt, batch, autocast_dtype=None) -> float:
     ids, mask, pos = _sequence(batch, 0, 0)
     P = batch["prompt_ids"].shape[1]
     opt.zero_grad(set_to_none=True)
-    ctx = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else _null()
+    ctx = _autocast(batch, autocast_dtype)
     with ctx:
         logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
         loss = _target_loss(logits, batch, P - 1)
