@@ -110,27 +110,15 @@ def worker_jax(args) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from latentr3_jax.model import decoder, latent
+    import bench_sft
     from latentr3_jax.parallel import make_mesh
-    from latentr3_jax.train import optim, setup, state as state_lib
-    from latentr3_jax.train.sft import make_sft_loss
-    from latentr3_jax.train.step import TrainStep
+    from latentr3_jax.train import setup
 
     batches, vocab, thought, _ = load_batches(args.batches)
     config = shape_config(args.shape, vocab)
     config = config.with_execution(scan_layers=setup.scan_layers_option("auto", config.num_layers))
     mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     res = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
-
-    def plain_loss(dtype):
-        def loss_fn(params, b, rng):
-            ids = jnp.concatenate([b["prompt_ids"], b["target_ids"]], 1)
-            mask = jnp.concatenate([b["prompt_mask"], b["target_mask"]], 1)
-            P, T = b["prompt_ids"].shape[1], b["target_ids"].shape[1]
-            logits, _, _ = decoder.apply(config, params, ids, attention_mask=mask, dtype=dtype)
-            return (*latent.target_cross_entropy(logits[:, P - 1:P - 1 + T], b["target_ids"],
-                                                 b["target_mask"]), {})
-        return loss_fn
 
     for kind in args.kinds.split(","):
         for dname in args.dtypes.split(","):
@@ -144,23 +132,7 @@ def worker_jax(args) -> dict:
                       file=sys.stderr)
                 continue
             dtype = jnp.bfloat16 if dname == "bfloat16" else jnp.float32
-            with_latent = kind == "latent"
-            sched = optim.linear_warmup_decay(3e-4, 20, 1000)
-            tx = optim.adamw(sched, grad_clip=1.0)
-
-            def init(r):
-                k1, k2 = jax.random.split(r)
-                p = dict(decoder.init_params(config, k1))
-                if with_latent:
-                    p["latent"] = latent.init_latent_params(config, k2)
-                return p
-            axes = decoder.param_axes(config)
-            if with_latent:
-                axes["latent"] = latent.latent_param_axes()
-            st, sh = state_lib.create_sharded_state(init, axes, tx, jax.random.PRNGKey(0), mesh)
-            loss = make_sft_loss(config, num_thoughts=1, dtype=dtype) if with_latent \
-                else plain_loss(dtype)
-            step = TrainStep(loss, tx, mesh, sh, schedule=sched)
+            st, step = bench_sft.make_train_step(config, mesh, kind, dtype)
             dev = [step.shard_batch(b) for b in batches]   # on the device, as torch's are
             holder = {"s": st}
 

@@ -104,18 +104,58 @@ def _time(fn, batches, steps: int, warmup: int = 2) -> dict:
 # --------------------------------------------------------------------------- workers
 
 
+def plain_loss(config, dtype):
+    """The same-work loss: one pass over [prompt, target], token-mean CE on the targets."""
+    import jax.numpy as jnp
+    from latentr3_jax.model import decoder, latent
+
+    def loss_fn(params, b, rng):
+        ids = jnp.concatenate([b["prompt_ids"], b["target_ids"]], 1)
+        mask = jnp.concatenate([b["prompt_mask"], b["target_mask"]], 1)
+        P, T = b["prompt_ids"].shape[1], b["target_ids"].shape[1]
+        logits, _, _ = decoder.apply(config, params, ids, attention_mask=mask, dtype=dtype)
+        return (*latent.target_cross_entropy(logits[:, P - 1:P - 1 + T], b["target_ids"],
+                                             b["target_mask"]), {})
+    return loss_fn
+
+
+def make_train_step(config, mesh, kind: str, dtype):
+    """(state, TrainStep) of the benchmarked step: kind 'latent' (LatentR³ N=1 SFT) or
+    'plain', AdamW with clipping, params created sharded on `mesh`."""
+    import jax
+    from latentr3_jax.model import decoder, latent
+    from latentr3_jax.train import optim, state as state_lib
+    from latentr3_jax.train.sft import make_sft_loss
+    from latentr3_jax.train.step import TrainStep
+
+    with_latent = kind == "latent"
+    sched = optim.linear_warmup_decay(3e-4, 20, 1000)
+    tx = optim.adamw(sched, grad_clip=1.0)
+
+    def init(r):
+        k1, k2 = jax.random.split(r)
+        p = dict(decoder.init_params(config, k1))
+        if with_latent:
+            p["latent"] = latent.init_latent_params(config, k2)
+        return p
+    axes = decoder.param_axes(config)
+    if with_latent:
+        axes["latent"] = latent.latent_param_axes()
+    st, sh = state_lib.create_sharded_state(init, axes, tx, jax.random.PRNGKey(0), mesh)
+    loss = make_sft_loss(config, num_thoughts=1, dtype=dtype) if with_latent \
+        else plain_loss(config, dtype)
+    return st, TrainStep(loss, tx, mesh, sh, schedule=sched)
+
+
 def worker_jax(args) -> dict:
     from latentr3_jax.utils import cpu_alloc
     cpu_alloc.configure()  # what `latentr3` does at start-up ($LATENTR3_CPU_MALLOC=system: off)
     import jax
     import jax.numpy as jnp
-    from latentr3_jax.model import decoder, latent
+    from latentr3_jax.model import decoder
     from latentr3_jax.model.config import bench_config
     from latentr3_jax.parallel import make_mesh
-    from latentr3_jax.train import optim, state as state_lib
-    from latentr3_jax.train.sft import make_sft_loss
     from latentr3_jax.train import setup
-    from latentr3_jax.train.step import TrainStep
 
     if args.variant == "attn_dpa":
         def dpa(config, q, k, v, bias):  # XLA's fused dot_product_attention, GQA native
@@ -150,36 +190,10 @@ def worker_jax(args) -> dict:
     mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     res = {}
 
-    def plain_loss(dtype):
-        def loss_fn(params, b, rng):
-            ids = jnp.concatenate([b["prompt_ids"], b["target_ids"]], 1)
-            mask = jnp.concatenate([b["prompt_mask"], b["target_mask"]], 1)
-            P = b["prompt_ids"].shape[1]
-            logits, _, _ = decoder.apply(config, params, ids, attention_mask=mask, dtype=dtype)
-            T = b["target_ids"].shape[1]
-            return (*latent.target_cross_entropy(logits[:, P - 1:P - 1 + T], b["target_ids"],
-                                                 b["target_mask"]), {})
-        return loss_fn
-
     for kind in args.kinds.split(","):
         for dname in args.dtypes.split(","):
             dtype = jnp.bfloat16 if dname == "bfloat16" else jnp.float32
-            with_latent = kind == "latent"
-            sched = optim.linear_warmup_decay(3e-4, 20, 1000)
-            tx = optim.adamw(sched, grad_clip=1.0)
-
-            def init(r):
-                k1, k2 = jax.random.split(r)
-                p = dict(decoder.init_params(config, k1))
-                if with_latent:
-                    p["latent"] = latent.init_latent_params(config, k2)
-                return p
-            axes = decoder.param_axes(config)
-            if with_latent:
-                axes["latent"] = latent.latent_param_axes()
-            st, sh = state_lib.create_sharded_state(init, axes, tx, jax.random.PRNGKey(0), mesh)
-            loss = make_sft_loss(config, num_thoughts=1, dtype=dtype) if with_latent else plain_loss(dtype)
-            step = TrainStep(loss, tx, mesh, sh, schedule=sched)
+            st, step = make_train_step(config, mesh, kind, dtype)
             holder = {"s": st}
 
             def run(b):
