@@ -9,6 +9,11 @@ float32 and bfloat16, and reports users/s, the ratio, and whether both return th
 top-10 titles in the same order.
 
     python bench/bench_beam.py [--users 16] [--batch 8] [--dtypes float32,bfloat16]
+
+On a GPU both engines run there (torch's trie walk stays in Python, as in the release).
+The catalog and tokenizer can be cached to a file made where ../shared is, and carried:
+    python bench/bench_beam.py --data-cache bench_data/beam_data.pkl --users 0   # make it
+    python bench/bench_beam.py --data-cache bench_data/beam_data.pkl --shape qwen2.5-1.5b
 """
 
 from __future__ import annotations
@@ -38,7 +43,22 @@ from latentr3_jax.model.config import bench_config  # noqa: E402
 CDS = ROOT.parent / "shared" / "data" / "amazon18" / "CDs_and_Vinyl"
 
 
-def load_data(vocab_size: int):
+def load_data(vocab_size: int, cache: str = ""):
+    """(dataset, tokenizer, source); with `cache`, read from that pickle when it exists,
+    else build and write it."""
+    import pickle
+    if cache and os.path.exists(cache):
+        with open(cache, "rb") as f:
+            return pickle.load(f)
+    out = _build_data(vocab_size)
+    if cache:
+        os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
+        with open(cache, "wb") as f:
+            pickle.dump(out, f)
+    return out
+
+
+def _build_data(vocab_size: int):
     if (CDS / "info.txt").exists():
         ds = D.read_d3(CDS)
         source = "CDs_and_Vinyl"
@@ -89,7 +109,8 @@ def run_torch(model_dir, trie, batches, torch_dtype, num_beams, length_penalty, 
     import torch
     from transformers import Qwen2ForCausalLM
 
-    model = Qwen2ForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = Qwen2ForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(device).eval()
     width = batches[0][0].shape[1]
     children = [trie.children(n) for n in range(trie.num_nodes)]
 
@@ -111,15 +132,21 @@ def run_torch(model_dir, trie, batches, torch_dtype, num_beams, length_penalty, 
             out.append(int(trie.leaf_index[node]) if node >= 0 else -1)
         return out
 
+    def generate(ids, mask):
+        return model.generate(input_ids=torch.as_tensor(ids, device=device),
+                              attention_mask=torch.as_tensor(mask, device=device),
+                              num_beams=num_beams, num_return_sequences=num_beams,
+                              max_new_tokens=trie.max_len, length_penalty=length_penalty,
+                              do_sample=False, prefix_allowed_tokens_fn=allowed,
+                              eos_token_id=eos_id, pad_token_id=pad_id)
+
+    with torch.inference_mode():   # warm-up (JAX's compile is not timed either): on a GPU,
+        generate(*batches[0])      # each new length builds a cuDNN attention plan once
     leaves = []
     t = time.perf_counter()
     with torch.inference_mode():
         for ids, mask in batches:
-            out = model.generate(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
-                                 num_beams=num_beams, num_return_sequences=num_beams,
-                                 max_new_tokens=trie.max_len, length_penalty=length_penalty,
-                                 do_sample=False, prefix_allowed_tokens_fn=allowed,
-                                 eos_token_id=eos_id, pad_token_id=pad_id)
+            out = generate(ids, mask)
             leaves.append(np.array(decode_leaves(out)).reshape(ids.shape[0], num_beams))
     elapsed = time.perf_counter() - t
     users = sum(b[0].shape[0] for b in batches)
@@ -145,13 +172,23 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab", type=int, default=8000)
     ap.add_argument("--std", type=float, default=0.02, help="init std of the random weights")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "beam.json"))
+    ap.add_argument("--data-cache", default="", help="pickle of the catalog and tokenizer")
+    ap.add_argument("--shape", default="small", choices=("small", "qwen2.5-1.5b"))
     args = ap.parse_args(argv)
 
     import torch
-    torch.set_num_threads(2)
+    if not torch.cuda.is_available():
+        torch.set_num_threads(2)
 
-    ds, tok, source = load_data(args.vocab)
-    config = bench_config(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    ds, tok, source = load_data(args.vocab, args.data_cache)
+    if args.users <= 0:
+        print(f"wrote {args.data_cache}")
+        return 0
+    shape = {} if args.shape == "small" else dict(
+        hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12, num_kv_heads=2,
+        vocab_size=151936)
+    config = bench_config(**{"vocab_size": tok.vocab_size, **shape}, eos_token_id=tok.eos_id,
+                          pad_token_id=tok.pad_id)
     k1, k2 = jax.random.split(jax.random.PRNGKey(0))
     params = decoder.init_params(config, k1, std=args.std)
     params["latent"] = latent.init_latent_params(config, k2)
@@ -195,7 +232,8 @@ def main(argv=None) -> int:
               "users": args.users, "batch": args.batch, "num_beams": args.num_beams,
               "length_penalty": args.length_penalty, "prompt_tokens_mean": mean_prompt,
               "prompt_width": width, "model": config.to_dict(), "init_std": args.std,
-              "torch_threads": 2, "cpu_count": os.cpu_count(), "rows": rows}
+              "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+              "device": str(jax.devices()[0].device_kind), "rows": rows}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     from latentr3_jax.utils.atomic import atomic_write_text
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
