@@ -7,9 +7,10 @@ Three variants share the data, the tokenizer and the decoder shape:
 With pipeline.base_epochs > 0, a shared N = 0 SFT stage ("base") runs first and variants 1
 and 2 both start from its weights, as the paper's variants all fine-tune one pretrained
 LLM; a decoder trained from scratch otherwise decides early, and by chance, whether the
-thought slot is ever read. Each is evaluated on the test split with the configured decoding (trie-constrained beam
-search by default). Every stage resumes: rerunning the same command after an interruption
-picks up where it stopped, and finished stages are not redone.
+thought slot is ever read. Each variant is evaluated on the test split with the configured
+decoding (trie-constrained beam search by default). Every stage resumes: rerunning the
+same command after an interruption picks up where it stopped, and finished stages are not
+redone.
 """
 
 from __future__ import annotations

@@ -46,18 +46,22 @@ class FileSet:
         os.makedirs(self.folder, exist_ok=True)
         self._pending: list = []   # (tmp, final)
 
-    def temp_path(self, name: str) -> str:
-        """A fresh temp path to write `name` to (the caller writes it, e.g. a library saver)."""
+    def _new_temp(self, name: str):
         final = os.path.join(self.folder, name)
         fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(name) + ".", suffix=".tmp",
                                    dir=os.path.dirname(final))
-        os.close(fd)
         self._pending.append((tmp, final))
+        return fd, tmp
+
+    def temp_path(self, name: str) -> str:
+        """A fresh temp path to write `name` to (the caller writes it, e.g. a library saver)."""
+        fd, tmp = self._new_temp(name)
+        os.close(fd)
         return tmp
 
     def write_text(self, name: str, text: str, encoding: str = "utf-8") -> None:
-        tmp = self.temp_path(name)
-        with open(tmp, "w", encoding=encoding) as f:
+        fd, _ = self._new_temp(name)
+        with os.fdopen(fd, "w", encoding=encoding) as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
