@@ -200,3 +200,21 @@ def test_restore_onto_a_different_mesh(tmp_path):
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("OK") == 3
+
+
+def test_best_is_written_before_a_later_latest(saved):
+    """The trainer state in a latest checkpoint names the best step; that best checkpoint
+    must be complete before the latest one is even started (else a kill in between leaves a
+    resume pointing at a best that never landed)."""
+    ck, abstract, sh, state0, _, latest = saved
+    events = []
+    st = state0.replace(step=jnp.int32(7))
+    ck.save_best(st, 0.5)    # returns with the write in flight
+    real_wait, real_save = ck.best.wait_until_finished, ck.latest.save
+    ck.best.wait_until_finished = lambda: (events.append("best finished"), real_wait())[1]
+    ck.latest.save = lambda step, **kw: (events.append(f"latest {step} started"),
+                                         real_save(step, **kw))[1]
+    ck.save(st, {"epoch": 0, "step": 7}, extra={"trainer": {"best_step": 7}})
+    ck.wait()
+    assert events.index("best finished") < events.index("latest 7 started"), events
+    assert 7 in ck.best.all_steps()

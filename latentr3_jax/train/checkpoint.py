@@ -153,6 +153,9 @@ class Checkpointer:
         step = int(jax.device_get(state.step))
         if step in self.latest.all_steps():
             return False
+        # A best checkpoint still being written finishes first: the trainer state saved here
+        # names it, and a resume that found this step but not that best would lose it.
+        self.best.wait_until_finished()
         # The JSON items are serialized on Orbax's background thread: snapshot them now, or
         # a caller that goes on mutating its dicts (a trainer's counters) saves later values.
         meta = _snapshot({"fingerprint": self.fingerprint, "step": step, **(extra or {})})
