@@ -22,6 +22,8 @@ def main(argv):
                                "--xla_backend_optimization_level=0 "
                                "--xla_llvm_disable_expensive_passes=true")
     import jax
+
+    from latentr3_jax.utils.atomic import atomic_write_text
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
     from latentr3_jax.configlib import parse_config
@@ -59,9 +61,7 @@ def main(argv):
     summary = sft.train_sft(cfg, progress=False)   # the same command again: resume
     result["process_index"] = jax.process_index()
     result["resumed"] = {"start_step": summary["start_step"], "steps": summary["steps"]}
-    with open(out_path + ".tmp", "w") as f:
-        json.dump(result, f)
-    os.replace(out_path + ".tmp", out_path)
+    atomic_write_text(out_path, json.dumps(result))
     return 0
 
 

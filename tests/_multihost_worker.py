@@ -31,6 +31,8 @@ def main(argv):
 
     _mark("start")
     import jax
+
+    from latentr3_jax.utils.atomic import atomic_write_text
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
     import numpy as np
@@ -99,9 +101,7 @@ def main(argv):
                  "valid_reward_end": grpo_summary["valid_reward_end"]},
         "grpo_metrics": records(grpo_dir),
     }
-    with open(out_path + ".tmp", "w") as f:
-        json.dump(result, f)
-    os.replace(out_path + ".tmp", out_path)
+    atomic_write_text(out_path, json.dumps(result))
     return 0
 
 

@@ -49,7 +49,7 @@ def latent_ratt(config: DecoderConfig, lparams: dict, hidden: jax.Array, key_mas
     """
     dt = hidden.dtype
     d = hidden.shape[-1]
-    lin = lambda p, x: decoder._tokens_matmul(x, p["kernel"], 1, p["bias"])
+    lin = lambda p, x: decoder._dense(x, p)
     inv = decoder.rope_inv_freq(d, config.latent_rope_theta)
     cos, sin = decoder.rope_cos_sin(positions, inv, dt)              # [B, S, d]
     q = decoder.apply_rope(lin(lparams["q"], hidden[:, -1:]), cos[:, -1:], sin[:, -1:])  # [B,1,d]

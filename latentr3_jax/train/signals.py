@@ -65,11 +65,10 @@ class GracefulStop:
         on several, at the next multiple of `sync_every` once any process received one
         (every process must call this at every step). `received` then names the signal,
         also on the hosts that did not get it."""
-        count = self._process_count
-        if count is None:
+        if self._process_count is None:
             import jax
-            count = jax.process_count()
-        if count <= 1:
+            self._process_count = jax.process_count()
+        if self._process_count <= 1:
             return self.requested
         if step % self.sync_every:
             return False

@@ -61,10 +61,8 @@ class FileSet:
 
     def write_text(self, name: str, text: str, encoding: str = "utf-8") -> None:
         fd, _ = self._new_temp(name)
-        with os.fdopen(fd, "w", encoding=encoding) as f:
+        with os.fdopen(fd, "w", encoding=encoding) as f:   # commit() syncs it to disk
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
 
     def commit(self) -> None:
         for tmp, _ in self._pending:   # bytes on disk before any rename
