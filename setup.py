@@ -21,13 +21,14 @@ setup(
         "einops>=0.8.2,<0.9",
         "safetensors>=0.8,<0.9",
         "tokenizers>=0.23.3,<0.24",
+        "gguf>=0.19,<1",
         "numpy>=2.4,<3",
         "tqdm>=4.70",
         "matplotlib>=3.11,<4",
     ],
     extras_require={
         "test": ["pytest>=9.2,<10", "pytest-xdist>=3.8,<4", "hypothesis>=6.170,<7",
-                 "torch==2.13.0"],
+                 "torch==2.13.0", "accelerate>=1.15,<2"],
     },
     entry_points={"console_scripts": ["latentr3=latentr3_jax.cli:main"]},
 )

@@ -19,34 +19,29 @@ The catalog and tokenizer can be cached to a file made where ../shared is, and c
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import pathlib
+import pickle
 import sys
 import tempfile
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from latentr3_jax import data as D  # noqa: E402
-from latentr3_jax.decode.beam import constrained_beam_search  # noqa: E402
-from latentr3_jax.decode.trie import ItemTrie  # noqa: E402
-from latentr3_jax.model import decoder, latent  # noqa: E402
-from latentr3_jax.model.config import bench_config  # noqa: E402
-
-CDS = ROOT.parent / "shared" / "data" / "amazon18" / "CDs_and_Vinyl"
+import common  # puts the repository root on sys.path
+from latentr3_jax import data as D
+from latentr3_jax.data.synthetic import generate
+from latentr3_jax.decode.beam import constrained_beam_search
+from latentr3_jax.decode.trie import ItemTrie
+from latentr3_jax.hf import save_pretrained
+from latentr3_jax.model import decoder, latent
+from latentr3_jax.model.config import bench_config
 
 
 def load_data(vocab_size: int, cache: str = ""):
     """(dataset, tokenizer, source); with `cache`, read from that pickle when it exists,
     else build and write it."""
-    import pickle
     if cache and os.path.exists(cache):
         with open(cache, "rb") as f:
             return pickle.load(f)
@@ -59,11 +54,10 @@ def load_data(vocab_size: int, cache: str = ""):
 
 
 def _build_data(vocab_size: int):
-    if (CDS / "info.txt").exists():
-        ds = D.read_d3(CDS)
+    if common.have_cds():
+        ds = D.read_d3(common.CDS)
         source = "CDs_and_Vinyl"
     else:
-        from latentr3_jax.data.synthetic import generate
         catalog, splits, _ = generate(num_items=3000, num_users=2000, seed=0)
         ds = D.Dataset(name="synthetic", category_word="musics", catalog=catalog, splits=splits)
         source = "synthetic (3000 items)"
@@ -96,17 +90,13 @@ def run_jax(config, params, trie, batches, dtype, num_beams, length_penalty, num
     jax.block_until_ready(call(*batches[0]))
     compile_s = time.perf_counter() - t
     leaves = []
-    t = time.perf_counter()
-    for ids, mask in batches:
-        res = call(ids, mask)
-        leaves.append(np.asarray(res.leaf))
-    elapsed = time.perf_counter() - t
-    users = sum(b[0].shape[0] for b in batches)
-    return np.concatenate(leaves), users / elapsed, compile_s
+    elapsed = sum(common.time_steps(lambda i: leaves.append(np.asarray(call(*batches[i]).leaf)),
+                                    len(batches)))
+    return np.concatenate(leaves), _users(batches) / elapsed, compile_s
 
 
 def run_torch(model_dir, trie, batches, torch_dtype, num_beams, length_penalty, eos_id, pad_id):
-    import torch
+    import torch  # optional, heavy: only the torch side needs it
     from transformers import Qwen2ForCausalLM
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -140,17 +130,19 @@ def run_torch(model_dir, trie, batches, torch_dtype, num_beams, length_penalty, 
                               do_sample=False, prefix_allowed_tokens_fn=allowed,
                               eos_token_id=eos_id, pad_token_id=pad_id)
 
+    def run(i):
+        ids, mask = batches[i]
+        leaves.append(np.array(decode_leaves(generate(ids, mask))).reshape(ids.shape[0], num_beams))
+
+    leaves = []
     with torch.inference_mode():   # warm-up (JAX's compile is not timed either): on a GPU,
         generate(*batches[0])      # each new length builds a cuDNN attention plan once
-    leaves = []
-    t = time.perf_counter()
-    with torch.inference_mode():
-        for ids, mask in batches:
-            out = generate(ids, mask)
-            leaves.append(np.array(decode_leaves(out)).reshape(ids.shape[0], num_beams))
-    elapsed = time.perf_counter() - t
-    users = sum(b[0].shape[0] for b in batches)
-    return np.concatenate(leaves), users / elapsed
+        elapsed = sum(common.time_steps(run, len(batches)))
+    return np.concatenate(leaves), _users(batches) / elapsed
+
+
+def _users(batches) -> int:
+    return sum(ids.shape[0] for ids, _ in batches)
 
 
 def compare(a: np.ndarray, b: np.ndarray) -> dict:
@@ -171,12 +163,12 @@ def main(argv=None) -> int:
     ap.add_argument("--length-penalty", type=float, default=1.0)
     ap.add_argument("--vocab", type=int, default=8000)
     ap.add_argument("--std", type=float, default=0.02, help="init std of the random weights")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "beam.json"))
+    ap.add_argument("--out", default=os.path.join(common.RESULTS, "beam.json"))
     ap.add_argument("--data-cache", default="", help="pickle of the catalog and tokenizer")
     ap.add_argument("--shape", default="small", choices=("small", "qwen2.5-1.5b"))
     args = ap.parse_args(argv)
 
-    import torch
+    import torch  # optional, heavy: imported once the arguments are known to be good
     if not torch.cuda.is_available():
         torch.set_num_threads(2)
 
@@ -200,13 +192,11 @@ def main(argv=None) -> int:
           f"(padded {width}); model {config.num_params() / 1e6:.1f}M params; jax {jax.devices()[0].platform}")
 
     model_dir = tempfile.mkdtemp(prefix="bench_beam_")
-    from latentr3_jax.hf import save_pretrained
     save_pretrained(config, {k: v for k, v in params.items() if k != "latent"}, model_dir)
 
     rows = []
     for name in args.dtypes.split(","):
-        jdt = jnp.float32 if name == "float32" else jnp.bfloat16
-        tdt = torch.float32 if name == "float32" else torch.bfloat16
+        jdt, tdt = common.jax_dtype(name), common.torch_dtype(name)
         ours, ours_ups, compile_s = run_jax(config, params, trie, batches, jdt, args.num_beams,
                                             args.length_penalty, 0)
         _, latent_ups, _ = run_jax(config, params, trie, batches, jdt, args.num_beams,
@@ -232,12 +222,8 @@ def main(argv=None) -> int:
               "users": args.users, "batch": args.batch, "num_beams": args.num_beams,
               "length_penalty": args.length_penalty, "prompt_tokens_mean": mean_prompt,
               "prompt_width": width, "model": config.to_dict(), "init_std": args.std,
-              "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-              "device": str(jax.devices()[0].device_kind), "rows": rows}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    from latentr3_jax.utils.atomic import atomic_write_text
-    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+              "torch_threads": torch.get_num_threads(), "machine": common.machine(), "rows": rows}
+    common.write_result(args.out, result)
     return 0
 
 

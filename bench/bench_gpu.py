@@ -27,16 +27,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
+import pickle
 import sys
-import time
 
-import numpy as np
+import jax
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
-sys.path.insert(0, HERE)
+import bench_grpo
+import bench_sft
+import common
+from latentr3_jax import data
+from latentr3_jax.model.config import bench_config
+from latentr3_jax.parallel import make_mesh
+from latentr3_jax.train import setup
+from latentr3_jax.utils.jsonio import read_json, write_json
 
 SHAPES = {
     "small": {},
@@ -46,84 +49,52 @@ SHAPES = {
 
 
 def shape_config(shape: str, vocab: int):
-    from latentr3_jax.model.config import bench_config
     over = dict(SHAPES[shape])
     over.setdefault("vocab_size", vocab)
     return bench_config(**over)
 
 
 def make_batches(path: str, batch: int, num_batches: int) -> dict:
-    import bench_sft
-    bench_sft.BATCH, bench_sft.NUM_BATCHES = batch, num_batches
+    """The SFT batches (bench_sft's), the LR-GRPO prompts and tokenizer (bench_grpo's) and
+    an info file, all beside `path`."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    info = bench_sft.make_batches(path)
+    info = bench_sft.make_batches(path, batch, num_batches)
     info.update(batch=batch, num_batches=num_batches)
-    import pickle
-
-    import bench_grpo
     tok, enc, source = bench_grpo.cds_prompts()
     tok.save(path + ".tok")
     with open(path + ".grpo.pkl", "wb") as f:
         pickle.dump({"enc": enc, "source": source}, f)
     info["grpo_prompts"] = f"{len(enc)} {source} train rows"
-    with open(path + ".json", "w") as f:
-        json.dump(info, f, indent=1)
+    write_json(path + ".json", info, indent=1)
     return info
 
 
 def load_grpo_prompts(path: str):
-    import pickle
-
-    from latentr3_jax import data
     with open(path + ".grpo.pkl", "rb") as f:
         enc = pickle.load(f)["enc"]
     return data.load_tokenizer(path + ".tok"), enc
 
 
 def load_batches(path: str):
-    z = np.load(path)
-    with open(path + ".json") as f:
-        info = json.load(f)
-    B, n = int(info["batch"]), int(info["num_batches"])
-    out = [{k: z[k][i * B:(i + 1) * B] for k in ("prompt_ids", "prompt_mask", "target_ids",
-                                                  "target_mask")} for i in range(n)]
-    return out, int(z["vocab"]), int(z["thought"]), info
-
-
-def _time(fn, batches, steps: int, warmup: int = 3) -> dict:
-    for i in range(warmup):
-        fn(i % len(batches))
-    times = []
-    for i in range(steps):
-        t = time.perf_counter()
-        fn(i % len(batches))
-        times.append(time.perf_counter() - t)
-    tokens = np.mean([b["prompt_mask"].sum() + b["target_mask"].sum() for b in batches])
-    med = float(np.median(times))
-    return {"step_s": med, "min_s": float(np.min(times)), "tokens_per_s": float(tokens / med)}
+    info = read_json(path + ".json")
+    batches, vocab, thought = bench_sft.load_batches(path, int(info["batch"]),
+                                                     int(info["num_batches"]))
+    return batches, vocab, thought, info
 
 
 # --------------------------------------------------------------------------- workers
 
 
 def worker_jax(args) -> dict:
-    import jax
-    import jax.numpy as jnp
-
-    import bench_sft
-    from latentr3_jax.parallel import make_mesh
-    from latentr3_jax.train import setup
-
     batches, vocab, thought, _ = load_batches(args.batches)
     config = shape_config(args.shape, vocab)
     config = config.with_execution(scan_layers=setup.scan_layers_option("auto", config.num_layers))
     mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-    res = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
+    res = common.machine()
 
     for kind in args.kinds.split(","):
         for dname in args.dtypes.split(","):
             if kind == "grpo":
-                import bench_grpo
                 tok, enc = load_grpo_prompts(args.batches)
                 r = bench_grpo.bench_jax(tok, enc, dname, args.grpo_prompts, args.steps,
                                          cfg=shape_config(args.shape, tok.vocab_size), one_shape=True)
@@ -131,28 +102,17 @@ def worker_jax(args) -> dict:
                 print(f"  jax {args.shape} grpo/{dname}: {r['prompts_per_s']:.1f} prompts/s",
                       file=sys.stderr)
                 continue
-            dtype = jnp.bfloat16 if dname == "bfloat16" else jnp.float32
-            st, step = bench_sft.make_train_step(config, mesh, kind, dtype)
+            st, step = bench_sft.make_train_step(config, mesh, kind, common.jax_dtype(dname))
             dev = [step.shard_batch(b) for b in batches]   # on the device, as torch's are
-            holder = {"s": st}
-
-            def run(i):
-                holder["s"], m = step(holder["s"], dev[i])
-                jax.block_until_ready(m["loss"])
-            t0 = time.perf_counter()
-            run(0)
-            compile_s = time.perf_counter() - t0
-            r = _time(run, batches, args.steps)
-            r["compile_s"] = compile_s
+            r = bench_sft.time_train_step(step, st, batches, args.steps, warmup=3, inputs=dev)
             res[f"{kind}/{dname}"] = r
             print(f"  jax {args.shape} {kind}/{dname}: {r['step_s'] * 1e3:.1f} ms", file=sys.stderr)
-            del holder, st, step, dev
+            del st, step, dev
     return res
 
 
 def worker_torch(args) -> dict:
-    import torch
-
+    import torch  # optional, heavy: only the torch worker loads it
     import torch_reference as ref
 
     batches, vocab, thought, _ = load_batches(args.batches)
@@ -166,7 +126,6 @@ def worker_torch(args) -> dict:
     for kind in args.kinds.split(","):
         for dname in args.dtypes.split(","):
             if kind == "grpo":
-                import bench_grpo
                 tok, enc = load_grpo_prompts(args.batches)
                 r = bench_grpo.bench_torch(tok, enc, dname, args.steps,
                                            cfg=shape_config(args.shape, tok.vocab_size), device=device)
@@ -174,19 +133,13 @@ def worker_torch(args) -> dict:
                 print(f"  torch {args.shape} grpo/{dname}: {r['prompts_per_s']:.2f} prompts/s",
                       file=sys.stderr)
                 continue
-            ac = torch.bfloat16 if dname == "bfloat16" else None
             model = ref.build_qwen2(config).to(device)
-            if kind == "latent":
-                ratt = ref.LatentRATT(config.hidden_size).to(device)
-                opt = ref.make_optimizer([model, ratt])
-                fn = lambda i: ref.release_sft_step(model, ratt, opt, tb[i], thought, ac)
-            else:
-                opt = ref.make_optimizer([model])
-                fn = lambda i: ref.plain_step(model, opt, tb[i], ac)
-            r = _time(fn, batches, args.steps)   # each step ends in float(loss): a device sync
+            fn = ref.train_step_fn(kind, model, tb, thought, common.autocast_dtype(dname))
+            # each step ends in float(loss): a device sync
+            r = bench_sft.time_batches(fn, batches, args.steps, warmup=3)
             res[f"{kind}/{dname}"] = r
             print(f"  torch {args.shape} {kind}/{dname}: {r['step_s'] * 1e3:.1f} ms", file=sys.stderr)
-            del model, opt, fn
+            del model, fn
             if device == "cuda":
                 torch.cuda.empty_cache()
     return res
@@ -196,16 +149,10 @@ def worker_torch(args) -> dict:
 
 
 def _run_worker(engine: str, args, shape: str) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", engine, "--batches",
-           args.batches, "--shape", shape, "--kinds", args.kinds, "--dtypes", args.dtypes,
-           "--steps", str(args.steps), "--grpo-prompts", str(args.grpo_prompts)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    sys.stderr.write(out.stderr[-3000:] if out.returncode else "")
-    if out.returncode:
-        lines = out.stderr.strip().splitlines()
-        return {"error": lines[-1] if lines else "failed"}
-    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT")][-1]
-    return json.loads(line[len("RESULT"):])
+    return common.run_worker(__file__, [
+        "--worker", engine, "--batches", args.batches, "--shape", shape, "--kinds", args.kinds,
+        "--dtypes", args.dtypes, "--steps", str(args.steps),
+        "--grpo-prompts", str(args.grpo_prompts)], stderr_tail=3000)
 
 
 def main() -> int:
@@ -221,14 +168,13 @@ def main() -> int:
     ap.add_argument("--dtypes", default="bfloat16,float32")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--grpo-prompts", type=int, default=8, help="prompts per JAX LR-GRPO batch")
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "gpu.json"))
+    ap.add_argument("--out", default=os.path.join(common.RESULTS, "gpu.json"))
     args = ap.parse_args()
     if args.make_batches:
         print(json.dumps(make_batches(args.make_batches, args.batch, args.num_batches), indent=1))
         return 0
     if args.worker:
-        res = worker_jax(args) if args.worker == "jax" else worker_torch(args)
-        print("RESULT" + json.dumps(res))
+        common.emit(worker_jax(args) if args.worker == "jax" else worker_torch(args))
         return 0
     if not args.batches:
         ap.error("--batches is needed (make them with --make-batches)")
@@ -237,9 +183,7 @@ def main() -> int:
     for shape in args.shapes.split(","):
         result["shapes"][shape] = {"jax": _run_worker("jax", args, shape),
                                    "torch": _run_worker("torch", args, shape)}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    common.write_result(args.out, result, indent=1)
     print(f"batch {info['batch']} x (P={info['padded_prompt_len']}, T={info['padded_target_len']}), "
           f"{info['tokens_per_batch']:.0f} real tokens per batch")
     print(f"{'shape':14s} {'step':7s} {'dtype':9s} {'JAX':>9s} {'torch':>9s} {'speed-up':>9s}"
@@ -261,7 +205,6 @@ def main() -> int:
         for eng in ("jax", "torch"):
             if "error" in r[eng]:
                 print(f"{shape} {eng}: ERROR {r[eng]['error']}")
-    print(f"wrote {args.out}")
     return 0
 
 

@@ -18,10 +18,9 @@ Writes bench/results/grpo.json.
 from __future__ import annotations
 
 import argparse
-import json
-import math
+import collections
+import logging
 import os
-import pathlib
 import sys
 import tempfile
 import time
@@ -31,12 +30,29 @@ import time
 # stable (it does not touch XLA's own thread pool). Set before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-CDS = REPO.parent / "shared" / "data" / "amazon18" / "CDs_and_Vinyl"
+import common  # noqa: E402  (puts the repository root on sys.path)
+from latentr3_jax import data  # noqa: E402
+from latentr3_jax.config import base_config  # noqa: E402
+from latentr3_jax.data.synthetic import write_synthetic  # noqa: E402
+from latentr3_jax.model import latent as latent_lib  # noqa: E402
+from latentr3_jax.model.config import bench_config  # noqa: E402
+from latentr3_jax.parallel import mesh as mesh_lib  # noqa: E402
+from latentr3_jax.train import grpo, loop, optim, runs, state as state_lib  # noqa: E402
+from latentr3_jax.train import step as step_lib  # noqa: E402
+from latentr3_jax.train.sft import train_sft  # noqa: E402
+from latentr3_jax.utils.jsonio import read_json  # noqa: E402
+
 G = 8
+# (name, estimator, learning rate) of the learning runs: ppo at the release's best learning
+# rate and at a large one, the other estimators at the large one
+ESTIMATOR_RUNS = (("ppo lr 5e-5", "ppo", 5e-5), ("ppo lr 3e-3", "ppo", 3e-3),
+                  ("reinforce lr 3e-3", "reinforce", 3e-3), ("pathwise lr 3e-3", "pathwise", 3e-3))
 
 
 # --------------------------------------------------------------------------- data
@@ -44,12 +60,10 @@ G = 8
 
 def cds_prompts(vocab_size: int = 8000, rows: int = 256):
     """(tokenizer, encoded train rows) for real CDs prompts, or synthetic ones if absent."""
-    from latentr3_jax import data
-    if (CDS / "info.txt").exists():
-        ds = data.read_d3(str(CDS))
+    if common.have_cds():
+        ds = data.read_d3(common.CDS)
         source = "CDs_and_Vinyl"
     else:
-        from latentr3_jax.data.synthetic import write_synthetic
         ds = data.read_d3(write_synthetic(tempfile.mkdtemp(), num_items=600, num_users=1500, seed=0))
         source = "synthetic (CDs data absent)"
     tok = data.train_tokenizer(data.tokenizer_corpus(ds, "latentr3"), vocab_size)
@@ -77,25 +91,13 @@ def bench_jax(tok, enc, dtype: str, prompts: int, steps: int, fuse: bool = True,
               one_shape: bool = False) -> dict:
     """`cfg`: the decoder shape (default SPEC.md section 9's). `one_shape`: time only the
     batches of the commonest padded shape (one compile; for large models)."""
-    import jax
-    import jax.numpy as jnp
-    import ml_collections
-    from latentr3_jax import data
-    from latentr3_jax.model import decoder, latent as latent_lib
-    from latentr3_jax.model.config import bench_config
-    from latentr3_jax.parallel import mesh as mesh_lib
-    from latentr3_jax.train import grpo, optim, setup, state as state_lib
-
     cfg = cfg or bench_config(vocab_size=tok.vocab_size)
-    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
-    params = decoder.init_params(cfg, k1)
-    params["latent"] = latent_lib.init_latent_params(cfg, k2)
+    params = latent_lib.init_model_params(cfg, jax.random.PRNGKey(0))
     mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
-    settings = grpo.GRPOSettings(group_size=G, sigma=1.5, fuse=fuse,
-                                 dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+    settings = grpo.GRPOSettings(group_size=G, sigma=1.5, fuse=fuse, dtype=common.jax_dtype(dtype))
     mask = optim.latent_only(params)
     tx = optim.adamw(optim.cosine_warmup(5e-5, 10, 1000), trainable=lambda _: mask)
-    state, sh = state_lib.create_sharded_state(None, setup.params_axes(cfg, params), tx,
+    state, sh = state_lib.create_sharded_state(None, latent_lib.model_param_axes(cfg), tx,
                                                jax.random.PRNGKey(1), mesh, params=params)
     step = grpo.GRPOStep(cfg, settings, tx, mesh, sh)
     it = data.BatchIterator(enc, prompts, buckets=(64, 96, 128, 160, 192, 256),
@@ -103,10 +105,9 @@ def bench_jax(tok, enc, dtype: str, prompts: int, steps: int, fuse: bool = True,
                             drop_last=True, process_index=0, process_count=1)
     batches = list(it.epoch(0))
     if one_shape:
-        import collections
         key_of = lambda b: (b["prompt_ids"].shape, b["target_ids"].shape)
-        common = collections.Counter(map(key_of, batches)).most_common(1)[0][0]
-        batches = [b for b in batches if key_of(b) == common]
+        commonest = collections.Counter(map(key_of, batches)).most_common(1)[0][0]
+        batches = [b for b in batches if key_of(b) == commonest]
     shapes = {}
     for b in batches:  # compile every shape once, outside the timing
         key = (b["prompt_ids"].shape, b["target_ids"].shape)
@@ -117,12 +118,12 @@ def bench_jax(tok, enc, dtype: str, prompts: int, steps: int, fuse: bool = True,
     timed = batches[:steps]
     real_tokens = sum(int(b["prompt_mask"].sum() + b["target_mask"].sum()) for b in timed)
     padded_tokens = sum(b["prompt_ids"].size + b["target_ids"].size for b in timed)
-    times = []
-    for b in timed:
-        t0 = time.perf_counter()
-        state, m = step(state, None, b)
-        jax.block_until_ready(state.params)
-        times.append(time.perf_counter() - t0)
+    holder = {"state": state}
+
+    def run(i):
+        holder["state"], _ = step(holder["state"], None, timed[i])
+        jax.block_until_ready(holder["state"].params)
+    times = common.time_steps(run, len(timed))
     impl = "jax" + ("" if fuse else " (rollout+update)")
     return _summary(impl, dtype, prompts, times,
                     {"padding_share": 1 - real_tokens / padded_tokens})
@@ -133,55 +134,18 @@ def bench_jax(tok, enc, dtype: str, prompts: int, steps: int, fuse: bool = True,
 
 def bench_torch(tok, enc, dtype: str, groups: int, cfg=None, device: str = "cpu") -> dict:
     """`cfg`: the decoder shape (default SPEC.md section 9's); `device`: cpu (2 threads) or cuda."""
-    import torch
-    import torch.nn as nn
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    import torch  # optional, heavy, and only after OMP_WAIT_POLICY is set
+    import torch_reference as ref
 
     if device == "cpu":
         torch.set_num_threads(2)
-    torch.manual_seed(0)
-    tdtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
-    if cfg is None:
-        from latentr3_jax.model.config import bench_config
-        cfg = bench_config(vocab_size=tok.vocab_size)
+    tdtype = common.torch_dtype(dtype)
+    cfg = cfg or bench_config(vocab_size=tok.vocab_size)
     d = cfg.hidden_size
-    hf_cfg = Qwen2Config(vocab_size=cfg.vocab_size, hidden_size=d,
-                         intermediate_size=cfg.intermediate_size,
-                         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                         num_key_value_heads=cfg.num_kv_heads,
-                         tie_word_embeddings=cfg.tie_word_embeddings, rope_theta=cfg.rope_theta,
-                         max_position_embeddings=2048)
-    model = Qwen2ForCausalLM(hf_cfg).to(tdtype).to(device).eval()
+    model = ref.build_qwen2(cfg, tdtype).to(device).eval()   # seeds torch with 0
     for p in model.parameters():
         p.requires_grad_(False)
-
-    class LatentRATT(nn.Module):
-        """Single-head attention over the prompt's last hidden states, RoPE base 1000."""
-
-        def __init__(self):
-            super().__init__()
-            self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
-            for lin in (self.q, self.k, self.v):
-                nn.init.normal_(lin.weight, std=0.02)
-                nn.init.zeros_(lin.bias)
-            inv = 1.0 / (1000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
-            self.register_buffer("inv", inv)
-
-        def rope(self, x, pos):
-            f = pos[..., None].float() * self.inv
-            emb = torch.cat([f, f], -1)
-            half = x.shape[-1] // 2
-            rot = torch.cat([-x[..., half:], x[..., :half]], -1)
-            return x * emb.cos().to(x.dtype) + rot * emb.sin().to(x.dtype)
-
-        def forward(self, h):  # h [B, S, d]: hidden states before the thought slot
-            pos = torch.arange(h.shape[1], device=h.device)[None].expand(h.shape[0], -1)
-            q = self.rope(self.q(h[:, -1:]), pos[:, -1:])
-            k = self.rope(self.k(h), pos)
-            att = torch.softmax((q @ k.transpose(1, 2)).float() / math.sqrt(d), -1).to(h.dtype)
-            return (att @ self.v(h))[:, 0]
-
-    ratt = LatentRATT().to(tdtype).to(device)
+    ratt = ref.LatentRATT(d).to(tdtype).to(device)
     opt = torch.optim.AdamW(ratt.parameters(), lr=5e-5)
     thought = tok.thought_id
     embed = model.get_input_embeddings()
@@ -189,7 +153,8 @@ def bench_torch(tok, enc, dtype: str, groups: int, cfg=None, device: str = "cpu"
     def passes(ids, P, T, noise):
         """The release's two full passes: latent pass, then log-prob pass with r_k in the slot."""
         out = model(input_ids=ids, output_hidden_states=True)
-        r = ratt(out.hidden_states[-1][:, :P])
+        positions = torch.arange(P, device=device)[None].expand(G, -1)     # no padding
+        r = ratt(out.hidden_states[-1][:, :P], torch.ones_like(positions), positions)
         emb = embed(ids).clone()
         emb[:, P] = r + noise
         logits = model(inputs_embeds=emb).logits[:, P:P + T].float()
@@ -219,13 +184,7 @@ def bench_torch(tok, enc, dtype: str, groups: int, cfg=None, device: str = "cpu"
 
     # warm-up on every timed group: each new sequence length can cost a one-off kernel
     # plan (cuDNN attention on GPU), which a long run pays once per length
-    for e in enc[1:1 + groups]:
-        group_step(e)
-    times = []
-    for e in enc[1:1 + groups]:
-        t0 = time.perf_counter()
-        group_step(e)
-        times.append(time.perf_counter() - t0)
+    times = common.time_steps(lambda i: group_step(enc[1 + i]), groups, warmup=groups)
     return _summary("torch (release way)", dtype, 1, times, {"padding_share": 0.0})
 
 
@@ -234,11 +193,6 @@ def bench_torch(tok, enc, dtype: str, groups: int, cfg=None, device: str = "cpu"
 
 def reward_curves(steps: int) -> dict:
     """SFT on the synthetic dataset, then GRPO with each estimator from the same start."""
-    import logging
-    from latentr3_jax.config import base_config
-    from latentr3_jax.train.grpo import train_grpo
-    from latentr3_jax.train.sft import train_sft
-
     logging.disable(logging.WARNING)
     root = tempfile.mkdtemp(prefix="bench_grpo_")
 
@@ -268,11 +222,7 @@ def reward_curves(steps: int) -> dict:
     sft = train_sft(cfg_for("sft"), progress=False)
     out = {"sft": {"steps": sft["steps"], "final_loss": sft["final_loss"],
                    "seconds": time.perf_counter() - t0}, "runs": {}}
-    # ppo at the release's best learning rate and at a large one; the other estimators at
-    # the large one
-    for name, est, lr in (("ppo lr 5e-5", "ppo", 5e-5), ("ppo lr 3e-3", "ppo", 3e-3),
-                          ("reinforce lr 3e-3", "reinforce", 3e-3),
-                          ("pathwise lr 3e-3", "pathwise", 3e-3)):
+    for name, est, lr in ESTIMATOR_RUNS:
         c = cfg_for(f"grpo_{est}_{lr:g}")
         c.grpo.init_from = os.path.join(root, "sft")
         c.grpo.estimator = est
@@ -284,7 +234,7 @@ def reward_curves(steps: int) -> dict:
         c.grpo.checkpoint_every = 1000
         c.grpo.evaluate = False
         t0 = time.perf_counter()
-        s = train_grpo(c, progress=False)
+        s = grpo.train_grpo(c, progress=False)
         out["runs"][name] = {
             "lr": lr, "seconds": time.perf_counter() - t0,
             "reward_eps0": [r["reward_eps0"] for r in s["curve"]],
@@ -297,14 +247,7 @@ def reward_curves(steps: int) -> dict:
 def fixed_batch_curves(sft_dir: str, steps: int = 30) -> dict:
     """Each estimator on one fixed batch of 8 train prompts from the SFT model: the
     noise-free reward of that same batch every 5 steps (no batch-to-batch noise)."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-    from latentr3_jax import data
-    from latentr3_jax.train import checkpoint as ckpt_lib, grpo, optim, state as state_lib
-    from latentr3_jax.train import step as step_lib
-
-    art = ckpt_lib.load_run(sft_dir)
+    art = runs.load_run(sft_dir)
     ds = data.load_dataset(art.config)
     enc = data.encode_split(art.tokenizer, ds.splits["train"][:8], ds.category_word, "latentr3",
                             512, max_target_len=24)
@@ -312,11 +255,9 @@ def fixed_batch_curves(sft_dir: str, steps: int = 30) -> dict:
                             pad_id=art.tokenizer.pad_id, shuffle=False, process_index=0,
                             process_count=1)
     batch = {k: jnp.asarray(v) for k, v in next(iter(it.epoch(0))).items()
-             if k in grpo.DEVICE_KEYS}
+             if k in loop.DEVICE_KEYS}
     out = {}
-    for name, est, lr in (("ppo lr 5e-5", "ppo", 5e-5), ("ppo lr 3e-3", "ppo", 3e-3),
-                          ("reinforce lr 3e-3", "reinforce", 3e-3),
-                          ("pathwise lr 3e-3", "pathwise", 3e-3)):
+    for name, est, lr in ESTIMATOR_RUNS:
         s = grpo.GRPOSettings(group_size=G, sigma=1.5, estimator=est)
         mask = optim.latent_only(art.params)
         tx = optim.adamw(optax.constant_schedule(lr), trainable=lambda _, m=mask: m)
@@ -343,13 +284,10 @@ def main() -> int:
     ap.add_argument("--skip-curve", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
     args = ap.parse_args()
-    import jax
-    result = {"machine": {"cpus": os.cpu_count(), "jax": jax.__version__,
-                          "backend": jax.default_backend(),
-                          "load_avg_at_start": list(os.getloadavg()),
-                          "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}, "speed": []}
-    out = REPO / "bench" / "results"
-    previous = json.loads((out / "grpo.json").read_text()) if (out / "grpo.json").exists() else {}
+    result = {"machine": {**common.machine(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
+              "speed": []}
+    out = os.path.join(common.RESULTS, "grpo.json")
+    previous = read_json(out) if os.path.exists(out) else {}
     if args.skip_speed:  # keep the parts of an earlier run that are not measured again
         result["speed"] = previous.get("speed", [])
         result["data"] = previous.get("data")
@@ -376,9 +314,7 @@ def main() -> int:
             print("one fixed batch of 8 train prompts, its noise-free reward every 5 steps:")
             for est, run in curves["fixed_batch"].items():
                 print(f"  {est:<20} " + ", ".join(f"{x:.2f}" for x in run["reward_eps0"]))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "grpo.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out / 'grpo.json'}")
+    common.write_result(out, result)
     return 0
 
 
@@ -390,7 +326,7 @@ def speed_part(args, result) -> None:
                       "prompt_tokens_mean": float(np.mean(lens)), "target_tokens_mean": float(np.mean(tl))}
     print(f"data: {source}, vocab {tok.vocab_size}, prompt tokens {np.mean(lens):.1f}, "
           f"target tokens {np.mean(tl):.1f}")
-    for dtype in ("float32", "bfloat16"):
+    for dtype in common.DTYPES:
         for prompts in (1, 8):
             result["speed"].append(bench_jax(tok, enc, dtype, prompts, args.steps if prompts > 1
                                              else 2 * args.steps))

@@ -14,21 +14,22 @@ the parent prints a table and writes bench/results/sft.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
+import string
 import sys
 import tempfile
 import time
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
-sys.path.insert(0, HERE)
+import common
+from latentr3_jax import data  # (neither this nor cpu_alloc loads JAX)
+from latentr3_jax.utils import cpu_alloc
 
-CDS = os.path.join(ROOT, "..", "shared", "data", "amazon18", "CDs_and_Vinyl")
+# JAX, torch and the latentr3_jax modules that load JAX are imported inside the functions
+# that use them: each worker process runs one engine, and the JAX worker sets its allocator
+# policy (cpu_alloc) before XLA starts.
+
 BATCH = 8
 NUM_BATCHES = 4
 
@@ -36,19 +37,19 @@ NUM_BATCHES = 4
 # --------------------------------------------------------------------------- data
 
 
-def make_batches(out_path: str) -> dict:
-    """NUM_BATCHES batches of 8 real CDs train prompts, padded to one (P, T); or synthetic
-    lengths with the same statistics when the data is absent."""
+def make_batches(out_path: str, batch: int = BATCH, num_batches: int = NUM_BATCHES) -> dict:
+    """`num_batches` batches of `batch` real CDs train prompts, padded to one (P, T); or
+    synthetic lengths with the same statistics when the data is absent."""
     rng = np.random.default_rng(0)
     info = {}
-    if os.path.exists(os.path.join(CDS, "info.txt")):
-        from latentr3_jax import data
-        ds = data.read_d3(CDS)
+    n = batch * num_batches
+    if common.have_cds():
+        ds = data.read_d3(common.CDS)
         train = ds.splits["train"]
         corpus = data.tokenizer_corpus(ds, "latentr3")
         tok = data.train_tokenizer(corpus, 8001)
         enc = data.encode_split(tok, train, ds.category_word, "latentr3", 512)
-        rows = rng.choice(len(enc), BATCH * NUM_BATCHES, replace=False)
+        rows = rng.choice(len(enc), n, replace=False)
         prompts = [enc[i].prompt_ids for i in rows]
         targets = [enc[i].target_ids for i in rows]
         vocab, pad, thought = tok.vocab_size, tok.pad_id, tok.thought_id
@@ -57,15 +58,14 @@ def make_batches(out_path: str) -> dict:
                     mean_target_all=float(np.mean([len(e.target_ids) for e in enc])))
     else:
         vocab, pad, thought = 8001, 0, 8000
-        plen = np.clip(rng.normal(97, 25, BATCH * NUM_BATCHES), 40, 200).astype(int)
-        tlen = np.clip(rng.normal(7.5, 2.5, BATCH * NUM_BATCHES), 3, 20).astype(int)
+        plen = np.clip(rng.normal(97, 25, n), 40, 200).astype(int)
+        tlen = np.clip(rng.normal(7.5, 2.5, n), 3, 20).astype(int)
         prompts = [list(rng.integers(1, vocab - 1, n)) for n in plen]
         targets = [list(rng.integers(1, vocab - 1, n)) for n in tlen]
         info.update(data="synthetic lengths (CDs data absent): prompts ~N(97, 25), targets ~N(7.5, 2.5)")
     P = int(max(len(p) for p in prompts))
     T = int(max(len(t) for t in targets))
     P, T = -(-P // 8) * 8, -(-T // 4) * 4
-    n = len(prompts)
     pi = np.full((n, P), pad, np.int32); pm = np.zeros((n, P), np.int32)
     ti = np.full((n, T), pad, np.int32); tm = np.zeros((n, T), np.int32)
     for j, (p, t) in enumerate(zip(prompts, targets)):
@@ -75,30 +75,41 @@ def make_batches(out_path: str) -> dict:
              vocab=vocab, thought=thought)
     info.update(vocab=int(vocab), padded_prompt_len=P, padded_target_len=T,
                 mean_prompt=float(pm.sum(1).mean()), mean_target=float(tm.sum(1).mean()),
-                tokens_per_batch=float((pm.sum() + tm.sum()) / NUM_BATCHES))
+                tokens_per_batch=float((pm.sum() + tm.sum()) / num_batches))
     return info
 
 
-def load_batches(path: str):
+def load_batches(path: str, batch: int = BATCH, num_batches: int = NUM_BATCHES):
+    """(list of batch dicts, vocab size, thought id) from a `make_batches` file."""
     z = np.load(path)
     out = []
-    for b in range(NUM_BATCHES):
-        s = slice(b * BATCH, (b + 1) * BATCH)
+    for b in range(num_batches):
+        s = slice(b * batch, (b + 1) * batch)
         out.append({k: z[k][s] for k in ("prompt_ids", "prompt_mask", "target_ids", "target_mask")})
     return out, int(z["vocab"]), int(z["thought"])
 
 
-def _time(fn, batches, steps: int, warmup: int = 2) -> dict:
-    for i in range(warmup):
-        fn(batches[i % len(batches)])
-    times = []
-    for i in range(steps):
-        t = time.perf_counter()
-        fn(batches[i % len(batches)])
-        times.append(time.perf_counter() - t)
-    tokens = np.mean([b["prompt_mask"].sum() + b["target_mask"].sum() for b in batches])
-    med = float(np.median(times))
-    return {"step_s": med, "min_s": float(np.min(times)), "tokens_per_s": float(tokens / med)}
+def time_batches(run, batches, steps: int, warmup: int = 2) -> dict:
+    """step_stats of `run(i)` cycling over the batches (call i runs batch i mod n)."""
+    times = common.time_steps(lambda i: run(i % len(batches)), steps, warmup)
+    return common.step_stats(times, common.batch_tokens(batches))
+
+
+def time_train_step(step, state, batches, steps: int, warmup: int = 2, inputs=None) -> dict:
+    """`time_batches` of a TrainStep from `state`, plus compile_s (the first call, on batch
+    0). `inputs`: what the step is fed (default: the batches; e.g. device copies)."""
+    import jax
+
+    inputs = batches if inputs is None else inputs
+    holder = {"state": state}
+
+    def run(i):
+        holder["state"], m = step(holder["state"], inputs[i])
+        jax.block_until_ready(m["loss"])
+    t0 = time.perf_counter()
+    run(0)
+    compile_s = time.perf_counter() - t0
+    return {**time_batches(run, batches, steps, warmup), "compile_s": compile_s}
 
 
 # --------------------------------------------------------------------------- workers
@@ -123,7 +134,7 @@ def make_train_step(config, mesh, kind: str, dtype):
     """(state, TrainStep) of the benchmarked step: kind 'latent' (LatentR³ N=1 SFT) or
     'plain', AdamW with clipping, params created sharded on `mesh`."""
     import jax
-    from latentr3_jax.model import decoder, latent
+    from latentr3_jax.model import latent
     from latentr3_jax.train import optim, state as state_lib
     from latentr3_jax.train.sft import make_sft_loss
     from latentr3_jax.train.step import TrainStep
@@ -131,52 +142,39 @@ def make_train_step(config, mesh, kind: str, dtype):
     with_latent = kind == "latent"
     sched = optim.linear_warmup_decay(3e-4, 20, 1000)
     tx = optim.adamw(sched, grad_clip=1.0)
-
-    def init(r):
-        k1, k2 = jax.random.split(r)
-        p = dict(decoder.init_params(config, k1))
-        if with_latent:
-            p["latent"] = latent.init_latent_params(config, k2)
-        return p
-    axes = decoder.param_axes(config)
-    if with_latent:
-        axes["latent"] = latent.latent_param_axes()
-    st, sh = state_lib.create_sharded_state(init, axes, tx, jax.random.PRNGKey(0), mesh)
+    st, sh = state_lib.create_sharded_state(
+        lambda r: latent.init_model_params(config, r, with_latent),
+        latent.model_param_axes(config, with_latent), tx, jax.random.PRNGKey(0), mesh)
     loss = make_sft_loss(config, num_thoughts=1, dtype=dtype) if with_latent \
         else plain_loss(config, dtype)
     return st, TrainStep(loss, tx, mesh, sh, schedule=sched)
 
 
 def worker_jax(args) -> dict:
-    from latentr3_jax.utils import cpu_alloc
     cpu_alloc.configure()  # what `latentr3` does at start-up ($LATENTR3_CPU_MALLOC=system: off)
     import jax
     import jax.numpy as jnp
-    from latentr3_jax.model import decoder
+    from latentr3_jax.model import decoder, mixed
     from latentr3_jax.model.config import bench_config
     from latentr3_jax.parallel import make_mesh
     from latentr3_jax.train import setup
 
     if args.variant == "attn_dpa":
         def dpa(config, q, k, v, bias):  # XLA's fused dot_product_attention, GQA native
-            out = jax.nn.dot_product_attention(q, k, v, bias=bias[:, None], implementation="xla")
-            return out
-        decoder._attention = dpa
+            return jax.nn.dot_product_attention(q, k, v, bias=bias[:, None], implementation="xla")
+        decoder.attention = dpa
 
     if args.variant == "naive_einsum":  # the batched-einsum projections decoder.py had before
-        import string
-
-        def einsum_mm(x, kernel, n_in=1, bias=None):
+        def einsum_dense(p, x, n_in=1):
+            kernel, bias = p["kernel"], p.get("bias")
             lead = string.ascii_lowercase[:x.ndim - n_in]
             ins = string.ascii_uppercase[:n_in]
             outs = string.ascii_uppercase[n_in:kernel.ndim]
             y = jnp.einsum(f"{lead}{ins},{ins}{outs}->{lead}{outs}", x, kernel.astype(x.dtype))
             return y if bias is None else y + bias.astype(x.dtype)
-        decoder._tokens_matmul = einsum_mm
+        decoder.dense = einsum_dense
 
     if args.variant == "plain_bf16_einsum":  # bf16 dots without the float32-accumulate VJP
-        from latentr3_jax.model import mixed
-
         def plain(spec, a, b, out_dtype=None, bias=None):
             y = jnp.einsum(spec, a, b.astype(a.dtype)).astype(out_dtype or a.dtype)
             return y if bias is None else y + bias.astype(y.dtype)
@@ -192,18 +190,8 @@ def worker_jax(args) -> dict:
 
     for kind in args.kinds.split(","):
         for dname in args.dtypes.split(","):
-            dtype = jnp.bfloat16 if dname == "bfloat16" else jnp.float32
-            st, step = make_train_step(config, mesh, kind, dtype)
-            holder = {"s": st}
-
-            def run(b):
-                holder["s"], m = step(holder["s"], b)
-                jax.block_until_ready(m["loss"])
-            t0 = time.perf_counter()
-            run(batches[0])
-            compile_s = time.perf_counter() - t0
-            r = _time(run, batches, args.steps)
-            r["compile_s"] = compile_s
+            st, step = make_train_step(config, mesh, kind, common.jax_dtype(dname))
+            r = time_train_step(step, st, batches, args.steps)
             res[f"{kind}/{dname}"] = r
             print(f"  jax[{args.variant}] {kind}/{dname}: {r['step_s'] * 1e3:.0f} ms", file=sys.stderr)
     return res
@@ -211,29 +199,19 @@ def worker_jax(args) -> dict:
 
 def worker_torch(args) -> dict:
     import torch
-    from latentr3_jax.model.config import bench_config
     import torch_reference as ref
+    from latentr3_jax.model.config import bench_config
     torch.set_num_threads(args.threads)
     batches, vocab, thought = load_batches(args.batches)
     tb = [ref.to_torch(b) for b in batches]
-    for b, t in zip(batches, tb):  # _time counts tokens on numpy
-        t["prompt_mask_np"] = b["prompt_mask"]
     config = bench_config(vocab_size=vocab)
     res = {}
     for kind in args.kinds.split(","):
         for dname in args.dtypes.split(","):
-            ac = torch.bfloat16 if dname == "bfloat16" else None
             model = ref.build_qwen2(config, attn_implementation=args.variant if args.variant in
                                     ("eager", "sdpa") else "sdpa")
-            if kind == "latent":
-                ratt = ref.LatentRATT(config.hidden_size)
-                opt = ref.make_optimizer([model, ratt])
-                fn = lambda i: ref.release_sft_step(model, ratt, opt, tb[i], thought, ac)
-            else:
-                opt = ref.make_optimizer([model])
-                fn = lambda i: ref.plain_step(model, opt, tb[i], ac)
-            idx = {id(b): i for i, b in enumerate(batches)}
-            r = _time(lambda b: fn(idx[id(b)]), batches, args.steps)
+            fn = ref.train_step_fn(kind, model, tb, thought, common.autocast_dtype(dname))
+            r = time_batches(fn, batches, args.steps)
             res[f"{kind}/{dname}"] = r
             print(f"  torch {kind}/{dname}: {r['step_s'] * 1e3:.0f} ms", file=sys.stderr)
     return res
@@ -245,13 +223,11 @@ def check_parity(batches_path: str) -> dict:
     import jax.numpy as jnp
     import torch
     import torch_reference as ref
-    from latentr3_jax.model import decoder, latent
+    from latentr3_jax.model import latent
     from latentr3_jax.model.config import bench_config
     batches, vocab, thought = load_batches(batches_path)
     config = bench_config(vocab_size=vocab)
-    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
-    params = dict(decoder.init_params(config, k1))
-    params["latent"] = latent.init_latent_params(config, k2)
+    params = latent.init_model_params(config, jax.random.PRNGKey(0))
     b = batches[0]
     logits, _ = latent.latent_forward(config, params, *(jnp.asarray(b[k]) for k in
                                       ("prompt_ids", "prompt_mask", "target_ids", "target_mask")))
@@ -259,10 +235,8 @@ def check_parity(batches_path: str) -> dict:
     model = ref.build_qwen2(config)
     ref.load_jax_params(model, config, jax.device_get(params))
     ratt = ref.LatentRATT(config.hidden_size)
+    ref.load_jax_latent(ratt, jax.device_get(params["latent"]))
     with torch.no_grad():
-        for name in ("q", "k", "v"):
-            getattr(ratt, name).weight.copy_(torch.from_numpy(np.asarray(params["latent"][name]["kernel"]).T.copy()))
-            getattr(ratt, name).bias.copy_(torch.from_numpy(np.asarray(params["latent"][name]["bias"]).copy()))
         tl = float(ref.release_forward_loss(model, ratt, ref.to_torch(b), thought))
     return {"jax_prefix_cached_loss": float(s / n), "torch_release_loss": tl,
             "abs_diff": abs(float(s / n) - tl)}
@@ -275,15 +249,9 @@ def _run_worker(kind: str, batches: str, *, variant="default", xla_flags="", kin
                 dtypes="float32,bfloat16", steps=10, threads=2, env=None) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu", **(env or {}))
     env["XLA_FLAGS"] = xla_flags
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--batches", batches,
-           "--variant", variant, "--kinds", kinds, "--dtypes", dtypes, "--steps", str(steps),
-           "--threads", str(threads)]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    sys.stderr.write(out.stderr[-600:] if out.returncode else "")
-    if out.returncode:
-        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
-    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT")][-1]
-    return json.loads(line[len("RESULT"):])
+    return common.run_worker(__file__, [
+        "--worker", kind, "--batches", batches, "--variant", variant, "--kinds", kinds,
+        "--dtypes", dtypes, "--steps", str(steps), "--threads", str(threads)], env=env)
 
 
 # (name, engine, XLA_FLAGS, code variant, dtypes, extra environment)
@@ -317,11 +285,10 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--investigate", action="store_true")
     ap.add_argument("--variants", default="", help="comma list of variant names (default: all)")
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "sft.json"))
+    ap.add_argument("--out", default=os.path.join(common.RESULTS, "sft.json"))
     args = ap.parse_args()
     if args.worker:
-        res = worker_jax(args) if args.worker == "jax" else worker_torch(args)
-        print("RESULT" + json.dumps(res))
+        common.emit(worker_jax(args) if args.worker == "jax" else worker_torch(args))
         return
 
     tmp = tempfile.mkdtemp()
@@ -331,7 +298,7 @@ def main():
           f"{info['mean_target']:.1f} tokens; padded to P={info['padded_prompt_len']}, "
           f"T={info['padded_target_len']}; vocab {info['vocab']}")
     result = {"info": info, "threads": args.threads, "batch": BATCH, "steps": args.steps,
-              "load_avg_start": os.getloadavg()}
+              "machine": common.machine()}
     result["parity"] = check_parity(bpath)
     print(f"parity: JAX prefix-cached loss {result['parity']['jax_prefix_cached_loss']:.6f} vs "
           f"torch release two-pass {result['parity']['torch_release_loss']:.6f}")
@@ -350,7 +317,7 @@ def main():
     result["load_avg_end"] = os.getloadavg()
 
     rows = []
-    for d in ("float32", "bfloat16"):
+    for d in common.DTYPES:
         j, t = result["jax"].get(f"latent/{d}", {}), result["torch"].get(f"latent/{d}", {})
         jp, tp = result["jax"].get(f"plain/{d}", {}), result["torch"].get(f"plain/{d}", {})
         rows.append((f"LatentR3 SFT step N=1 ({d})", j, t))
@@ -376,10 +343,7 @@ def main():
             cells = "  ".join(f"{k}: {v[k]['step_s'] * 1e3:.0f}" for k in ("plain/float32", "plain/bfloat16")
                               if isinstance(v.get(k), dict))
             print(f"  {name:<26}{cells or v.get('error', '')}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"\nwrote {args.out}")
+    common.write_result(args.out, result)
 
 
 if __name__ == "__main__":

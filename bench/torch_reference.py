@@ -2,21 +2,24 @@
 
 - `LatentRATT`: the latent module of SPEC.md section 4 in torch.
 - `build_qwen2(config)`: a transformers Qwen2ForCausalLM of a DecoderConfig's shape, and
-  `load_jax_params` to give it the same weights as a JAX params tree.
+  `load_jax_params` / `load_jax_latent` to give it / LatentRATT the weights of a JAX
+  params tree.
 - `release_sft_step`: the release's SFT step: a full pass over [prompt, <|Thought|>,
   target] for the hidden states, LatentRATT, a second full pass with the latent in the
   thought slot, cross-entropy on the target tokens, backward through both, AdamW.
 - `plain_step`: one ordinary fwd + bwd + AdamW pass over [prompt, target].
-- `release_latent_pass`: the first pass alone (no grad), for GRPO / evaluation benchmarks.
+- `train_step_fn`: either step, ready to time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
 import torch
 from torch import nn
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
 
 class LatentRATT(nn.Module):
@@ -54,7 +57,6 @@ class LatentRATT(nn.Module):
 
 
 def qwen2_config(config):
-    from transformers import Qwen2Config
     return Qwen2Config(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
                        intermediate_size=config.intermediate_size,
                        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
@@ -66,7 +68,6 @@ def qwen2_config(config):
 
 
 def build_qwen2(config, dtype=torch.float32, attn_implementation: str = "sdpa"):
-    from transformers import Qwen2ForCausalLM
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(qwen2_config(config))
     model.config._attn_implementation = attn_implementation
@@ -99,6 +100,26 @@ def load_jax_params(model, config, params) -> None:
         model.lm_head.weight.copy_(t(np.asarray(params["lm_head"]["kernel"]).T))
 
 
+@torch.no_grad()
+def load_jax_latent(ratt: LatentRATT, latent_params: dict) -> None:
+    """Copy a JAX LatentRATT params tree (`params["latent"]`) into `ratt`."""
+    for name in ("q", "k", "v"):
+        lin = getattr(ratt, name)
+        lin.weight.copy_(torch.from_numpy(np.asarray(latent_params[name]["kernel"]).T.copy()))
+        lin.bias.copy_(torch.from_numpy(np.asarray(latent_params[name]["bias"]).copy()))
+
+
+def train_step_fn(kind: str, model, batches, thought_id: int, autocast_dtype=None):
+    """i -> the loss of one training step on batches[i]: kind 'latent' (`release_sft_step`,
+    with a fresh LatentRATT on the model's device) or 'plain' (`plain_step`)."""
+    if kind == "latent":
+        ratt = LatentRATT(model.config.hidden_size).to(model.device)
+        opt = make_optimizer([model, ratt])
+        return lambda i: release_sft_step(model, ratt, opt, batches[i], thought_id, autocast_dtype)
+    opt = make_optimizer([model])
+    return lambda i: plain_step(model, opt, batches[i], autocast_dtype)
+
+
 def make_optimizer(modules, lr: float = 3e-4):
     ps = [p for m in modules for p in m.parameters()]
     return torch.optim.AdamW(ps, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
@@ -111,7 +132,9 @@ def to_torch(batch: dict, device=None) -> dict:
 
 def _autocast(batch, dtype):
     """Mixed precision on the batch's device (cpu or cuda), or nothing for float32."""
-    return torch.autocast(batch["prompt_ids"].device.type, dtype=dtype) if dtype else _null()
+    if not dtype:
+        return contextlib.nullcontext()
+    return torch.autocast(batch["prompt_ids"].device.type, dtype=dtype)
 
 
 def _sequence(batch, thought_id: int, num_thoughts: int):
@@ -153,11 +176,7 @@ def release_forward_loss(model, ratt, batch, thought_id: int, autocast_dtype=Non
 
 def release_sft_step(model, ratt, opt, batch, thought_id: int, autocast_dtype=None) -> float:
     opt.zero_grad(set_to_none=True)
-    loss = release_forward_loss(model, ratt, batch, thought_id, autocast_dtype)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
-    opt.step()
-    return float(loss.detach())
+    return _update(opt, release_forward_loss(model, ratt, batch, thought_id, autocast_dtype))
 
 
 def plain_step(model, opt, batch, autocast_dtype=None) -> float:
@@ -169,24 +188,12 @@ def plain_step(model, opt, batch, autocast_dtype=None) -> float:
     with ctx:
         logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
         loss = _target_loss(logits, batch, P - 1)
+    return _update(opt, loss)
+
+
+def _update(opt, loss) -> float:
+    """Backward, clip the gradient norm to 1, AdamW step; the loss as a float (a sync)."""
     loss.backward()
     torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
     opt.step()
     return float(loss.detach())
-
-
-@torch.no_grad()
-def release_latent_pass(model, ratt, batch, thought_id: int):
-    """The release's first (latent) pass: full forward, then LatentRATT -> r [B, d]."""
-    ids, mask, pos = _sequence(batch, thought_id, 1)
-    P = batch["prompt_ids"].shape[1]
-    hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
-    return ratt(hidden[:, :P], mask[:, :P], pos[:, :P])
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False

@@ -1,8 +1,50 @@
-"""The one base configuration; files in configs/ start from it and override."""
+"""The one configuration: its defaults, its command line and its validation.
+
+`base_config()` holds every key with its default; each file in configs/ starts from it and
+overrides. `parse_config(argv)` reads `--config FILE[:ARG] --config.a.b=value ...` into a
+locked ConfigDict. `validate(cfg, stage)` checks every key's type and range and the
+constraints between keys, so a bad setting stops at the edge with one line naming the key.
+Checks that need the data, the devices, the environment or a run directory stay where
+those are read.
+
+The allowed values of the choice keys live here, at the bottom of the layers, so the
+modules that act on them (data, train, eval) import them from here. This module imports
+no JAX: `latentr3 --help` and a bad command line answer at once.
+"""
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
+import math
+import os
+import re
+from typing import Callable, Optional, Sequence
+
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+from latentr3_jax.errors import InputError, one_line
+
+# The model package imports JAX on import, which the command line defers, so its two sets
+# are repeated here; tests/test_config_validate.py holds them equal to
+# model.config.ARCHITECTURES and model.latent.LATENT_MODES.
+MODEL_TYPES = ("qwen2", "llama")
+LATENT_MODES = ("ratt", "hidden")               # LatentRATT | raw hidden state (ablation)
+DATASETS = ("synthetic", "d3", "tfds")
+TEMPLATES = ("latentr3", "bigrec")              # D3 template | BIGRec (Alpaca) template
+TOKENIZER_SPLITS = ("qwen", "gpt2")             # trained BPE pre-tokeniser
+BPE_MIN_VOCAB = 260                             # 256 bytes + <|endoftext|> + <|Thought|> + merges
+DTYPES = ("float32", "bfloat16")
+SCAN_LAYERS = ("auto", "true", "false")
+ADVANTAGES = ("batch", "group", "grpo")         # LR-GRPO advantage normalisation
+ESTIMATORS = ("ppo", "reinforce", "pathwise")   # LR-GRPO gradient estimator
+EVAL_MODES = ("constrained", "bigrec")          # trie beam search | BIGRec grounding
+SPLITS = ("train", "valid", "test")
+STAGES = ("sft", "grpo", "run", "study", "evaluate")
+# data/synthetic.py: 8 genres of 2 to 280 titles each
+SYNTHETIC_ITEMS = (16, 2240)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -103,6 +145,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.grpo.clip_high = 0.28
     c.grpo.iterations = 1           # PPO iterations (mu) per batch
     c.grpo.kl_beta = 0.0
+    c.grpo.weight_decay = 0.0       # AdamW decay of the trained weights
     c.grpo.train_llm = False
     c.grpo.grad_clip = 1.0
     c.grpo.log_every = 10
@@ -115,6 +158,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.pipeline = ml_collections.ConfigDict()
     c.pipeline.base_epochs = 0      # >0: a shared N=0 SFT stage of this many epochs that both
                                     # SFT variants start from (sft.init_from); 0 = none
+
+    # ---- `latentr3 study` (the variants of `run` over several seeds)
+    c.study = ml_collections.ConfigDict()
+    c.study.seeds = (0, 1, 2)       # one `run` per seed under <workdir>/seed_<s>
+    c.study.bootstrap = 2000        # resamples of the users for the paired intervals
+    c.study.sasrec = True           # train SASRec on the same split as a reference row
 
     # ---- evaluation (SPEC.md section 7)
     c.eval = ml_collections.ConfigDict()
@@ -133,3 +182,398 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.resume = True            # continue from an existing predictions.jsonl
     c.eval.progress = True          # tqdm progress bar
     return c
+
+
+# --------------------------------------------------------------------------- validation
+# Each rule takes a value and returns what is wrong with it ('' when nothing), phrased to
+# follow "config <key> ", e.g. "must be >= 1".
+
+Rule = Callable[[object], str]
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _integer(lo: int, hi: Optional[int] = None, *, or_: Optional[int] = None) -> Rule:
+    """An int in [lo, hi]; `or_` is one more allowed value below lo (-1 = all, no limit)."""
+    def rule(v):
+        if not _is_int(v):
+            return "must be an integer"
+        if v < lo and v != or_:
+            return f"must be {or_} or >= {lo}" if or_ is not None else f"must be >= {lo}"
+        if hi is not None and v > hi:
+            return f"must be <= {hi}"
+        return ""
+    return rule
+
+
+def _number(*, gt: Optional[float] = None, ge: Optional[float] = None,
+            lt: Optional[float] = None) -> Rule:
+    def rule(v):
+        if not (_is_int(v) or isinstance(v, float)) or not math.isfinite(v):
+            return "must be a finite number"
+        if gt is not None and not v > gt:
+            return f"must be > {gt:g}"
+        if ge is not None and not v >= ge:
+            return f"must be >= {ge:g}"
+        if lt is not None and not v < lt:
+            return f"must be < {lt:g}"
+        return ""
+    return rule
+
+
+def _choice(options: Sequence[str]) -> Rule:
+    return lambda v: "" if isinstance(v, str) and v in options \
+        else f"must be one of {', '.join(options)}"
+
+
+def _boolean(v) -> str:
+    return "" if isinstance(v, bool) else "must be true or false"
+
+
+def _string(v) -> str:
+    return "" if isinstance(v, str) else "must be a string"
+
+
+def _nonempty_string(v) -> str:
+    return _string(v) or ("" if v.strip() else "must not be empty")
+
+
+def _scan_layers(v) -> str:
+    ok = isinstance(v, bool) or (isinstance(v, str) and v.strip().lower() in SCAN_LAYERS)
+    return "" if ok else "must be auto, true or false"
+
+
+def _int_tuple(*, lo: int = 1, increasing: bool = False, empty_ok: bool = False) -> Rule:
+    def rule(v):
+        if not isinstance(v, (tuple, list)) or not all(_is_int(x) for x in v):
+            return "must be a tuple of integers, such as (16, 32)"
+        if not v and not empty_ok:
+            return "must not be empty"
+        if any(x < lo for x in v):
+            return f"must hold only values >= {lo}"
+        if increasing and any(a >= b for a, b in zip(v, v[1:])):
+            return "must be strictly increasing"
+        return ""
+    return rule
+
+
+_MESH_AXIS = _integer(1, or_=-1)
+_STEPS_LIMIT = _integer(1, or_=-1)     # -1 = no limit
+_ROWS_LIMIT = _integer(0, or_=-1)      # -1 = all
+
+RULES = {
+    "seed": _integer(0),
+    "workdir": _nonempty_string,
+    "dataset": _choice(DATASETS),
+    "dataset_dir": _string,
+    "data.category": _string,
+    "data.template": _choice(TEMPLATES),
+    "data.cutoff": _integer(1),
+    "data.buckets": _int_tuple(increasing=True),
+    "data.max_target_len": _integer(1),
+    "data.target_buckets": _int_tuple(increasing=True, empty_ok=True),  # () = (max_target_len,)
+    "data.tfds_name": _string,
+    "data.skip_invalid": _boolean,
+    "data.max_train_rows": _ROWS_LIMIT,
+    "data.max_eval_rows": _ROWS_LIMIT,
+    "data.synthetic.num_items": _integer(*SYNTHETIC_ITEMS),
+    "data.synthetic.num_users": _integer(1),
+    "data.synthetic.seed": _integer(0),
+    "tokenizer.path": _string,
+    "tokenizer.vocab_size": _integer(BPE_MIN_VOCAB),
+    "tokenizer.split": _choice(TOKENIZER_SPLITS),
+    "tokenizer.min_frequency": _integer(0),
+    "model.hf_path": _string,
+    "model.model_type": _choice(MODEL_TYPES),
+    "model.hidden_size": _integer(1),
+    "model.intermediate_size": _integer(1),
+    "model.num_layers": _integer(1),
+    "model.num_heads": _integer(1),
+    "model.num_kv_heads": _integer(1),
+    "model.rope_theta": _number(gt=0),
+    "model.tie_word_embeddings": _boolean,
+    "model.num_thoughts": _integer(0),
+    "model.latent_mode": _choice(LATENT_MODES),
+    "model.dtype": _choice(DTYPES),
+    "model.remat": _boolean,
+    "model.scan_layers": _scan_layers,
+    "mesh.data": _MESH_AXIS,
+    "mesh.fsdp": _MESH_AXIS,
+    "mesh.tensor": _MESH_AXIS,
+    "distributed.coordinator_address": _string,
+    "distributed.num_processes": _integer(0),
+    "distributed.process_id": _integer(0, or_=-1),
+    "sft.init_from": _string,
+    "sft.learning_rate": _number(gt=0),
+    "sft.warmup_steps": _integer(0),
+    "sft.batch_size": _integer(1),
+    "sft.micro_batch_size": _integer(0),
+    "sft.epochs": _integer(0),
+    "sft.max_steps": _STEPS_LIMIT,
+    "sft.patience": _integer(1),
+    "sft.weight_decay": _number(ge=0),
+    "sft.grad_clip": _number(ge=0),
+    "sft.log_every": _integer(1),
+    "sft.checkpoint_every": _integer(1),
+    "sft.keep_checkpoints": _integer(1),
+    "sft.max_bad_steps": _integer(1),
+    "sft.eval_batch_size": _integer(0),
+    "grpo.init_from": _string,
+    "grpo.group_size": _integer(2),         # sample 1 of each group is noise-free
+    "grpo.sigma": _number(gt=0),
+    "grpo.learning_rate": _number(gt=0),
+    "grpo.warmup_steps": _integer(0),
+    "grpo.prompts_per_batch": _integer(1),
+    "grpo.micro_batch_size": _integer(0),
+    "grpo.epochs": _integer(0),
+    "grpo.max_steps": _STEPS_LIMIT,
+    "grpo.advantage": _choice(ADVANTAGES),
+    "grpo.estimator": _choice(ESTIMATORS),
+    "grpo.clip_low": _number(ge=0, lt=1),
+    "grpo.clip_high": _number(ge=0),
+    "grpo.iterations": _integer(1),
+    "grpo.kl_beta": _number(ge=0),
+    "grpo.weight_decay": _number(ge=0),
+    "grpo.train_llm": _boolean,
+    "grpo.grad_clip": _number(ge=0),
+    "grpo.log_every": _integer(1),
+    "grpo.checkpoint_every": _integer(1),
+    "grpo.keep_checkpoints": _integer(1),
+    "grpo.max_bad_steps": _integer(1),
+    "grpo.evaluate": _boolean,
+    "pipeline.base_epochs": _integer(0),
+    "study.seeds": _int_tuple(lo=0),
+    "study.bootstrap": _integer(100),
+    "study.sasrec": _boolean,
+    "eval.checkpoint": _string,
+    "eval.split": _choice(SPLITS),
+    "eval.mode": _choice(EVAL_MODES),
+    "eval.num_beams": _integer(1),
+    "eval.length_penalty": _number(),
+    "eval.batch_size": _integer(1),
+    "eval.max_users": _ROWS_LIMIT,
+    "eval.ks": _int_tuple(),
+    "eval.output_dir": _string,
+    "eval.data_from_run": _boolean,
+    "eval.grounding_beams": _integer(1),
+    "eval.max_new_tokens": _integer(1),
+    "eval.resume": _boolean,
+    "eval.progress": _boolean,
+}
+
+
+def flat_items(cfg, prefix: str = "") -> dict:
+    """{'a.b': value} for every leaf of a (nested) ConfigDict or dict."""
+    out = {}
+    for k, v in cfg.items():
+        if isinstance(v, (ml_collections.ConfigDict, dict)):
+            out.update(flat_items(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def validate(cfg, stage: Optional[str] = None) -> None:
+    """Check every key of `cfg` (type, range, allowed values) and the constraints between
+    keys; raise InputError with one line naming the key at the first problem.
+
+    `stage` adds what one command needs: 'grpo' an SFT run (grpo.init_from), 'evaluate' a
+    run to evaluate (eval.checkpoint), 'run' a latent thought and no sft.init_from beside a
+    base stage; 'sft' and None add nothing. Reads no files and no devices.
+    """
+    if stage is not None and stage not in STAGES:
+        raise ValueError(f"validate: stage must be one of {STAGES} or None, got {stage!r}")
+    values = flat_items(cfg)
+    for key in values:
+        if key not in RULES:
+            raise InputError(f"config has no key {key!r}{_suggestion(key, RULES)}")
+    for key, rule in RULES.items():
+        if key not in values:
+            raise InputError(f"config is missing key {key!r} (configs start from base_config())")
+        problem = rule(values[key])
+        if problem:
+            raise InputError(f"config {key} {problem}, got {values[key]!r}")
+    _check_relations(cfg)
+    if stage is not None:
+        _check_stage(cfg, stage)
+
+
+def _check_relations(cfg) -> None:
+    if cfg.dataset in ("d3", "tfds") and not cfg.dataset_dir.strip():
+        what = "a D3 folder" if cfg.dataset == "d3" else "a TFDS data_dir"
+        raise InputError(f"config dataset_dir must be set for dataset={cfg.dataset} "
+                         f"(--config.dataset_dir=<{what}>)")
+    m = cfg.model
+    if m.hidden_size % m.num_heads:
+        raise InputError(f"config model.hidden_size must be a multiple of model.num_heads "
+                         f"{m.num_heads}, got {m.hidden_size}")
+    if m.num_heads % m.num_kv_heads:
+        raise InputError(f"config model.num_heads must be a multiple of model.num_kv_heads "
+                         f"{m.num_kv_heads}, got {m.num_heads}")
+    if cfg.sft.init_from and m.hf_path:
+        raise InputError("config sft.init_from and model.hf_path are both set: the weights come "
+                         "from one or the other (the run named by init_from records its own "
+                         "source)")
+    free = [f"mesh.{a}" for a in ("data", "fsdp", "tensor") if cfg.mesh[a] == -1]
+    if len(free) > 1:
+        raise InputError(f"config {' and '.join(free)} are each -1: at most one mesh axis takes "
+                         f"the remaining devices")
+    d = cfg.distributed
+    if d.coordinator_address and not re.fullmatch(r"\S+:\d+", d.coordinator_address):
+        raise InputError(f"config distributed.coordinator_address must be HOST:PORT, "
+                         f"got {d.coordinator_address!r}")
+    if d.num_processes > 0 and d.process_id >= d.num_processes:
+        raise InputError(f"config distributed.process_id must be < distributed.num_processes "
+                         f"{d.num_processes}, got {d.process_id}")
+    for name, batch_key in (("sft", "batch_size"), ("grpo", "prompts_per_batch")):
+        sec = cfg[name]
+        micro, batch = sec.micro_batch_size, sec[batch_key]
+        if micro and batch % micro:
+            raise InputError(f"config {name}.micro_batch_size must divide {name}.{batch_key} "
+                             f"{batch} (0 = no accumulation), got {micro}")
+        if sec.epochs <= 0 and sec.max_steps <= 0:
+            raise InputError(f"config {name}.epochs or {name}.max_steps must be positive, got "
+                             f"{sec.epochs} and {sec.max_steps}")
+
+
+def _check_stage(cfg, stage: str) -> None:
+    if stage == "grpo" and not cfg.grpo.init_from:
+        raise InputError("config grpo.init_from must be set for grpo: the SFT run directory "
+                         "(--config.grpo.init_from=DIR)")
+    if stage == "evaluate" and not cfg.eval.checkpoint:
+        raise InputError("config eval.checkpoint must be set for evaluate: the run directory "
+                         "(--config.eval.checkpoint=DIR)")
+    if stage in ("run", "study"):
+        if cfg.model.num_thoughts < 1:
+            raise InputError(f"config model.num_thoughts must be >= 1 for run (its LatentR³ "
+                             f"variants; the baseline runs with 0), got {cfg.model.num_thoughts}")
+        if cfg.pipeline.base_epochs > 0 and cfg.sft.init_from:
+            raise InputError("config pipeline.base_epochs and sft.init_from are both set: the "
+                             "base stage is where the variants start from")
+
+
+# --------------------------------------------------------------------------- command line
+
+_REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+_OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)(?:=(.*))?$", re.DOTALL)
+
+
+def default_config_file(name: str = "default.py") -> str:
+    return os.path.join(_REPO_CONFIGS, name)
+
+
+def parse_config(argv: Sequence[str], default_file: Optional[str] = None,
+                 extra_flags=None) -> tuple:
+    """Parse `argv` (without the program name) into (locked ConfigDict, FlagValues).
+
+    `--config FILE[:ARG]` names the config file (default: `default_file`, else
+    configs/default.py); `--config.a.b=value` overrides one key. `extra_flags(fv)` may
+    define more absl flags on the same FlagValues. An unknown key, a value of the wrong
+    type or a config file that fails to load raise InputError with one line. The values
+    are not checked here: call `validate(cfg, stage)` next.
+    """
+    argv = ["latentr3"] + list(argv)
+    if not any(a == "--config" or a.startswith("--config=") for a in argv):
+        argv = argv[:1] + ["--config", default_file or default_config_file()] + argv[1:]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", default=None, flag_values=fv, sys_argv=argv,
+                                    lock_config=True, help_string="config file (configs/*.py)")
+    if extra_flags is not None:
+        extra_flags(fv)
+    try:
+        fv(argv)
+        cfg = fv.config
+        if cfg is not None:
+            cfg.to_dict()  # a config file that failed to load raises on first access
+    except Exception as e:  # absl, config file import and override errors alike
+        raise InputError(_explain(e, argv)) from None
+    if cfg is None:
+        raise InputError(f"config file {_config_spec(argv)}: get_config() returned nothing")
+    return cfg, fv
+
+
+def _config_spec(argv: Sequence[str]) -> Optional[str]:
+    """The value of --config (FILE or FILE:ARG)."""
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _explain(err: Exception, argv: Sequence[str]) -> str:
+    """One line for a failed parse: load the config file alone to tell a bad file from an
+    unknown key from a value of the wrong type."""
+    spec = _config_spec(argv)
+    if spec is None:
+        return f"bad command line: {one_line(err)}"
+    path = spec.split(":", 1)[0]
+    if not os.path.isfile(path):
+        return f"config file {path} not found"
+    try:
+        loaded = _load_config_file(spec)
+    except Exception as e:
+        return f"config file {spec}: {one_line(e)}"
+    if loaded is None:
+        return f"config file {spec}: get_config() returned nothing"
+    keys = flat_items(loaded)
+    for arg in argv[1:]:
+        m = _OVERRIDE.match(arg)
+        if m and not _has_key(loaded, m.group(1)):
+            return f"config has no key {m.group(1)!r}{_suggestion(m.group(1), keys)}"
+    m = re.match(r"flag --config\.([^=\s]+)=(.*?): ", str(err), re.DOTALL)
+    if m and _has_key(loaded, m.group(1)):
+        key, default = m.group(1), _get(loaded, m.group(1))
+        if isinstance(default, ml_collections.ConfigDict):
+            return f"config {key} is a section: set its keys, as --config.{key}.NAME=VALUE"
+        return f"config {key} must be {_type_words(default)}, got {m.group(2)!r}"
+    return f"bad command line or config: {one_line(err)}"
+
+
+def _load_config_file(spec: str):
+    """get_config(ARG) of FILE for spec FILE[:ARG], as config_flags calls it (errors as raised)."""
+    path, *arg = spec.split(":", 1)
+    module_spec = importlib.util.spec_from_file_location("latentr3_config_file", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(*arg)
+
+
+def _get(cfg, key: str):
+    for part in key.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+def _has_key(cfg, key: str) -> bool:
+    for part in key.split("."):
+        if not isinstance(cfg, (ml_collections.ConfigDict, dict)) or part not in cfg:
+            return False
+        cfg = cfg[part]
+    return True
+
+
+def _suggestion(key: str, keys) -> str:
+    """'; did you mean a.b?': the keys of the same last name, else the closest spelling."""
+    keys = sorted(keys)
+    leaf = key.rsplit(".", 1)[-1]
+    close = [k for k in keys if k.rsplit(".", 1)[-1] == leaf and k != key][:3] \
+        or difflib.get_close_matches(key, keys, n=1, cutoff=0.8)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
+def _type_words(value) -> str:
+    if isinstance(value, bool):
+        return "true or false"
+    if _is_int(value):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, tuple):
+        return "a tuple, such as (16, 32)"
+    return f"a {type(value).__name__}"

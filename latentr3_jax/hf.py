@@ -11,7 +11,6 @@ onto its target sharding.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -21,10 +20,14 @@ from typing import Iterable, Optional
 
 import jax.numpy as jnp
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from latentr3_jax.errors import InputError, one_line, where
+from latentr3_jax.gguf_convert import resolve_model_path
 from latentr3_jax.model.config import ARCHITECTURES, DecoderConfig
 from latentr3_jax.model.decoder import param_shapes
+from latentr3_jax.utils.atomic import atomic_files
 
 HF_ARCHITECTURES = {arch: model_type for model_type, arch in ARCHITECTURES.items()}
 
@@ -295,7 +298,6 @@ class _SafetensorsReader:
     """Lazy access to the tensors of one .safetensors file, without torch."""
 
     def __init__(self, path: str):
-        from safetensors import safe_open
         self.path = path
         try:
             self._f = safe_open(path, framework="numpy")
@@ -316,7 +318,6 @@ class _SafetensorsReader:
             except (TypeError, ValueError):
                 # Older safetensors cannot make numpy bfloat16 arrays; go through jax instead.
                 if self._jax is None:
-                    from safetensors import safe_open
                     self._jax = safe_open(self.path, framework="flax")
                 return np.asarray(self._jax.get_tensor(name).astype("float32"))
         except Exception as e:  # truncated or damaged data
@@ -328,7 +329,7 @@ class _TorchReader:
 
     def __init__(self, path: str):
         try:
-            import torch
+            import torch   # optional: only pytorch_model.bin checkpoints need it
         except ImportError:
             raise InputError(f"{path}: reading pytorch_model.bin needs torch, which is not "
                              "installed; convert the checkpoint to safetensors or install torch") from None
@@ -383,6 +384,9 @@ def _weight_files(path: str) -> tuple:
 
 
 def read_hf_config(path: str) -> DecoderConfig:
+    """The DecoderConfig of a Hugging Face checkpoint directory (or a .gguf file, converted
+    once into a folder beside it: gguf_convert.resolve_model_path)."""
+    path = resolve_model_path(os.fspath(path))
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isdir(path):
         raise InputError(f"{path}: not a directory")
@@ -401,12 +405,12 @@ def read_hf_config(path: str) -> DecoderConfig:
 
 
 def load_pretrained(path: str, dtype=np.float32) -> tuple:
-    """(DecoderConfig, params) from a local HF checkpoint directory.
+    """(DecoderConfig, params) from a local HF checkpoint directory (or a .gguf file).
 
     Params are numpy arrays of `dtype`, layers stacked on axis 0. A `latent.safetensors`
     written by `save_pretrained` comes back as `params['latent']`.
     """
-    path = os.fspath(path)
+    path = resolve_model_path(os.fspath(path))
     config = read_hf_config(path)
     files, source, reader_cls = _weight_files(path)
     expected = expected_tensors(config)
@@ -526,9 +530,7 @@ def save_pretrained(config: DecoderConfig, params: dict, path: str) -> None:
     The files replace an earlier export together: an interrupted export leaves the folder
     as it was.
     """
-    from safetensors.numpy import save_file
 
-    from latentr3_jax.utils.atomic import atomic_files
 
     path = os.fspath(path)
     tensors = hf_state_dict(config, params)
@@ -597,64 +599,3 @@ def resize_vocab(config: DecoderConfig, params: dict, n_new: int,
 
 
 # --------------------------------------------------------------------------- CLI
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise InputError(message)
-
-
-def convert_main(argv: list) -> int:
-    """`latentr3 convert --hf PATH --out DIR` or `latentr3 convert --to-hf --from DIR --out PATH`."""
-    from latentr3_jax.utils import params_io
-
-    p = _Parser(prog="latentr3 convert",
-                description="Hugging Face checkpoint directory <-> Orbax params checkpoint.")
-    p.add_argument("--hf", metavar="PATH", help="Hugging Face checkpoint directory to read")
-    p.add_argument("--to-hf", action="store_true", help="write a Hugging Face directory instead")
-    p.add_argument("--from", dest="src", metavar="DIR",
-                   help="with --to-hf: params checkpoint (from `convert --hf`) or a run directory")
-    p.add_argument("--out", required=True, metavar="PATH", help="output directory")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    args = p.parse_args(argv)
-
-    if args.to_hf:
-        if not args.src or args.hf:
-            raise InputError("--to-hf needs --from DIR (and no --hf)")
-        if os.path.exists(args.out) and os.listdir(args.out) and not args.overwrite:
-            raise InputError(f"{args.out}: exists and is not empty (pass --overwrite)")
-        config, params, tokenizer_dir = _read_converted(args.src)
-        save_pretrained(config, params, args.out)
-        if tokenizer_dir:
-            for name in os.listdir(tokenizer_dir):
-                src = os.path.join(tokenizer_dir, name)
-                if os.path.isfile(src):
-                    shutil.copy2(src, os.path.join(args.out, name))
-        print(f"wrote Hugging Face checkpoint {args.out} ({config.model_type}, "
-              f"{config.num_params() / 1e6:.2f}M params)")
-        return 0
-    if not args.hf or args.src:
-        raise InputError("pass --hf PATH (or --to-hf --from DIR)")
-    config, params = load_pretrained(args.hf)
-    params_io.save_params(args.out, params, config, extra={"source": os.path.abspath(args.hf)},
-                          overwrite=args.overwrite)
-    print(f"wrote params checkpoint {args.out} ({config.model_type}, "
-          f"{config.num_params() / 1e6:.2f}M params)")
-    return 0
-
-
-def _read_converted(src: str) -> tuple:
-    """(config, params, tokenizer dir or None) from a params checkpoint or a run directory."""
-    from latentr3_jax.utils import params_io
-
-    if os.path.isdir(os.path.join(src, params_io.PARAMS_DIR)):
-        config, params = params_io.load_params(src)
-        return config, params, None
-    if os.path.isdir(os.path.join(src, "checkpoints")):
-        from latentr3_jax.train.checkpoint import load_run
-        run = load_run(src)
-        tok = os.path.join(src, "tokenizer")
-        return run.model_config, run.params, tok if os.path.isdir(tok) else None
-    raise InputError(f"{src}: neither a params checkpoint ({params_io.PARAMS_DIR}/) nor a run "
-                     "directory (checkpoints/)")
-

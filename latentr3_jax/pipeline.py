@@ -16,15 +16,21 @@ redone.
 from __future__ import annotations
 
 import copy
-import json
+import dataclasses
 import os
 import time
 from typing import Optional, Sequence
 
+from latentr3_jax import config as config_lib
+from latentr3_jax import data as D
 from latentr3_jax import report
-from latentr3_jax.configlib import default_config_file, parse_config
+from latentr3_jax.data import baselines
 from latentr3_jax.errors import InputError
-from latentr3_jax.utils.atomic import atomic_write_text
+from latentr3_jax.eval.evaluate import evaluate_run
+from latentr3_jax.train.grpo import train_grpo
+from latentr3_jax.train.runs import read_metrics, save_tokenizer
+from latentr3_jax.train.sft import train_sft
+from latentr3_jax.utils.jsonio import read_json, write_json
 
 VARIANTS = (
     # name, label, stage
@@ -39,12 +45,10 @@ BASE = "base"
 
 def _base_config(cfg, workdir: str):
     """The shared N = 0 warm-up stage, or None when pipeline.base_epochs is 0."""
-    epochs = int(cfg.get("pipeline", {}).get("base_epochs", 0))
-    if epochs < 0:
-        raise InputError(f"config pipeline.base_epochs must be >= 0, got {epochs}")
+    epochs = int(cfg.pipeline.base_epochs)
     if epochs == 0:
         return None
-    if cfg.sft.get("init_from", ""):
+    if cfg.sft.init_from:
         raise InputError("config pipeline.base_epochs and sft.init_from are both set: the base "
                          "stage is where the variants start from")
     b = copy.deepcopy(cfg)
@@ -71,8 +75,6 @@ def _variant_config(cfg, name: str, workdir: str, base=None):
 
 def _shared_inputs(cfg, workdir: str):
     """Generate the dataset and the tokenizer once, so every variant sees the same ones."""
-    from latentr3_jax import data as D
-
     if cfg.dataset == "synthetic" and not cfg.dataset_dir:
         cfg.dataset_dir = os.path.join(workdir, "synthetic_data")
     dataset = D.load_dataset(cfg)
@@ -80,13 +82,7 @@ def _shared_inputs(cfg, workdir: str):
         tok_dir = os.path.join(workdir, "tokenizer")
         if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
             print(f"training a byte-level BPE tokenizer on {dataset.name} ...", flush=True)
-            tok = D.make_tokenizer(cfg, dataset)
-            tmp = tok_dir + ".tmp"
-            tok.save(tmp)
-            if os.path.exists(tok_dir):
-                import shutil
-                shutil.rmtree(tok_dir)
-            os.replace(tmp, tok_dir)
+            save_tokenizer(D.make_tokenizer(cfg, dataset), tok_dir)
         cfg.tokenizer.path = tok_dir
     sizes = {k: len(v) for k, v in dataset.splits.items()}
     print(f"dataset {dataset.name}: {len(dataset.catalog)} items, splits {sizes}", flush=True)
@@ -95,10 +91,6 @@ def _shared_inputs(cfg, workdir: str):
 
 def _baseline_rows(cfg, dataset) -> list:
     """Model-free recommenders on the same evaluation rows, ranked by the same title rule."""
-    import dataclasses
-
-    from latentr3_jax.data import baselines
-
     split = cfg.eval.split
     rows = dataset.splits[split]
     if cfg.eval.max_users >= 0:
@@ -110,28 +102,21 @@ def _baseline_rows(cfg, dataset) -> list:
 def _timed_stage(name: str, stage: str, vcfg) -> dict:
     marker = os.path.join(vcfg.workdir, "train_summary.json")
     if os.path.exists(marker):
-        with open(marker, encoding="utf-8") as f:
-            summary = json.load(f)
+        summary = read_json(marker)
         print(f"[{name}] already trained ({summary.get('train_time_s', 0):.1f} s); skipping",
               flush=True)
         return summary
     print(f"\n[{name}] training ({stage}) -> {vcfg.workdir}", flush=True)
     t0 = time.perf_counter()
-    if stage == "sft":
-        from latentr3_jax.train.sft import train_sft
-        summary = train_sft(vcfg, resume_hint="latentr3 run with the same arguments")
-    else:
-        from latentr3_jax.train.grpo import train_grpo
-        summary = train_grpo(vcfg, resume_hint="latentr3 run with the same arguments")
+    train = train_sft if stage == "sft" else train_grpo
+    summary = train(vcfg, resume_hint="latentr3 run with the same arguments")
     summary = {k: v for k, v in summary.items() if k != "curve"}
     summary["train_time_s"] = time.perf_counter() - t0 + float(summary.get("train_time_s", 0) or 0)
-    atomic_write_text(marker, json.dumps(summary, indent=2, default=str) + "\n")
+    write_json(marker, summary)
     return summary
 
 
 def _evaluate(name: str, vcfg) -> dict:
-    from latentr3_jax.eval.evaluate import evaluate_run
-
     print(f"[{name}] evaluating on {vcfg.eval.split} ({vcfg.eval.mode})", flush=True)
     out_dir = os.path.join(vcfg.workdir, f"eval_{vcfg.eval.split}_{vcfg.eval.mode}")
     return evaluate_run(vcfg, vcfg.workdir, out_dir=out_dir, print_table=False)
@@ -139,8 +124,7 @@ def _evaluate(name: str, vcfg) -> dict:
 
 def run_pipeline(cfg, variants: Optional[Sequence[str]] = None) -> list:
     """Train and evaluate the variants; returns the table rows (also written to workdir)."""
-    from latentr3_jax.train.runs import read_metrics
-
+    config_lib.validate(cfg, stage="run")
     workdir = os.path.abspath(cfg.workdir)
     os.makedirs(workdir, exist_ok=True)
     cfg = copy.deepcopy(cfg)
@@ -177,9 +161,3 @@ def run_pipeline(cfg, variants: Optional[Sequence[str]] = None) -> list:
     print("\n" + report.text_table(rows))
     print(f"\nwrote {paths['md']}, {paths['json']}, {png}")
     return rows
-
-
-def main(argv: Sequence[str]) -> int:
-    cfg, _ = parse_config(argv, default_file=default_config_file("demo.py"))
-    run_pipeline(cfg)
-    return 0

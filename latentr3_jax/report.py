@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Dict, List, Sequence
 
-from latentr3_jax.utils.atomic import atomic_write_text
+from latentr3_jax.utils.atomic import atomic_open, atomic_write_text
+from latentr3_jax.utils.jsonio import write_json
 
 DEFAULT_COLUMNS = (
     ("variant", "variant", "{}"),
@@ -46,30 +46,17 @@ def text_table(rows: Sequence[dict], columns=DEFAULT_COLUMNS) -> str:
 
 
 def write_tables(rows: Sequence[dict], out_dir: str, stem: str = "results") -> Dict[str, str]:
-    """Write `<stem>.json` and `<stem>.md`; returns their paths."""
-    os.makedirs(out_dir, exist_ok=True)
+    """Write `<stem>.json` and `<stem>.md` (each atomically); returns their paths."""
     paths = {"json": os.path.join(out_dir, f"{stem}.json"), "md": os.path.join(out_dir, f"{stem}.md")}
-    atomic_write_text(paths["json"], json.dumps(list(rows), indent=2, sort_keys=True) + "\n")
+    write_json(paths["json"], list(rows))
     atomic_write_text(paths["md"], markdown_table(rows) + "\n")
     return paths
 
 
-def read_metrics(path: str) -> List[dict]:
-    """Rows of a metrics.jsonl file (a torn last line is ignored)."""
-    rows = []
-    if not os.path.exists(path):
-        return rows
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
-
-
 def plot_pipeline(curves: Dict[str, List[dict]], rows: Sequence[dict], path: str) -> str:
     """Training-loss / reward curves per variant and HR/NDCG bars, as one PNG."""
+    # imported here: matplotlib is slow to import and only the plot needs it, and the
+    # headless backend has to be chosen before pyplot loads
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -105,8 +92,7 @@ def plot_pipeline(curves: Dict[str, List[dict]], rows: Sequence[dict], path: str
     ax_bar.set(title="test metrics")
     ax_bar.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
     return path

@@ -15,7 +15,7 @@ Every node runs the same line with its own process id; each process drives all G
 its node and feeds its slice of the global batch. Under Slurm:
 
   srun --nodes=2 --ntasks-per-node=1 --gpus-per-node=8 launch/gpu_multinode.sh -- \\
-      sft --config configs/paper_cds.py:gpu-h100x8 --config.mesh.data=2 \\
+      sft --config configs/paper.py:cds,gpu-h100x8 --config.mesh.data=2 \\
       --config.workdir=/shared/runs/cds
 
 (mesh: the preset is one node's 1x8x1; with more nodes scale 'data' to the node count.)

@@ -11,7 +11,7 @@ other workers by itself. Use a workdir every worker can reach (gs://bucket/...) 
 checkpoints survive the VM. Example:
 
   launch/tpu_run.sh --name r3 --zone us-central2-b -- \\
-      run --config configs/paper_cds.py:tpu-v4-8 \\
+      run --config configs/paper.py:cds,tpu-v4-8 \\
       --config.model.hf_path=/models/Qwen2.5-1.5B --config.workdir=gs://bucket/runs/cds"
 
 parse_flags "${USAGE}" "$@"

@@ -26,7 +26,7 @@ def main(argv):
     from latentr3_jax.utils.atomic import atomic_write_text
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
-    from latentr3_jax.configlib import parse_config
+    from latentr3_jax.config import parse_config
     from latentr3_jax.train import sft, step
     from latentr3_jax.train.signals import StopRequested
 

@@ -37,7 +37,7 @@ def main(argv):
 
     import numpy as np
 
-    from latentr3_jax.configlib import parse_config
+    from latentr3_jax.config import parse_config
     from latentr3_jax.train import grpo, sft, step
 
     # record how many rows this process feeds per step and the global batch they form
@@ -96,7 +96,7 @@ def main(argv):
         "sft": {k: sft_summary[k] for k in ("steps", "final_loss", "valid_losses",
                                             "best_valid_loss")},
         "sft_metrics": records(sft_dir), "sft_fed": sft_fed, "grpo_fed": list(fed),
-        "grpo": {"curve": grpo_summary["curve"], "batches": grpo_summary["batches"],
+        "grpo": {"curve": grpo_summary["curve"], "batches": grpo_summary["steps"],
                  "valid_reward_start": grpo_summary["valid_reward_start"],
                  "valid_reward_end": grpo_summary["valid_reward_end"]},
         "grpo_metrics": records(grpo_dir),

@@ -48,6 +48,14 @@ def make_tx(lr=1e-2, total=20):
     return optim.adamw(sched, grad_clip=1.0, weight_decay=0.01), sched
 
 
+def make_sgd_tx(lr=1e-2):
+    """Plain SGD: an update is -lr * gradient, so comparing parameters after a step compares
+    gradients. (Adam divides by sqrt(v): a near-zero gradient component's float32 rounding,
+    which differs between processors, can move its parameter by up to lr.)"""
+    import optax
+    return optax.sgd(lr), optax.constant_schedule(lr)
+
+
 def sft_loss(config, num_thoughts=1):
     return sft.make_sft_loss(config, num_thoughts=num_thoughts, latent_mode="ratt")
 

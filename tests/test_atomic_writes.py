@@ -50,8 +50,7 @@ def test_interrupted_hf_export_keeps_the_previous_one(tmp_path, monkeypatch):
     assert {"model.safetensors", hf.LATENT_FILE, "config.json"} <= set(before)
 
     # the second export dies while writing its second file (the latent weights)
-    import safetensors.numpy as stn
-    real = stn.save_file
+    real = hf.save_file
     calls = []
 
     def dying(tensors, filename, metadata=None):
@@ -60,11 +59,11 @@ def test_interrupted_hf_export_keeps_the_previous_one(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(stn, "save_file", dying)
+    monkeypatch.setattr(hf, "save_file", dying)
     _, new = _model(1)
     with pytest.raises(KeyboardInterrupt):
         hf.save_pretrained(config, new, tmp_path)
-    monkeypatch.setattr(stn, "save_file", real)
+    monkeypatch.setattr(hf, "save_file", real)
     assert {n: (tmp_path / n).read_bytes() for n in _listing(tmp_path)} == before
     _, back = hf.load_pretrained(tmp_path)
     np.testing.assert_array_equal(back["embed"]["embedding"], old["embed"]["embedding"])

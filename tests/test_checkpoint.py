@@ -13,12 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from latentr3_jax.configlib import default_config_file, parse_config
+from latentr3_jax.config import default_config_file, parse_config
 from latentr3_jax.errors import InputError
 from latentr3_jax.parallel import make_mesh
 from latentr3_jax.train import checkpoint as ckpt_lib
-from latentr3_jax.train.signals import StopRequested
 from latentr3_jax.train.sft import train_sft
+from latentr3_jax.train import fingerprint, runs
 
 from _sft_helpers import make_tx, new_state, tiny_model
 
@@ -34,13 +34,13 @@ def tiny_cfg(workdir, *overrides):
 
 
 def _params(run_dir, which="latest"):
-    return jax.device_get(ckpt_lib.load_run(run_dir, which).params)
+    return jax.device_get(runs.load_run(run_dir, which).params)
 
 
 def test_stop_and_resume_equals_uninterrupted(tmp_path):
     full = train_sft(tiny_cfg(tmp_path / "a"), progress=False)
-    with pytest.raises(StopRequested, match="To resume"):
-        train_sft(tiny_cfg(tmp_path / "b"), progress=False, stop_at_step=2)
+    part = train_sft(tiny_cfg(tmp_path / "b"), progress=False, stop_after=2)
+    assert not part["finished"] and part["steps"] == 2
     resumed = train_sft(tiny_cfg(tmp_path / "b"), progress=False)
     assert resumed["start_step"] == 2 and resumed["steps"] == full["steps"] > 2
     pa, pb = _params(tmp_path / "a"), _params(tmp_path / "b")
@@ -62,7 +62,7 @@ def saved(tmp_path):
     tx, _ = make_tx()
     mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     state, sh = new_state(config, tx, mesh)
-    fp = ckpt_lib.make_fingerprint(config, num_thoughts=1, latent_mode="ratt")
+    fp = fingerprint.make_fingerprint(config, num_thoughts=1, latent_mode="ratt")
     ck = ckpt_lib.Checkpointer(str(tmp_path / "ck"), fingerprint=fp, keep=5)
     for s in (1, 2, 3):
         st = state.replace(step=jnp.int32(s), params=jax.tree.map(lambda x: x + s, state.params))
@@ -153,7 +153,7 @@ def test_damaged_meta_falls_back(saved):
 
 def test_different_model_or_tokenizer_is_refused(saved, tmp_path):
     ck, abstract, sh, _, fp, _ = saved
-    other = ckpt_lib.make_fingerprint(tiny_model(hidden=64), num_thoughts=1, latent_mode="ratt")
+    other = fingerprint.make_fingerprint(tiny_model(hidden=64), num_thoughts=1, latent_mode="ratt")
     ck2 = ckpt_lib.Checkpointer(str(tmp_path / "ck"), fingerprint=other)
     with pytest.raises(InputError, match=r"different model or tokenizer: .*model\.hidden_size"):
         ck2.restore_latest(abstract, sh)
@@ -169,11 +169,11 @@ MESH_SCRIPT = textwrap.dedent("""
     import sys, jax, numpy as np
     sys.path.insert(0, sys.argv[1])
     from latentr3_jax.parallel import make_mesh
-    from latentr3_jax.train import checkpoint as ckpt_lib
+    from latentr3_jax.train import checkpoint as ckpt_lib, fingerprint
     from _sft_helpers import make_tx, new_state, tiny_model
     config = tiny_model(vocab=96)
     tx, _ = make_tx()
-    fp = ckpt_lib.make_fingerprint(config)
+    fp = fingerprint.make_fingerprint(config)
     src = make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
     state, _ = new_state(config, tx, src, seed=3)
     ck = ckpt_lib.Checkpointer(sys.argv[2], fingerprint=fp)

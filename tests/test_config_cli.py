@@ -9,8 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from latentr3_jax import cli
-from latentr3_jax.config import base_config
-from latentr3_jax.configlib import parse_config
+from latentr3_jax.config import base_config, parse_config
 from latentr3_jax.errors import InputError
 
 

@@ -12,6 +12,7 @@ import pytest
 from latentr3_jax.train import checkpoint as ckpt_lib
 
 import _crash_helpers as ch
+from latentr3_jax.train import runs
 
 pytestmark = pytest.mark.slow
 
@@ -57,8 +58,8 @@ def _full_and_killed(make_args, root, key, total, seed):
 
 
 def _assert_same_params(a_dir, b_dir):
-    a = ckpt_lib.load_run(a_dir, which="latest")
-    b = ckpt_lib.load_run(b_dir, which="latest")
+    a = runs.load_run(a_dir, which="latest")
+    b = runs.load_run(b_dir, which="latest")
     assert a.step == b.step
     la, ta = jax.tree.flatten_with_path(jax.device_get(a.params))
     lb, tb = jax.tree.flatten_with_path(jax.device_get(b.params))
@@ -98,8 +99,8 @@ def test_sft_survives_sigkill(sft_runs):
     art = _assert_same_params(full_dir, killed_dir)
     assert art.step == SFT_STEPS
     # the best (validation) checkpoint agrees too
-    best_a = jax.device_get(ckpt_lib.load_run(full_dir, which="best").params)
-    best_b = jax.device_get(ckpt_lib.load_run(killed_dir, which="best").params)
+    best_a = jax.device_get(runs.load_run(full_dir, which="best").params)
+    best_b = jax.device_get(runs.load_run(killed_dir, which="best").params)
     for x, y in zip(jax.tree.leaves(best_a), jax.tree.leaves(best_b)):
         np.testing.assert_array_equal(x, y)
 
@@ -112,6 +113,6 @@ def test_grpo_survives_sigkill(sft_runs, tmp_path):
     art = _assert_same_params(full_dir, killed_dir)
     assert art.meta["trainer"]["batches"] == GRPO_BATCHES
     # LR-GRPO moved LatentRATT away from the SFT weights (the comparison is not vacuous)
-    sft = jax.device_get(ckpt_lib.load_run(init_from, which="latest").params["latent"])
+    sft = jax.device_get(runs.load_run(init_from, which="latest").params["latent"])
     moved = jax.device_get(art.params["latent"])
     assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(sft), jax.tree.leaves(moved)))

@@ -10,7 +10,7 @@ from collections import defaultdict
 import pytest
 
 from latentr3_jax.data import amazon, d3
-from latentr3_jax.data.cli import main as data_main
+from latentr3_jax.cli import cmd_data as data_main
 from latentr3_jax.errors import InputError
 
 

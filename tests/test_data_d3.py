@@ -8,7 +8,7 @@ import pytest
 
 from conftest import amazon_dir
 from latentr3_jax.data import d3
-from latentr3_jax.data.cli import main as data_main
+from latentr3_jax.cli import cmd_data as data_main
 from latentr3_jax.errors import InputError
 
 TITLES = {0: "Greatest Hits", 1: "Blue Train", 2: "Greatest Hits", 3: 'Say "Hi" & Bye', 4: "Kind of Blue"}

@@ -7,7 +7,7 @@ import pytest
 
 from latentr3_jax.config import base_config
 from latentr3_jax.data import baselines, load_dataset
-from latentr3_jax.data.cli import main as data_main
+from latentr3_jax.cli import cmd_data as data_main
 from latentr3_jax.data.d3 import Catalog, Dataset, Sample
 from latentr3_jax.data.synthetic import GENRES, generate
 

@@ -6,7 +6,7 @@ import pytest
 
 from latentr3_jax.config import base_config
 from latentr3_jax.data import load_dataset, read_d3
-from latentr3_jax.data.cli import main as data_main
+from latentr3_jax.cli import cmd_data as data_main
 from latentr3_jax.data.synthetic import write_synthetic
 from latentr3_jax.errors import InputError
 

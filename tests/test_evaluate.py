@@ -133,7 +133,7 @@ def test_bigrec_mode(setup, tmp_path):
 
 def test_cli_loads_run_and_reports_bad_input(setup, tmp_path, monkeypatch, capsys):
     ds, tok, config, params, cfg = setup
-    from latentr3_jax.train import checkpoint
+    from latentr3_jax.eval import evaluate
 
     import types
     art = types.SimpleNamespace(model_config=config, params=params, tokenizer=tok, num_thoughts=1,
@@ -144,7 +144,7 @@ def test_cli_loads_run_and_reports_bad_input(setup, tmp_path, monkeypatch, capsy
         seen["run_dir"], seen["which"] = run_dir, which
         return art
 
-    monkeypatch.setattr(checkpoint, "load_run", fake_load_run)
+    monkeypatch.setattr(evaluate, "load_run", fake_load_run)
     monkeypatch.setattr(D, "load_dataset", lambda c: ds)
     run_dir = tmp_path / "run"
     run_dir.mkdir()

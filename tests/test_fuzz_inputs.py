@@ -535,16 +535,16 @@ def test_atomic_open_keeps_old_file(tmp_path):
 
 
 def test_run_json_and_eval_metrics_interrupted(tmp_path, monkeypatch):
-    """config.json / model_config.json (runs.write_json) and evaluation's metrics.json go
+    """config.json / model_config.json (jsonio.write_json) and evaluation's metrics.json go
     through atomic_write_text: a fault mid-write keeps the previous file."""
     import inspect
 
     from latentr3_jax.eval import evaluate
-    from latentr3_jax.train import runs
-    runs.write_json(str(tmp_path), "config.json", {"a": 1})
+    from latentr3_jax.utils.jsonio import write_json
+    write_json(str(tmp_path / "config.json"), {"a": 1})
     DiskFull(monkeypatch)
     with pytest.raises(OSError, match="injected"):
-        runs.write_json(str(tmp_path), "config.json", {"a": 2, "b": list(range(100))})
+        write_json(str(tmp_path / "config.json"), {"a": 2, "b": list(range(100))})
     monkeypatch.undo()
     assert json.loads((tmp_path / "config.json").read_text()) == {"a": 1}
     assert _leftovers(tmp_path) == []
@@ -566,14 +566,12 @@ def _tiny_params():
 
 @pytest.mark.parametrize("which", ["model", "latent"])
 def test_save_pretrained_interrupted(tmp_path, monkeypatch, which):
-    import safetensors.numpy
-
     from latentr3_jax import hf
     config, params = _tiny_params()
     out = tmp_path / "hf"
     hf.save_pretrained(config, params, str(out))
     before = _snapshot(out)
-    real = safetensors.numpy.save_file
+    real = hf.save_file
     calls = []
 
     def failing(tensors, filename, *a, **kw):
@@ -584,7 +582,7 @@ def test_save_pretrained_interrupted(tmp_path, monkeypatch, which):
                 f.truncate(os.path.getsize(filename) // 2)
             raise OSError(errno.ENOSPC, "No space left on device (injected)")
         return real(tensors, filename, *a, **kw)
-    monkeypatch.setattr(safetensors.numpy, "save_file", failing)
+    monkeypatch.setattr(hf, "save_file", failing)
     bumped = {**params, "final_norm": {"scale": params["final_norm"]["scale"] + 1}}
     with pytest.raises(OSError, match="injected"):
         hf.save_pretrained(config, bumped, str(out))
@@ -597,7 +595,7 @@ def test_save_pretrained_interrupted(tmp_path, monkeypatch, which):
 
 
 def test_save_params_interrupted(tmp_path, monkeypatch):
-    from latentr3_jax.utils import params_io
+    from latentr3_jax.model import params_io
     config, params = _tiny_params()
     out = tmp_path / "ckpt"
     params_io.save_params(str(out), params, config)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from latentr3_jax.train import grpo_loss as gl
+from latentr3_jax.train.grpo import loss as gl
 
 REWARDS = np.array([[-2.0, -1.0, -3.0],
                     [-4.0, -4.0, -2.0]], np.float32)   # [P=2 groups, G=3], column 0: eps = 0

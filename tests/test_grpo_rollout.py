@@ -8,8 +8,8 @@ import pytest
 from latentr3_jax.model import decoder
 from latentr3_jax.model import latent as latent_lib
 from latentr3_jax.model.config import tiny_config
-from latentr3_jax.train import grpo_loss as gl
-from latentr3_jax.train import rollout
+from latentr3_jax.train.grpo import loss as gl
+from latentr3_jax.train.grpo import rollout
 
 G, SIGMA = 3, 1.5
 

@@ -18,8 +18,16 @@ from latentr3_jax.model.config import tiny_config
 from latentr3_jax.train import grpo, optim
 from latentr3_jax.train import state as state_lib
 from latentr3_jax.train import step as step_lib
+from latentr3_jax.train import fingerprint, runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _latent_sgd(params, lr):
+    """SGD on the latent module only, the LLM frozen."""
+    labels = jax.tree.map(lambda m: "train" if m else "freeze", optim.latent_only(params))
+    return optax.multi_transform({"train": optax.sgd(lr), "freeze": optax.set_to_zero()},
+                                 lambda _: labels)
 
 
 def _tiny_problem(P=4, S=6, T=3):
@@ -76,10 +84,10 @@ def test_ppo_one_iteration_ratio_is_one_and_matches_weighted_loglik():
 
 
 def test_fused_step_matches_rollout_then_update_reinforce():
-    """The single-pass step (batch used once) equals rollout + separate update, same noise."""
+    """The single-pass step (batch used once) equals rollout + separate update, same noise.
+    SGD, so the parameters compare the two gradients (see _sft_helpers.make_sgd_tx)."""
     cfg, params, batch = _tiny_problem()
-    mask = optim.latent_only(params)
-    tx = optim.adamw(optax.constant_schedule(1e-2), trainable=lambda _: mask)
+    tx = _latent_sgd(params, 1e-2)
     state = state_lib.new_state(params, tx, jax.random.PRNGKey(1))
     s = grpo.GRPOSettings(group_size=4, estimator="reinforce")
     fused_state, fm = jax.jit(step_lib.make_step_fn(grpo.make_fused_loss(cfg, s), tx))(state, batch)
@@ -91,11 +99,15 @@ def test_fused_step_matches_rollout_then_update_reinforce():
         np.testing.assert_allclose(fm[k], rm[k], rtol=1e-5)
     np.testing.assert_allclose(fm["loss"], sm["loss"], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(fm["grad_norm"], sm["grad_norm"], rtol=1e-4)
-    # AdamW normalises each update to about lr (1e-2) in size, so float32 reassociation
-    # between the two graphs can move a parameter by a few 1e-7; a real difference in the
-    # estimator would move it by up to lr
-    for a, b in zip(jax.tree.leaves(fused_state.params), jax.tree.leaves(split_state.params)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    moved = False
+    for a, b, p in zip(jax.tree.leaves(fused_state.params), jax.tree.leaves(split_state.params),
+                       jax.tree.leaves(params)):
+        da, db = np.asarray(a) - np.asarray(p), np.asarray(b) - np.asarray(p)
+        # rounding differs between the two graphs at a few 1e-6 of the largest update; a
+        # different estimator would differ at the scale of the updates themselves
+        np.testing.assert_allclose(da, db, rtol=1e-4, atol=2e-5 * max(np.abs(db).max(), 1e-12))
+        moved |= not np.array_equal(a, p)
+    assert moved
 
 
 # --------------------------------------------------------------------------- full runs
@@ -141,7 +153,7 @@ def _make_sft_run(run_dir, cfg):
                                int(cfg.tokenizer.vocab_size))
     model_config = setup.scratch_config(cfg, tok)
     params = setup.init_fn(cfg, model_config)(jax.random.PRNGKey(0))
-    fp = ckpt_lib.make_fingerprint(model_config, tok, num_thoughts=1, latent_mode="ratt")
+    fp = fingerprint.make_fingerprint(model_config, tok, num_thoughts=1, latent_mode="ratt")
     runs.prepare_run_dir(str(run_dir), cfg, model_config, tok, num_thoughts=1,
                          latent_mode="ratt", fingerprint=fp)
     ck = ckpt_lib.Checkpointer(os.path.join(str(run_dir), runs.CHECKPOINTS), fingerprint=fp)
@@ -161,16 +173,16 @@ def sft_run(tmp_path_factory):
 def test_resume_is_exact(sft_run, tmp_path):
     from latentr3_jax.train import checkpoint as ckpt_lib, runs
     full = grpo.train_grpo(_grpo_cfg(tmp_path / "full", sft_run), progress=False)
-    assert full["finished"] and full["batches"] == 4
+    assert full["finished"] and full["steps"] == 4
     part = grpo.train_grpo(_grpo_cfg(tmp_path / "part", sft_run), progress=False, stop_after=2)
-    assert not part["finished"] and part["batches"] == 2
+    assert not part["finished"] and part["steps"] == 2
     rest = grpo.train_grpo(_grpo_cfg(tmp_path / "part", sft_run), progress=False)
-    assert rest["finished"] and rest["start_batch"] == 2
-    a = ckpt_lib.load_run(str(tmp_path / "full"), which="latest").params
-    b = ckpt_lib.load_run(str(tmp_path / "part"), which="latest").params
+    assert rest["finished"] and rest["start_step"] == 2
+    a = runs.load_run(str(tmp_path / "full"), which="latest").params
+    b = runs.load_run(str(tmp_path / "part"), which="latest").params
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y)
-    sft = ckpt_lib.load_run(str(sft_run), which="latest").params
+    sft = runs.load_run(str(sft_run), which="latest").params
     assert not np.array_equal(a["latent"]["q"]["kernel"], sft["latent"]["q"]["kernel"])
     np.testing.assert_array_equal(a["layers"]["mlp"]["up"]["kernel"],
                                   sft["layers"]["mlp"]["up"]["kernel"])
@@ -184,9 +196,8 @@ def test_resume_is_exact(sft_run, tmp_path):
 
 
 def test_grpo_cli_rejects_missing_init(tmp_path):
-    from latentr3_jax.errors import InputError
-    with pytest.raises(InputError, match="init_from"):
-        grpo.main(["--config.workdir=" + str(tmp_path)])
+    from latentr3_jax import cli
+    assert cli.main(["grpo", "--config.workdir=" + str(tmp_path)]) == 2
 
 
 EIGHT_DEVICES = textwrap.dedent("""
@@ -218,15 +229,18 @@ EIGHT_DEVICES = textwrap.dedent("""
         mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)),
                                   devices=devices)
         s = grpo.GRPOSettings(group_size=4, sigma=1.5, num_micro_batches=micro)
-        mask = optim.latent_only(params)
-        tx = optim.adamw(optim.cosine_warmup(1e-2, 0, 10), trainable=lambda _: mask)
+        # SGD: parameters after the step compare gradients, not Adam's rounding amplifier
+        labels = jax.tree.map(lambda m: "train" if m else "freeze", optim.latent_only(params))
+        tx = optax.multi_transform({"train": optax.sgd(1e-2), "freeze": optax.set_to_zero()},
+                                   lambda _: labels)
         axes = setup.params_axes(cfg, params)
         state, sh = state_lib.create_sharded_state(None, axes, tx, jax.random.PRNGKey(5), mesh,
                                                    params=params)
         step = grpo.GRPOStep(cfg, s, tx, mesh, sh)
         state, m = step(state, None, batch)
         rec = {k: float(v) for k, v in jax.device_get(m).items() if np.ndim(v) == 0}
-        rec["latent_q"] = np.asarray(state.params["latent"]["q"]["kernel"]).ravel()[:64].tolist()
+        rec["latent_q"] = (np.asarray(state.params["latent"]["q"]["kernel"])
+                           - np.asarray(params["latent"]["q"]["kernel"])).ravel()[:64].tolist()
         out[name] = rec
     print("RESULT" + json.dumps(out))
 """)
@@ -246,7 +260,9 @@ def test_eight_devices_use_the_global_batch():
                     "grad_norm", "tokens"):
             np.testing.assert_allclose(other[key], one[key], rtol=1e-5, atol=1e-7,
                                        err_msg=f"{name} {key}")
-        np.testing.assert_allclose(other["latent_q"], one["latent_q"], rtol=1e-4, atol=1e-7)
+        assert np.abs(one["latent_q"]).max() > 0   # the step moved the latent
+        np.testing.assert_allclose(other["latent_q"], one["latent_q"], rtol=1e-4,
+                                   atol=1e-6 * np.abs(one["latent_q"]).max())
 
 
 def test_non_finite_steps_stop_with_a_clear_error(sft_run, tmp_path):
@@ -264,5 +280,5 @@ def test_non_finite_steps_stop_with_a_clear_error(sft_run, tmp_path):
         grpo.train_grpo(cfg, progress=False)
     recs = [r for r in runs.read_metrics(str(run)) if r.get("split") == "train"]
     assert len(recs) < 8 and [r["skipped"] for r in recs[-2:]] == [True, True], recs
-    art = ckpt_lib.load_run(str(run), which="latest")
+    art = runs.load_run(str(run), which="latest")
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(jax.device_get(art.params)))

@@ -15,7 +15,7 @@ from hf_fixtures import left_padded_batch, load_torch, make_hf_model, torch_logi
 from latentr3_jax import cli, hf  # noqa: E402
 from latentr3_jax.errors import InputError  # noqa: E402
 from latentr3_jax.model import init_latent_params, init_params, logits, tiny_config  # noqa: E402
-from latentr3_jax.utils import params_io  # noqa: E402
+from latentr3_jax.model import params_io  # noqa: E402
 
 SHAPE = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, vocab_size=120)
 

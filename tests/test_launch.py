@@ -25,7 +25,7 @@ BASH = shutil.which("bash")
 
 pytestmark = pytest.mark.skipif(BASH is None, reason="bash is not installed")
 
-TRICKY = ["run", "--config", "configs/paper_cds.py:tpu-v4-8",
+TRICKY = ["run", "--config", "configs/paper.py:cds,tpu-v4-8",
           "--config.data.category=toys and games", "--config.workdir=gs://b/it's here",
           "--config.seed=$HOME"]
 
@@ -129,7 +129,7 @@ def test_create_queued_resource_and_env_dry_run(env):
 
 
 def test_runtime_versions_match_the_config_presets(env):
-    spec = importlib.util.spec_from_file_location("presets_for_launch", ROOT / "configs" / "presets.py")
+    spec = importlib.util.spec_from_file_location("presets_for_launch", ROOT / "configs" / "paper.py")
     presets = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(presets)
     tpus = {n: p for n, p in presets.MESH_PRESETS.items() if n.startswith("tpu-")}
@@ -317,7 +317,7 @@ def test_resume_for_real_with_a_scripted_gcloud(tmp_path):
     e = {k: v for k, v in os.environ.items() if not k.startswith(("TPU_", "DRY_RUN"))}
     e.update(PATH=f"{bindir}{os.pathsep}{e['PATH']}", TMPDIR=str(tmp_path), POLL_SECONDS="0")
     out = launch(e, "tpu_resume.sh", *TPU, "--accelerator-type", "v4-8", "--queued",
-                 "--", "sft", "--config", "configs/paper_cds.py:tpu-v4-8")
+                 "--", "sft", "--config", "configs/paper.py:cds,tpu-v4-8")
     calls = log.read_text().splitlines()
     verbs = [" ".join(c.split()[:4]) for c in calls]
     assert verbs == ["compute tpus queued-resources describe",
@@ -328,7 +328,7 @@ def test_resume_for_real_with_a_scripted_gcloud(tmp_path):
                      "compute tpus tpu-vm scp", "compute tpus tpu-vm ssh",
                      "compute tpus tpu-vm ssh"], calls
     assert (tmp_path / "latentr3-src.tar.gz").exists()  # this checkout, packed for the workers
-    assert "latentr3 sft --config configs/paper_cds.py:tpu-v4-8" in calls[-1]
+    assert "latentr3 sft --config configs/paper.py:cds,tpu-v4-8" in calls[-1]
     assert "SUSPENDED; re-creating" in out.stderr
     # healthy: one query, nothing else
     again = tmp_path / "again"

@@ -200,7 +200,7 @@ def test_a_signal_on_one_host_stops_every_host_at_the_same_step(tmp_path):
         assert res[name]["resumed"] == {"start_step": 4, "steps": 6}, res[name]
     with open(tmp_path / "run" / "sft" / "metrics.jsonl") as f:
         recs = [json.loads(line) for line in f if line.strip()]
-    assert [r["step"] for r in recs if r.get("split") == "train"] == [2, 4, 6]
+    assert [r["step"] for r in recs if r.get("split") == "train"] == [1, 2, 3, 4, 5, 6]
     assert [(r["step"], r["signal"]) for r in recs if r.get("event") == "stopped"] == [(4, "SIGTERM")]
 
 

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 from latentr3_jax import data, pipeline
-from latentr3_jax.configlib import default_config_file, parse_config
+from latentr3_jax.config import default_config_file, parse_config
 from latentr3_jax.errors import InputError
 from latentr3_jax.model import latent
 from latentr3_jax.train import checkpoint as ckpt_lib, runs, setup
 from latentr3_jax.train.sft import train_sft
+from latentr3_jax.train import fingerprint, runs
 
 
 def tiny_cfg(workdir, *overrides):
@@ -44,7 +45,7 @@ def test_build_model_takes_the_runs_weights_and_a_fresh_latent_module(base_run, 
     # the shape comes from the run; a different hidden_size in the config is not used
     cfg = tiny_cfg(tmp_path / "x", f"--config.sft.init_from={base_run}",
                    "--config.model.num_thoughts=1", "--config.model.hidden_size=64")
-    base = ckpt_lib.load_run(base_run, which="best")
+    base = runs.load_run(base_run, which="best")
     key = jax.random.PRNGKey(7)
     config, params = setup.build_model(cfg, base.tokenizer, key)
     assert config.to_dict() == base.model_config.to_dict()
@@ -58,7 +59,7 @@ def test_latent_module_carries_over_from_a_latent_run(base_run, tmp_path):
     first = str(tmp_path / "n1")
     train_sft(tiny_cfg(first, f"--config.sft.init_from={base_run}", "--config.model.num_thoughts=1"),
               progress=False)
-    art = ckpt_lib.load_run(first, which="best")
+    art = runs.load_run(first, which="best")
     assert art.num_thoughts == 1 and "latent" in art.params
     cfg = tiny_cfg(tmp_path / "n1_more", f"--config.sft.init_from={first}",
                    "--config.model.num_thoughts=1")
@@ -71,9 +72,9 @@ def test_sft_run_from_a_run_keeps_its_tokenizer_and_model(base_run, tmp_path):
     summary = train_sft(tiny_cfg(run, f"--config.sft.init_from={base_run}",
                                  "--config.model.num_thoughts=1"), progress=False)
     assert summary["steps"] == 3
-    base = ckpt_lib.load_run(base_run, which="best")
-    art = ckpt_lib.load_run(run, which="latest")
-    assert ckpt_lib.tokenizer_fingerprint(art.tokenizer) == ckpt_lib.tokenizer_fingerprint(base.tokenizer)
+    base = runs.load_run(base_run, which="best")
+    art = runs.load_run(run, which="latest")
+    assert fingerprint.tokenizer_fingerprint(art.tokenizer) == fingerprint.tokenizer_fingerprint(base.tokenizer)
     assert art.model_config.to_dict() == base.model_config.to_dict()
     assert json.loads(open(os.path.join(run, runs.CONFIG)).read())["sft"]["init_from"] == base_run
     # it trained: the decoder moved away from the base weights
@@ -115,4 +116,4 @@ def test_pipeline_base_stage_config(tmp_path):
     assert pipeline._base_config(cfg, str(tmp_path)) is None
     cfg.pipeline.base_epochs = -1
     with pytest.raises(InputError, match="base_epochs must be >= 0"):
-        pipeline._base_config(cfg, str(tmp_path))
+        pipeline.run_pipeline(cfg)     # validated before any work

@@ -13,11 +13,12 @@ from latentr3_jax.data.d3 import (Catalog, Dataset, ReadReport, Sample, category
 from latentr3_jax.data.prompts import (Encoded, build_prompt, catalog_target_ids,
                                        check_target_tokenisation, encode_sample, encode_split,
                                        format_target, title_from_target)
+from latentr3_jax.data.synthetic import synthetic_dir, write_synthetic
+from latentr3_jax.data.tfds_builder import read_tfds
 from latentr3_jax.data.tokenizer import (THOUGHT_TOKEN, Tokenizer, load_tokenizer,
                                          make_tokenizer, tokenizer_corpus, train_tokenizer)
+from latentr3_jax.config import DATASETS
 from latentr3_jax.errors import InputError
-
-DATASETS = ("synthetic", "d3", "tfds")
 
 
 def load_dataset(cfg) -> Dataset:
@@ -26,7 +27,6 @@ def load_dataset(cfg) -> Dataset:
     kind = cfg.dataset
     data = cfg.data
     if kind == "synthetic":
-        from latentr3_jax.data.synthetic import synthetic_dir, write_synthetic
         syn = data.synthetic
         folder = write_synthetic(synthetic_dir(cfg), num_items=syn.num_items,
                                  num_users=syn.num_users, seed=syn.seed)
@@ -38,8 +38,7 @@ def load_dataset(cfg) -> Dataset:
     elif kind == "tfds":
         if not cfg.dataset_dir:
             raise InputError("dataset=tfds needs --config.dataset_dir=<tfds data_dir>")
-        from latentr3_jax.data.tfds_builder import read_tfds
-        ds = read_tfds(cfg.dataset_dir, name=data.get("tfds_name", ""))
+        ds = read_tfds(cfg.dataset_dir, name=data.tfds_name)
         if data.category:
             ds.category_word = data.category
     else:

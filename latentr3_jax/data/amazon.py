@@ -30,7 +30,8 @@ import sys
 from collections import Counter, defaultdict
 from typing import Optional
 
-from latentr3_jax.data.d3 import atomic_write_text, category_word, csv_text
+from latentr3_jax.data.d3 import category_word, csv_text
+from latentr3_jax.utils.atomic import atomic_write_text
 from latentr3_jax.errors import InputError, where
 
 CSV_COLUMNS = ("user_id", "item_asins", "item_asin", "history_item_id", "item_id",

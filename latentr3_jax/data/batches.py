@@ -36,7 +36,7 @@ class BatchIterator:
                  shuffle: bool = True, drop_last: bool = True,
                  process_index: Optional[int] = None, process_count: Optional[int] = None):
         if process_index is None or process_count is None:
-            import jax
+            import jax   # start-up cost: host-only users of the iterator pass both
             process_index = jax.process_index() if process_index is None else process_index
             process_count = jax.process_count() if process_count is None else process_count
         if batch_size <= 0 or batch_size % process_count:

@@ -22,7 +22,7 @@ import pathlib
 from typing import Iterable, Iterator, Optional, Sequence
 
 from latentr3_jax.errors import InputError, where
-from latentr3_jax.utils import atomic
+from latentr3_jax.utils.atomic import atomic_files
 
 SPLITS = ("train", "valid", "test")
 INFO_FILES = ("info.txt", "item_info.txt", "items.txt")
@@ -365,11 +365,6 @@ def read_dataset_meta(folder) -> dict:
 
 # ---------------------------------------------------------------- writing
 
-def atomic_write_text(path, text: str) -> None:
-    """Write via a temporary file in the same folder and rename, so readers never see half a file."""
-    atomic.atomic_write_text(str(path), text)
-
-
 def csv_text(rows: Iterable[Sequence], header: Sequence[str]) -> str:
     """CSV text with the header row (quoting as the csv module does)."""
     buf = io.StringIO()
@@ -383,8 +378,6 @@ def csv_text(rows: Iterable[Sequence], header: Sequence[str]) -> str:
 def write_d3(folder, catalog: Catalog, splits: dict) -> None:
     """Write `info.txt` and the split CSVs (CDs-style columns); they replace an earlier
     version of the folder together, so an interrupted write leaves it as it was."""
-    from latentr3_jax.utils.atomic import atomic_files
-
     folder = pathlib.Path(folder)
     for t in catalog.titles.values():
         if "\t" in t or "\n" in t or "\r" in t:

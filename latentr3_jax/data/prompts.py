@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 from latentr3_jax.errors import InputError
 
 TEMPLATES = ("latentr3", "bigrec")
+_TITLE_STRIP = ' \n"\r\t'
 
 _PREAMBLE = ("Below is an instruction that describes a task, paired with an input that "
              "provides further context. Write a response that appropriately completes the request.")
@@ -50,6 +51,12 @@ def format_target(title: str, template: str = "latentr3") -> str:
     """Target text without EOS: `"Title"\\n` (latentr3) or `Title\\n` (bigrec)."""
     _check_template(template)
     return f'"{title}"\n' if template == "latentr3" else f"{title}\n"
+
+
+def normalize_title(title: str) -> str:
+    """The release's comparison form of a title (evaluation's title rule, grounding):
+    surrounding spaces, newlines, tabs and quotes removed."""
+    return str(title).strip(_TITLE_STRIP)
 
 
 def title_from_target(text: str) -> str:

@@ -48,7 +48,8 @@ import pathlib
 
 import numpy as np
 
-from latentr3_jax.data.d3 import Catalog, Sample, atomic_write_text, write_d3
+from latentr3_jax.data.d3 import Catalog, Sample, write_d3
+from latentr3_jax.utils.atomic import atomic_write_text
 
 GENRES = {   # genre -> (lead words that open a title, nouns, places)
     "jazz": (
@@ -217,6 +218,6 @@ def write_synthetic(folder, num_items: int = 320, num_users: int = 700,
 
 def synthetic_dir(cfg) -> pathlib.Path:
     """Where `dataset=synthetic` lives: cfg.dataset_dir if set, else <workdir>/synthetic_data."""
-    if cfg.get("dataset_dir"):
+    if cfg.dataset_dir:
         return pathlib.Path(cfg.dataset_dir)
     return pathlib.Path(cfg.workdir) / "synthetic_data"

@@ -26,7 +26,7 @@ VERSION = "1.0.0"
 
 def _tfds():
     try:
-        import tensorflow_datasets as tfds
+        import tensorflow_datasets as tfds   # start-up cost (TensorFlow): only the tfds path
     except ImportError as e:  # importlib_resources is a hidden dependency of tfds
         raise InputError(f"tensorflow_datasets cannot be imported ({e}); install "
                          "tensorflow-datasets, array_record and importlib_resources") from None

@@ -8,10 +8,17 @@ embedding table grows by exactly one row for it. `encode` never adds special tok
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 from typing import Iterable, Optional, Sequence
 
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as Backend
+
+from latentr3_jax.config import BPE_MIN_VOCAB, TOKENIZER_SPLITS
+from latentr3_jax.data.prompts import build_prompt, format_target
 from latentr3_jax.errors import InputError, one_line
+from latentr3_jax.gguf_convert import resolve_model_path
 
 THOUGHT_TOKEN = "<|Thought|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -29,7 +36,6 @@ class Tokenizer:
 
     def __init__(self, backend, eos_token: str, pad_token: Optional[str] = None,
                  bos_token: Optional[str] = None):
-        from tokenizers import AddedToken
         self.backend = backend
         self.eos_token = eos_token
         self.pad_token = pad_token or eos_token
@@ -103,9 +109,9 @@ def _special_tokens_from_config(d: pathlib.Path) -> dict:
 
 
 def load_tokenizer(directory) -> Tokenizer:
-    """Tokenizer of a local HF directory (`tokenizer.json`, else `AutoTokenizer`)."""
-    from tokenizers import Tokenizer as Backend
-    d = pathlib.Path(directory)
+    """Tokenizer of a local HF directory (`tokenizer.json`, else `AutoTokenizer`), or of a
+    .gguf file (its converted folder: gguf_convert.resolve_model_path)."""
+    d = pathlib.Path(resolve_model_path(os.fspath(directory)))
     if not d.is_dir():
         raise InputError(f"{d}: tokenizer directory not found")
     special = _special_tokens_from_config(d)
@@ -116,7 +122,7 @@ def load_tokenizer(directory) -> Tokenizer:
             raise InputError(f"{d / 'tokenizer.json'}: cannot load ({one_line(e)})") from None
     else:
         try:
-            from transformers import AutoTokenizer
+            from transformers import AutoTokenizer   # start-up cost: only folders without tokenizer.json
             hf = AutoTokenizer.from_pretrained(str(d), local_files_only=True, use_fast=True)
         except Exception as e:
             raise InputError(f"{d}: no tokenizer.json and AutoTokenizer failed ({one_line(e)})") from None
@@ -149,9 +155,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int
     """Byte-level BPE of at most `vocab_size` ids in total (including <|endoftext|> and
     <|Thought|>; fewer when the corpus runs out of pairs seen `min_frequency` times).
     `split`: 'qwen' (Qwen2's pre-tokeniser regex, default) or 'gpt2'."""
-    from tokenizers import Regex, Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
-    if vocab_size < 260:
-        raise InputError(f"tokenizer.vocab_size={vocab_size}: byte-level BPE needs at least 260")
+    if vocab_size < BPE_MIN_VOCAB:
+        raise InputError(f"tokenizer.vocab_size={vocab_size}: byte-level BPE needs at least "
+                         f"{BPE_MIN_VOCAB}")
     backend = Backend(models.BPE())
     if split == "qwen":
         backend.pre_tokenizer = pre_tokenizers.Sequence([
@@ -160,7 +166,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int
     elif split == "gpt2":
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     else:
-        raise InputError(f"tokenizer split {split!r}: expected 'qwen' or 'gpt2'")
+        raise InputError(f"tokenizer split {split!r}: expected one of {', '.join(TOKENIZER_SPLITS)}")
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, min_frequency=min_frequency,
                                   special_tokens=[EOS_TOKEN], show_progress=False,
@@ -171,7 +177,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int
 
 def tokenizer_corpus(dataset, template: str = "latentr3", splits=("train",)) -> list:
     """Texts to train a BPE on: every catalog title as a target, and the split prompts."""
-    from latentr3_jax.data.prompts import build_prompt, format_target
     texts = [format_target(t, template) for t in dataset.catalog.titles.values()]
     for split in splits:
         for s in dataset.splits.get(split, []):
@@ -182,9 +187,8 @@ def tokenizer_corpus(dataset, template: str = "latentr3", splits=("train",)) -> 
 def make_tokenizer(cfg, dataset) -> Tokenizer:
     """The run's tokenizer: cfg.tokenizer.path, else the model's hf_path, else a byte-level
     BPE of cfg.tokenizer.vocab_size trained on the catalog titles and the train prompts."""
-    path = cfg.tokenizer.get("path", "") or cfg.model.get("hf_path", "")
+    path = cfg.tokenizer.path or cfg.model.hf_path
     if path:
         return load_tokenizer(path)
     return train_tokenizer(tokenizer_corpus(dataset, cfg.data.template), cfg.tokenizer.vocab_size,
-                           min_frequency=cfg.tokenizer.get("min_frequency", 2),
-                           split=cfg.tokenizer.get("split", "qwen"))
+                           min_frequency=cfg.tokenizer.min_frequency, split=cfg.tokenizer.split)

@@ -38,7 +38,6 @@ from latentr3_jax.model.config import DecoderConfig
 _MASKED = -1e30   # score of a token outside the trie (finite: no inf - inf)
 _DUMMY = -1e9     # HF's initial score of beams 1..B-1 and its "finished" penalty
 _VALID = -1e8     # accumulated scores above this are real hypotheses
-_NEG_SCORE = -1e30  # masked attention score, as in the decoder
 
 
 class BeamResult(NamedTuple):
@@ -73,7 +72,8 @@ def decode_step(config: DecoderConfig, params: dict, tokens, positions, prefix: 
 
     Attention reads each user's prompt cache once for all of its beams (`prefix`: k, v
     [L, b, S, K, D], mask [b, S]) plus the beams' own decode cache (`dec`: k, v
-    [L, b*B, T, K, D], slots 0..t visible; the new token is written at slot t). Same
+    [L, b*B, T, K, D], slots 0..t visible; the new token is written at slot t). The
+    decoder's own layer (`decoder.decoder_layer`) with that attention plugged in: same
     arithmetic as `decoder.apply` on a per-beam copy of the prompt cache, without the copy.
     """
     c = config
@@ -82,39 +82,29 @@ def decode_step(config: DecoderConfig, params: dict, tokens, positions, prefix: 
     K, H, D = c.num_kv_heads, c.num_heads, c.head_dim
     G, T, S = H // K, dec["k"].shape[2], prefix["k"].shape[2]
     x = decoder.embed_tokens(c, params, tokens[:, None], dtype)                # [bB, 1, d]
-    inv = decoder.rope_inv_freq(D, c.rope_theta, c.rope_scaling_dict)
-    cos, sin = decoder.rope_cos_sin(positions[:, None], inv, dtype)
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    cos, sin = decoder.rope_tables(c, positions[:, None], dtype)
     prefix_mask = prefix["mask"].astype(bool)[:, None, None, None, :]          # [b,1,1,1,S]
     dec_visible = (jnp.arange(T) <= t)[None, None, None, None, :]
 
     def layer(x, xs):
         lp, pk, pv, dk, dv = xs
-        h = decoder.rms_norm(x, lp["input_norm"]["scale"], c.rms_norm_eps)
-        a = lp["attn"]
-        q = decoder.apply_rope(decoder._dense(h, a["q"], "btd,dhk->bthk"), cos, sin)
-        k = decoder.apply_rope(decoder._dense(h, a["k"], "btd,dhk->bthk"), cos, sin)
-        v = decoder._dense(h, a["v"], "btd,dhk->bthk")
-        dk = jax.lax.dynamic_update_slice_in_dim(dk, k.astype(dk.dtype), t, axis=1)
-        dv = jax.lax.dynamic_update_slice_in_dim(dv, v.astype(dv.dtype), t, axis=1)
-        qg = q.reshape(b, B, K, G, D)
-        dk5 = dk.reshape(b, B, T, K, D).astype(q.dtype)
-        dv5 = dv.reshape(b, B, T, K, D).astype(q.dtype)
-        s_pre = mixed.einsum("bnkgd,bskd->bkgns", qg, pk, jnp.float32)
-        s_dec = mixed.einsum("bnkgd,bntkd->bkgnt", qg, dk5, jnp.float32)
-        s_pre = jnp.where(prefix_mask, s_pre / math.sqrt(D), _NEG_SCORE)
-        s_dec = jnp.where(dec_visible, s_dec / math.sqrt(D), _NEG_SCORE)
-        probs = jax.nn.softmax(jnp.concatenate([s_pre, s_dec], axis=-1), axis=-1).astype(v.dtype)
-        out = (mixed.einsum("bkgns,bskd->bnkgd", probs[..., :S], pv)
-               + mixed.einsum("bkgnt,bntkd->bnkgd", probs[..., S:], dv5))
-        out = out.reshape(bB, 1, H, D)
-        x = x + decoder._tokens_matmul(out, a["o"]["kernel"], 2)
-        h = decoder.rms_norm(x, lp["post_attn_norm"]["scale"], c.rms_norm_eps)
-        m = lp["mlp"]
-        gate = decoder._tokens_matmul(h, m["gate"]["kernel"])
-        up = decoder._tokens_matmul(h, m["up"]["kernel"])
-        x = x + decoder._tokens_matmul(jax.nn.silu(gate) * up, m["down"]["kernel"])
-        return x, (dk, dv)
+
+        def attend(q, k, v):   # one softmax over the user's prompt and the beam's own tokens
+            new_dk, new_dv = decoder.write_kv((dk, dv), k, v, t)
+            qg = q.reshape(b, B, K, G, D)
+            dk5 = new_dk.reshape(b, B, T, K, D).astype(q.dtype)
+            dv5 = new_dv.reshape(b, B, T, K, D).astype(q.dtype)
+            s_pre = mixed.einsum("bnkgd,bskd->bkgns", qg, pk, jnp.float32)
+            s_dec = mixed.einsum("bnkgd,bntkd->bkgnt", qg, dk5, jnp.float32)
+            s_pre = jnp.where(prefix_mask, s_pre / math.sqrt(D), decoder.NEG_INF)
+            s_dec = jnp.where(dec_visible, s_dec / math.sqrt(D), decoder.NEG_INF)
+            scores = jnp.concatenate([s_pre, s_dec], axis=-1)
+            probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+            out = (mixed.einsum("bkgns,bskd->bnkgd", probs[..., :S], pv)
+                   + mixed.einsum("bkgnt,bntkd->bnkgd", probs[..., S:], dv5))
+            return out.reshape(bB, 1, H, D), (new_dk, new_dv)
+
+        return decoder.decoder_layer(c, lp, x, cos, sin, attend)
 
     x, (dk, dv) = jax.lax.scan(layer, x, (params["layers"], prefix["k"], prefix["v"],
                                           dec["k"], dec["v"]))

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from latentr3_jax.data.prompts import normalize_title
 from latentr3_jax.decode.beam import free_generate
-from latentr3_jax.eval.metrics import normalize_title
 from latentr3_jax.model import decoder
 from latentr3_jax.model.config import DecoderConfig
 

@@ -141,11 +141,3 @@ def child_table(trie: TrieArrays, nodes: jax.Array, vocab_size: int) -> jax.Arra
     wide = trie.wide_children[jnp.maximum(widx, 0)]                   # [n, vocab]
     table = jnp.where((widx >= 0)[:, None], wide, narrow)
     return jnp.where((nodes >= 0)[:, None], table, -1)
-
-
-def build_item_trie(tokenizer, catalog, template: str = "latentr3", width: int = 64) -> ItemTrie:
-    """Trie of a catalog's target token ids (`"Title"\\n` + EOS as in the training data)."""
-    from latentr3_jax import data
-
-    ids = data.catalog_target_ids(tokenizer, catalog, template)
-    return ItemTrie(ids, tokenizer.vocab_size, width=width)

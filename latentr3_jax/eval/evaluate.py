@@ -15,14 +15,26 @@ import json
 import logging
 import os
 import time
-from typing import Optional, Sequence
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+from tqdm import tqdm
 
+from latentr3_jax import data as D
+from latentr3_jax.decode.beam import constrained_beam_search
+from latentr3_jax.decode.grounding import CatalogEmbeddings, ground, params_fingerprint
+from latentr3_jax.decode.trie import ItemTrie
 from latentr3_jax.errors import InputError
 from latentr3_jax.eval import metrics as M
+from latentr3_jax.model import decoder, latent
+from latentr3_jax.parallel.mesh import batch_sharding, batch_size_multiple, logical_sharding, make_mesh
+from latentr3_jax.train.runs import load_run
+from latentr3_jax.train.setup import compute_dtype, execution_config
+from latentr3_jax.utils.atomic import atomic_write_text
+from latentr3_jax.utils.jsonio import read_json
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +44,9 @@ META = "eval_meta.json"
 MODES = ("constrained", "bigrec")
 
 
-def _dtype(name: str):
-    if name not in ("float32", "bfloat16"):
-        raise InputError(f"model.dtype={name!r}: expected float32 or bfloat16")
-    return jnp.float32 if name == "float32" else jnp.bfloat16
-
-
 def _data_config(cfg, run_config):
     """cfg with dataset/data settings taken from the run's own config (eval.data_from_run)."""
-    if run_config is None or not cfg.eval.get("data_from_run", True):
+    if run_config is None or not cfg.eval.data_from_run:
         return cfg
     merged = cfg.copy_and_resolve_references()
     with merged.unlocked():
@@ -59,14 +65,12 @@ def _shard(mesh, tree):
     """Place host arrays on the mesh: leading dim over the batch axes (multi-host aware)."""
     if mesh is None:
         return jax.tree.map(jnp.asarray, tree)
-    from latentr3_jax.parallel.mesh import batch_sharding
     sharding = batch_sharding(mesh)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
 
 
 def _to_host(x) -> np.ndarray:
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
 
@@ -74,8 +78,6 @@ def _to_host(x) -> np.ndarray:
 def _place_params(mesh, model_config, params):
     if mesh is None:
         return params
-    from latentr3_jax.model import decoder, latent
-    from latentr3_jax.parallel.mesh import logical_sharding
     axes = decoder.param_axes(model_config)
     if "latent" in params:
         axes["latent"] = latent.latent_param_axes()
@@ -102,9 +104,8 @@ def _prepare_output(out_dir: str, meta: dict, resume: bool) -> list:
     done = []
     if resume and os.path.exists(meta_path) and os.path.exists(pred_path):
         try:
-            with open(meta_path) as f:
-                old = json.load(f)
-        except ValueError:
+            old = read_json(meta_path)
+        except InputError:
             old = None
         if old == meta:
             done = M.read_predictions(pred_path, repair=True)
@@ -112,7 +113,6 @@ def _prepare_output(out_dir: str, meta: dict, resume: bool) -> list:
             log.warning("%s belongs to a different evaluation; starting over", pred_path)
     if not done and os.path.exists(pred_path):
         os.remove(pred_path)
-    from latentr3_jax.utils.atomic import atomic_write_text
     atomic_write_text(meta_path, json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return done
 
@@ -130,8 +130,6 @@ def evaluate_run(cfg, run_dir: Optional[str] = None, *, model_config=None, param
     settings when cfg.eval.data_from_run). `max_batches` stops early (the predictions file
     keeps what was done; tests use it to simulate an interruption).
     """
-    from latentr3_jax import data as D
-
     e = cfg.eval
     split = split or e.split
     mode = mode or e.mode
@@ -142,11 +140,9 @@ def evaluate_run(cfg, run_dir: Optional[str] = None, *, model_config=None, param
         run_dir = run_dir or e.checkpoint
         if not run_dir:
             raise InputError("no model to evaluate: set --config.eval.checkpoint=<run directory>")
-        from latentr3_jax.train.checkpoint import load_run
         art = load_run(run_dir, which="best")
         model_config, params, tokenizer = art.model_config, art.params, art.tokenizer
         num_thoughts, latent_mode, run_config = art.num_thoughts, art.latent_mode, art.config
-        from latentr3_jax.train.setup import execution_config
         model_config = execution_config(cfg, model_config)
     elif model_config is None or tokenizer is None:
         raise InputError("in-memory evaluation needs model_config, params and tokenizer")
@@ -166,12 +162,11 @@ def evaluate_run(cfg, run_dir: Optional[str] = None, *, model_config=None, param
         raise InputError(f"split {split!r} has no rows to evaluate")
     if out_dir is None:
         out_dir = e.output_dir or os.path.join(run_dir or cfg.workdir, f"eval_{split}_{mode}")
-    dtype = _dtype(cfg.model.dtype)
+    dtype = compute_dtype(cfg)
     template = dcfg.data.template
     catalog = dataset.catalog
     is_primary = jax.process_index() == 0
 
-    from latentr3_jax.decode.grounding import params_fingerprint
     meta = _eval_meta(dcfg, split, mode, params_fingerprint(model_config, params), len(samples),
                       num_thoughts, latent_mode)
     meta["catalog_items"] = len(catalog)
@@ -179,7 +174,6 @@ def evaluate_run(cfg, run_dir: Optional[str] = None, *, model_config=None, param
     done_mask = np.zeros(len(samples), bool)
     done_mask[[int(r["row"]) for r in done_rows if 0 <= int(r["row"]) < len(samples)]] = True
     if jax.process_count() > 1:   # every host must plan the same remaining rows
-        from jax.experimental import multihost_utils
         done_mask = np.asarray(multihost_utils.broadcast_one_to_all(done_mask))
     done = set(np.flatnonzero(done_mask).tolist())
     todo = [i for i in range(len(samples)) if i not in done]
@@ -187,11 +181,9 @@ def evaluate_run(cfg, run_dir: Optional[str] = None, *, model_config=None, param
     encoded = D.encode_split(tokenizer, [samples[i] for i in todo], dataset.category_word,
                              template, dcfg.data.cutoff)
     if mesh is None and jax.device_count() > 1:
-        from latentr3_jax.parallel.mesh import make_mesh
         mesh = make_mesh(cfg.mesh)
     multiple = 1
     if mesh is not None:
-        from latentr3_jax.parallel.mesh import batch_size_multiple
         multiple = batch_size_multiple(mesh)
     batch_size = int(e.batch_size)
     if batch_size <= 0 or batch_size % multiple:
@@ -200,8 +192,6 @@ def evaluate_run(cfg, run_dir: Optional[str] = None, *, model_config=None, param
     params = _place_params(mesh, model_config, params)
 
     if mode == "constrained":
-        from latentr3_jax.decode.beam import constrained_beam_search
-        from latentr3_jax.decode.trie import ItemTrie
         try:   # SPEC.md section 7: targets must tokenise alike alone and after the prompt
             D.check_target_tokenisation(tokenizer, samples, dataset.category_word, template,
                                         limit=32, name=split)
@@ -211,7 +201,6 @@ def evaluate_run(cfg, run_dir: Optional[str] = None, *, model_config=None, param
         trie_arrays = jax.device_put(trie.arrays())
         leaf_title = [catalog.titles[items[0]] for items in trie.leaf_items]
     else:
-        from latentr3_jax.decode.grounding import CatalogEmbeddings, ground
         cat_emb = CatalogEmbeddings().get(model_config, params, tokenizer, catalog, dtype=dtype)
         cat_norm = {M.normalize_title(t) for t in catalog.titles.values()}
     top = max(e.ks)
@@ -229,7 +218,6 @@ def evaluate_run(cfg, run_dir: Optional[str] = None, *, model_config=None, param
             plan = it.epoch_plan(0)
             steps = it.epoch(0)
             if e.progress and is_primary:
-                from tqdm import tqdm
                 steps = tqdm(steps, total=len(plan), desc=f"evaluate {split} ({mode})",
                              unit="batch", initial=0)
             for step, batch in enumerate(steps):
@@ -294,20 +282,9 @@ def evaluate_run(cfg, run_dir: Optional[str] = None, *, model_config=None, param
                    "length_penalty": float(e.length_penalty), "num_thoughts": num_thoughts,
                    "evaluated_now": evaluated, "output_dir": out_dir})
     if is_primary:
-        from latentr3_jax.utils.atomic import atomic_write_text
         atomic_write_text(os.path.join(out_dir, METRICS), json.dumps(result, indent=2) + "\n")
         if print_table:
             status = "" if complete else f"  (partial: {len(rows)}/{len(samples)} rows)"
             print(f"{split} / {mode}: {out_dir}{status}")
             print(M.format_table(result, e.ks))
     return result
-
-
-def main(argv: Sequence[str]) -> int:
-    from latentr3_jax.configlib import parse_config
-
-    cfg, _ = parse_config(argv)
-    if not cfg.eval.checkpoint:
-        raise InputError("evaluate needs --config.eval.checkpoint=<run directory>")
-    evaluate_run(cfg, cfg.eval.checkpoint)
-    return 0

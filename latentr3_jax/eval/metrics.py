@@ -20,13 +20,9 @@ import math
 import os
 from typing import Iterable, Optional, Sequence
 
+from latentr3_jax.data.prompts import normalize_title  # the title rule; importable from here too
+
 KS = (1, 3, 5, 10, 20)
-_STRIP = ' \n"\r\t'
-
-
-def normalize_title(title: str) -> str:
-    """The release's comparison form of a title: surrounding spaces, newlines, quotes removed."""
-    return str(title).strip(_STRIP)
 
 
 def title_rank(ranked_titles: Sequence[str], target_title: str) -> int:

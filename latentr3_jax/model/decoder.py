@@ -4,6 +4,10 @@ Parameters are a plain pytree of float32 arrays; the transformer layers are stac
 leading `layers` axis and run with `lax.scan`, so a 28-layer model compiles like a
 one-layer one. Every weight has logical axis names (`param_axes`) that the sharding layer
 maps onto a device mesh. The KV cache is an explicit input and output.
+
+`apply` runs the model. Its pieces are public for code that runs the layers another way
+(beam search's shared-prompt decode step): `decoder_layer` is one layer with the attention
+step passed in, built from `dense`, `attention`, `write_kv` and `mlp`.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from latentr3_jax.model import mixed
 Params = dict
 Cache = dict
 
-_NEG_INF = -1e30  # finite, so fully-masked (padding) rows stay NaN-free
+NEG_INF = -1e30  # masked attention score: finite, so fully-masked (padding) rows stay NaN-free
 
 
 # --------------------------------------------------------------------------- params
@@ -156,14 +160,26 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotate_half(x) * sin
 
 
-def _tokens_matmul(x, kernel, n_in: int = 1, bias=None):
-    """x [..., *in] @ kernel [*in, *out] (+ bias [*out]) as ONE 2-D matmul over all tokens.
+def rope_tables(config: DecoderConfig, positions: jax.Array, dtype) -> tuple:
+    """The decoder's cos/sin tables [batch, seq, 1, head_dim] for position ids [batch, seq]."""
+    inv = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling_dict)
+    cos, sin = rope_cos_sin(positions, inv, dtype)
+    return cos[:, :, None, :], sin[:, :, None, :]
 
-    Same result as the batched einsum; XLA's CPU backend turns the einsum form's gradient
-    (weight grads contracting over batch and sequence) into far slower code than a plain
-    [tokens, in] x [in, out] matmul, so the projections are written this way. Low-precision
-    compute accumulates in float32 (see `mixed`).
+
+# --------------------------------------------------------------------------- layer
+
+
+def dense(p: dict, x: jax.Array, n_in: int = 1) -> jax.Array:
+    """Projection x [..., *in] @ p["kernel"] [*in, *out] (+ p["bias"] [*out], if present),
+    the kernel contracting x's last `n_in` dims.
+
+    Written as ONE 2-D [tokens, in] x [in, out] matmul: same result as the batched einsum,
+    but XLA's CPU backend turns the einsum form's gradient (weight grads contracting over
+    batch and sequence) into far slower code. Low-precision compute accumulates in float32
+    (see `mixed`).
     """
+    kernel, bias = p["kernel"], p.get("bias")
     in_shape, out_shape = kernel.shape[:n_in], kernel.shape[n_in:]
     lead = x.shape[:x.ndim - n_in]
     k_in = int(np.prod(in_shape))
@@ -172,20 +188,15 @@ def _tokens_matmul(x, kernel, n_in: int = 1, bias=None):
     return y.reshape(lead + out_shape)
 
 
-def _dense(x, p, spec=None):
-    """Projection with optional bias. `spec` (an einsum string like 'btd,dhk->bthk') is
-    accepted for compatibility; only how many kernel dims it contracts matters."""
-    n_in = 1
-    if isinstance(spec, str):
-        x_spec, k_spec = spec.split("->")[0].split(",")
-        n_in = sum(c in x_spec for c in k_spec)
-    return _tokens_matmul(x, p["kernel"], n_in, p.get("bias"))
+def attention_bias(mask: jax.Array) -> jax.Array:
+    """bool [B,T,S] -> additive float32 bias (0 / NEG_INF)."""
+    return jnp.where(mask, 0.0, NEG_INF).astype(jnp.float32)
 
 
-def _attention(config: DecoderConfig, q, k, v, bias):
+def attention(config: DecoderConfig, q, k, v, bias):
     """Grouped-query attention. q [B,T,H,D]; k, v [B,S,K,D]; bias [B,T,S] float32, 0 where
-    a query may attend and _NEG_INF elsewhere (built once per forward by `attention_bias`;
-    adding it costs the backward pass nothing, unlike a select)."""
+    a query may attend and NEG_INF elsewhere (from `attention_bias`, built once per forward;
+    adding it costs the backward pass nothing, unlike a select). Returns [B,T,H,D]."""
     B, T, H, D = q.shape
     K = config.num_kv_heads
     q = (q * (1.0 / math.sqrt(D))).astype(q.dtype).reshape(B, T, K, H // K, D)
@@ -195,35 +206,36 @@ def _attention(config: DecoderConfig, q, k, v, bias):
     return out.reshape(B, T, H, D)
 
 
-def attention_bias(mask: jax.Array) -> jax.Array:
-    """bool [B,T,S] -> additive float32 bias (0 / _NEG_INF)."""
-    return jnp.where(mask, 0.0, _NEG_INF).astype(jnp.float32)
+def write_kv(cache_kv: tuple, k: jax.Array, v: jax.Array, index) -> tuple:
+    """One layer's (k, v) cache [B, S, K, D] with the new k, v [B, T, K, D] at slot `index`."""
+    ck, cv = cache_kv
+    return (jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), index, axis=1),
+            jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), index, axis=1))
 
 
-def _layer(config, x, lp, cos, sin, attn_bias, cache_kv, cache_index):
-    """One decoder layer; returns the new hidden and this layer's (k, v) to cache."""
-    h = rms_norm(x, lp["input_norm"]["scale"], config.rms_norm_eps)
-    a = lp["attn"]
-    q = apply_rope(_dense(h, a["q"]), cos, sin)
-    k = apply_rope(_dense(h, a["k"]), cos, sin)
-    v = _dense(h, a["v"])
-    if cache_kv is not None:
-        ck, cv = cache_kv
-        ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
-        cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
-        new_kv = (ck, cv)
-        k_all, v_all = ck.astype(q.dtype), cv.astype(q.dtype)
-    else:
-        new_kv = None
-        k_all, v_all = k, v
-    attn = _attention(config, q, k_all, v_all, attn_bias)
-    x = x + _tokens_matmul(attn, a["o"]["kernel"], 2)
-    h = rms_norm(x, lp["post_attn_norm"]["scale"], config.rms_norm_eps)
-    m = lp["mlp"]
-    gate = _tokens_matmul(h, m["gate"]["kernel"])
-    up = _tokens_matmul(h, m["up"]["kernel"])
-    x = x + _tokens_matmul(jax.nn.silu(gate) * up, m["down"]["kernel"])
-    return x, new_kv
+def mlp(p: dict, x: jax.Array) -> jax.Array:
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    return dense(p["down"], jax.nn.silu(dense(p["gate"], x)) * dense(p["up"], x))
+
+
+def decoder_layer(config: DecoderConfig, p: dict, x: jax.Array, cos, sin, attend):
+    """One pre-norm decoder layer with the weights `p` of one layer (`params["layers"]`
+    indexed at a layer); returns (new hidden, what `attend` returned beside its output).
+
+    `attend(q, k, v)` -> (attention output [B,T,H,D], extra): q [B,T,H,D] and k, v
+    [B,T,K,D] are the new tokens' projections (RoPE applied to q and k); `attend` decides
+    what they attend to (`apply`: themselves and the KV cache; beam search: a shared prompt
+    cache and per-beam caches) and returns e.g. the updated cache as `extra`.
+    """
+    h = rms_norm(x, p["input_norm"]["scale"], config.rms_norm_eps)
+    a = p["attn"]
+    q = apply_rope(dense(a["q"], h), cos, sin)
+    k = apply_rope(dense(a["k"], h), cos, sin)
+    v = dense(a["v"], h)
+    out, extra = attend(q, k, v)
+    x = x + dense(a["o"], out, 2)
+    x = x + mlp(p["mlp"], rms_norm(x, p["post_attn_norm"]["scale"], config.rms_norm_eps))
+    return x, extra
 
 
 # --------------------------------------------------------------------------- cache
@@ -284,7 +296,7 @@ def embed_tokens(config: DecoderConfig, params: Params, ids: jax.Array, dtype=jn
 
 def lm_head(config: DecoderConfig, params: Params, hidden: jax.Array) -> jax.Array:
     """float32 logits from final normed hidden states."""
-    h2 = hidden.reshape(-1, hidden.shape[-1])  # one 2-D matmul (see _tokens_matmul)
+    h2 = hidden.reshape(-1, hidden.shape[-1])  # one 2-D matmul (see dense)
     if config.tie_word_embeddings:
         w = params["embed"]["embedding"]
         out = mixed.einsum("nd,vd->nv", h2, w, jnp.float32)
@@ -320,9 +332,7 @@ def apply(config: DecoderConfig, params: Params, input_ids: Optional[jax.Array] 
     if positions is None:
         start = cache["next_pos"][:, None] if cache is not None else 0
         positions = start + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-    cos, sin = rope_cos_sin(positions, rope_inv_freq(config.head_dim, config.rope_theta,
-                                                     config.rope_scaling_dict), dtype)
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    cos, sin = rope_tables(config, positions, dtype)
 
     if cache is None:
         causal = jnp.tril(jnp.ones((T, T), bool))
@@ -340,8 +350,13 @@ def apply(config: DecoderConfig, params: Params, input_ids: Optional[jax.Array] 
 
     def body(carry, xs):
         lp, kv = xs
-        y, new_kv = _layer(config, carry, lp, cos, sin, attn_bias, kv, index)
-        return y, new_kv
+
+        def attend(q, k, v):   # the new tokens and, with a cache, the cache they are written to
+            if kv is None:
+                return attention(config, q, k, v, attn_bias), None
+            ck, cv = write_kv(kv, k, v, index)
+            return attention(config, q, ck.astype(q.dtype), cv.astype(q.dtype), attn_bias), (ck, cv)
+        return decoder_layer(config, lp, carry, cos, sin, attend)
 
     if config.remat:
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)

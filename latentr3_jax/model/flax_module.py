@@ -23,6 +23,20 @@ def _is_shape(x) -> bool:
     return isinstance(x, tuple) and all(isinstance(d, int) for d in x)
 
 
+def _get_in(tree: dict, keys):
+    """tree[keys[0]][keys[1]]..."""
+    for k in keys:
+        tree = tree[k]
+    return tree
+
+
+def _set_in(tree: dict, keys, value) -> None:
+    """tree[keys[0]][keys[1]]... = value, creating the inner dicts."""
+    for k in keys[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[keys[-1]] = value
+
+
 class LatentR3LM(nn.Module):
     """Qwen2 / Llama decoder (+ LatentRATT when `with_latent`) as a Linen module."""
 
@@ -38,25 +52,15 @@ class LatentR3LM(nn.Module):
                 nonlocal values
                 if values is None:
                     values = init_tree_fn(rng)
-                node = values
-                for k in path:
-                    node = node[k]
-                return node
+                return _get_in(values, path)
             return init
 
         flat_shapes = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=_is_shape)[0]
         out: dict = {}
         for path, _ in flat_shapes:
             keys = tuple(p.key for p in path)
-            node_axes = axes
-            for k in keys:
-                node_axes = node_axes[k]
-            init = nn.with_logical_partitioning(leaf_init(keys), tuple(node_axes))
-            value = self.param(prefix + "/".join(keys), init)
-            node = out
-            for k in keys[:-1]:
-                node = node.setdefault(k, {})
-            node[keys[-1]] = value
+            init = nn.with_logical_partitioning(leaf_init(keys), tuple(_get_in(axes, keys)))
+            _set_in(out, keys, self.param(prefix + "/".join(keys), init))
         return out
 
     def setup(self):
@@ -67,11 +71,9 @@ class LatentR3LM(nn.Module):
         params = self._declare(decoder.param_shapes(c), decoder.param_axes(c),
                                lambda rng: decoder.init_params(c, rng))
         if self.with_latent:
-            d = c.hidden_size
-            lat_shapes = {n: {"kernel": (d, d), "bias": (d,)} for n in ("q", "k", "v")}
-            params["latent"] = self._declare(lat_shapes, latent.latent_param_axes(),
-                                             lambda rng: latent.init_latent_params(c, rng),
-                                             prefix="latent/")
+            params["latent"] = self._declare(
+                latent.latent_param_shapes(c), latent.latent_param_axes(),
+                lambda rng: latent.init_latent_params(c, rng), prefix="latent/")
         return params
 
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
@@ -93,9 +95,5 @@ def unflatten_params(variables: dict) -> dict:
     flat = nn.meta.unbox(variables["params"])
     out: dict = {}
     for name, value in flat.items():
-        node = out
-        keys = name.split("/")
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = value
+        _set_in(out, name.split("/"), value)
     return out

@@ -26,6 +26,12 @@ from latentr3_jax.model.config import DecoderConfig
 LATENT_MODES = ("ratt", "hidden")  # LatentRATT, or the ablation "raw hidden state as latent"
 
 
+def latent_param_shapes(config: DecoderConfig) -> dict:
+    """Shape of every LatentRATT weight (Q, K, V: d x d with bias), in the params' layout."""
+    d = config.hidden_size
+    return {name: {"kernel": (d, d), "bias": (d,)} for name in ("q", "k", "v")}
+
+
 def latent_param_axes() -> dict:
     lin = {"kernel": ("embed", "latent"), "bias": ("latent",)}
     return {"q": dict(lin), "k": dict(lin), "v": dict(lin)}
@@ -49,16 +55,33 @@ def latent_ratt(config: DecoderConfig, lparams: dict, hidden: jax.Array, key_mas
     """
     dt = hidden.dtype
     d = hidden.shape[-1]
-    lin = lambda p, x: decoder._dense(x, p)
     inv = decoder.rope_inv_freq(d, config.latent_rope_theta)
-    cos, sin = decoder.rope_cos_sin(positions, inv, dt)              # [B, S, d]
-    q = decoder.apply_rope(lin(lparams["q"], hidden[:, -1:]), cos[:, -1:], sin[:, -1:])  # [B,1,d]
-    k = decoder.apply_rope(lin(lparams["k"], hidden), cos, sin)     # [B, S, d]
-    v = lin(lparams["v"], hidden)                                   # [B, S, d]
+    cos, sin = decoder.rope_cos_sin(positions, inv, dt)                       # [B, S, d]
+    q = decoder.apply_rope(decoder.dense(lparams["q"], hidden[:, -1:]), cos[:, -1:], sin[:, -1:])
+    k = decoder.apply_rope(decoder.dense(lparams["k"], hidden), cos, sin)     # [B, S, d]
+    v = decoder.dense(lparams["v"], hidden)                                   # [B, S, d]
     scores = mixed.einsum("bqd,bsd->bqs", q, k, jnp.float32) / math.sqrt(d)
-    scores = jnp.where(key_mask[:, None, :].astype(bool), scores, -1e30)
+    scores = jnp.where(key_mask[:, None, :].astype(bool), scores, decoder.NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     return mixed.einsum("bqs,bsd->bqd", probs, v)[:, 0]            # [B, d]
+
+
+def init_model_params(config: DecoderConfig, rng: jax.Array, with_latent: bool = True) -> dict:
+    """Random decoder params and, with `with_latent`, LatentRATT's under "latent" (`rng`
+    split in two: the decoder's key, LatentRATT's key)."""
+    dec_rng, lat_rng = jax.random.split(rng)
+    params = dict(decoder.init_params(config, dec_rng))
+    if with_latent:
+        params["latent"] = init_latent_params(config, lat_rng)
+    return params
+
+
+def model_param_axes(config: DecoderConfig, with_latent: bool = True) -> dict:
+    """Logical axes of `init_model_params`' tree."""
+    axes = decoder.param_axes(config)
+    if with_latent:
+        axes["latent"] = latent_param_axes()
+    return axes
 
 
 def _one_latent(config, params, hidden, mask, positions, latent_mode):

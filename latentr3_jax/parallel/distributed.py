@@ -39,12 +39,11 @@ def _env_int(name: str) -> Optional[int]:
 def initialize_kwargs(dist_cfg) -> Optional[dict]:
     """The `jax.distributed.initialize` keyword arguments the config and environment give,
     or None when they describe no multi-process run."""
-    addr = str(dist_cfg.get("coordinator_address", "") or "").strip() \
-        or os.environ.get(ENV_ADDRESS, "").strip()
-    num = int(dist_cfg.get("num_processes", 0) or 0)
+    addr = dist_cfg.coordinator_address.strip() or os.environ.get(ENV_ADDRESS, "").strip()
+    num = int(dist_cfg.num_processes)
     if num <= 0:
         num = _env_int(ENV_NUM_PROCESSES) or 0
-    pid = int(dist_cfg.get("process_id", -1))
+    pid = int(dist_cfg.process_id)
     if pid < 0:
         env_pid = _env_int(ENV_PROCESS_ID)
         pid = -1 if env_pid is None else env_pid

@@ -27,18 +27,20 @@ device unless the step pins the embedded inputs to the batch sharding
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
+import os
 import types
 from typing import Optional, Sequence
 
 import jax
 import numpy as np
 
+from latentr3_jax.errors import InputError
+from latentr3_jax.hf import read_hf_config
 from latentr3_jax.model import decoder, latent
 from latentr3_jax.model.config import DecoderConfig
-from latentr3_jax.parallel.mesh import LOGICAL_RULES, MESH_AXES, logical_spec
+from latentr3_jax.parallel.mesh import LOGICAL_RULES, MESH_AXES, is_axes, logical_spec
+from latentr3_jax.parallel.mesh import mesh_shape as config_mesh_shape  # (`mesh_shape`: an arg)
 
 GIB = 1024 ** 3
 OPTIMIZER_MOMENTS = {"adamw": 2, "adam": 2, "sgd": 0}
@@ -56,10 +58,6 @@ def _sizes_mesh(mesh_shape: Sequence[int]):
     return types.SimpleNamespace(shape=dict(zip(MESH_AXES, (int(s) for s in mesh_shape))))
 
 
-def _is_axes(x) -> bool:
-    return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
-
-
 def sharded_shape(shape: Sequence[int], axes: Sequence[Optional[str]], mesh_shape: Sequence[int],
                   rules=LOGICAL_RULES) -> tuple:
     """The per-device block of an array with logical `axes` on a mesh of `mesh_shape`."""
@@ -75,18 +73,15 @@ def sharded_shape(shape: Sequence[int], axes: Sequence[Optional[str]], mesh_shap
 def param_tree_shapes(config: DecoderConfig, with_latent: bool) -> tuple:
     """(shapes tree, logical axes tree) of the decoder and, optionally, LatentRATT."""
     shapes = decoder.param_shapes(config)
-    axes = decoder.param_axes(config)
     if with_latent:
-        d = config.hidden_size
-        shapes = dict(shapes, latent={n: {"kernel": (d, d), "bias": (d,)} for n in ("q", "k", "v")})
-        axes = dict(axes, latent=latent.latent_param_axes())
-    return shapes, axes
+        shapes["latent"] = latent.latent_param_shapes(config)
+    return shapes, latent.model_param_axes(config, with_latent)
 
 
 def _tree_bytes(shapes, axes, mesh_shape, itemsize, rules, keep=lambda path: True) -> int:
-    flat_axes, treedef = jax.tree.flatten(axes, is_leaf=_is_axes)
+    flat_axes, treedef = jax.tree.flatten(axes, is_leaf=is_axes)
     flat_shapes = treedef.flatten_up_to(shapes)
-    paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(axes, is_leaf=_is_axes)[0]]
+    paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(axes, is_leaf=is_axes)[0]]
     total = 0
     for path, ax, shape in zip(paths, flat_axes, flat_shapes):
         if keep(path):
@@ -194,14 +189,11 @@ def decoder_config_from_cfg(cfg) -> DecoderConfig:
     when `model.hf_path` is set (its table plus one `<|Thought|>` row: an upper bound, as
     a run drops padding rows past the tokenizer), else the from-scratch shape of
     `cfg.model` with `tokenizer.vocab_size` ids (`<|Thought|>` included)."""
-    import os
-    from latentr3_jax.errors import InputError
     path = str(cfg.model.hf_path or "")
     if path:
         if not os.path.exists(os.path.join(path, "config.json")):
             raise InputError(f"model.hf_path: no config.json in {path!r} (pass --model "
                              f"qwen2.5-1.5b to estimate with that shape instead)")
-        from latentr3_jax.hf import read_hf_config
         hf = read_hf_config(path)
         return hf.replace(vocab_size=hf.vocab_size + 1)
     m = cfg.model
@@ -221,9 +213,8 @@ def config_estimates(cfg, num_devices: Optional[int] = None,
     over (data, fsdp); LR-GRPO `grpo.micro_batch_size` (or `prompts_per_batch`) prompts x
     `group_size`. Returns {'mesh', 'rows': {step: rows per device}, 'sft', 'grpo'}.
     """
-    from latentr3_jax.parallel.mesh import mesh_shape
     n = num_devices or _mesh_devices(cfg)
-    mesh = mesh_shape(cfg.mesh, n)
+    mesh = config_mesh_shape(cfg.mesh, n)
     batch_ways = mesh[0] * mesh[1]
     config = decoder_config or decoder_config_from_cfg(cfg)
     thoughts = int(cfg.model.num_thoughts)
@@ -271,28 +262,3 @@ def format_table(estimates: dict) -> str:
 
 
 KNOWN_MODELS = {"qwen2.5-1.5b": qwen25_1_5b}
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """`python -m latentr3_jax.parallel.memory [--devices N] [--model qwen2.5-1.5b]
-    --config FILE [--config.x=y ...]`: the config's memory table."""
-    from latentr3_jax.configlib import parse_config
-    from latentr3_jax.errors import InputError
-    argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(prog="python -m latentr3_jax.parallel.memory", add_help=False)
-    ap.add_argument("--devices", type=int, default=0, help="device count (default: the mesh's)")
-    ap.add_argument("--model", choices=sorted(KNOWN_MODELS), default=None,
-                    help="estimate with this model's shape instead of reading model.hf_path")
-    known, rest = ap.parse_known_args(argv)
-    try:
-        cfg, _ = parse_config(rest)
-        model = KNOWN_MODELS[known.model]() if known.model else None
-        print(format_table(config_estimates(cfg, known.devices or None, decoder_config=model)))
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,6 +11,7 @@ from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from latentr3_jax.errors import InputError
@@ -59,7 +60,6 @@ def make_mesh(mesh_cfg, devices: Optional[Sequence[Any]] = None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(mesh_cfg, len(devices))
     try:
-        from jax.experimental import mesh_utils
         arr = mesh_utils.create_device_mesh(shape, devices=devices)
     except Exception:  # non-TPU topologies the helper does not know
         arr = np.asarray(devices, dtype=object).reshape(shape)
@@ -101,7 +101,8 @@ def logical_spec(axes: Sequence[Optional[str]], shape: Optional[Sequence[int]], 
     return PartitionSpec(*spec)
 
 
-def _is_axes(x) -> bool:
+def is_axes(x) -> bool:
+    """A leaf of a logical-axes tree: a tuple of axis names (or None)."""
     return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
 
 
@@ -113,9 +114,9 @@ def logical_sharding(axes_tree, mesh: Mesh, shapes_tree=None, rules=LOGICAL_RULE
     """
     if shapes_tree is None:
         return jax.tree.map(lambda ax: NamedSharding(mesh, logical_spec(ax, None, mesh, rules)),
-                            axes_tree, is_leaf=_is_axes)
+                            axes_tree, is_leaf=is_axes)
     shape_of = lambda s: tuple(s) if isinstance(s, tuple) else tuple(s.shape)
-    flat_axes, treedef = jax.tree.flatten(axes_tree, is_leaf=_is_axes)
+    flat_axes, treedef = jax.tree.flatten(axes_tree, is_leaf=is_axes)
     flat_shapes = treedef.flatten_up_to(shapes_tree)
     return treedef.unflatten([
         NamedSharding(mesh, logical_spec(ax, shape_of(s), mesh, rules))

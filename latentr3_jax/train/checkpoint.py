@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a training run, their integrity checks, and `load_run`.
+"""Orbax checkpoints of a training run and their integrity checks.
 
 Layout under `<run_dir>/checkpoints/`:
   latest/<step>/  params, train (step, optimizer state, RNG, fault counters), data (the
@@ -14,19 +14,18 @@ from the run's is refused with an InputError.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import logging
 import os
 import warnings
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from latentr3_jax.errors import InputError
+from latentr3_jax.train.fingerprint import check_fingerprint
 from latentr3_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -47,46 +46,6 @@ class _QuietReadOnly(logging.Filter):
 
 
 logging.getLogger("absl").addFilter(_QuietReadOnly())
-
-
-# --------------------------------------------------------------------------- fingerprints
-
-
-def tokenizer_fingerprint(tokenizer) -> dict:
-    """Vocabulary size, special ids and a hash of a probe encoding: enough to tell two
-    tokenizers apart without reading their files."""
-    probe = "Fingerprint: The Beatles - \"Abbey Road\" (1969) \u00e9\u00e8 123\n"
-    ids = list(tokenizer.encode(probe))
-    h = hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
-    return {"vocab_size": int(tokenizer.vocab_size), "eos_id": int(tokenizer.eos_id),
-            "pad_id": int(tokenizer.pad_id), "thought_id": int(tokenizer.thought_id),
-            "probe_hash": h}
-
-
-def make_fingerprint(model_config, tokenizer=None, **facts) -> dict:
-    """What a checkpoint must agree on to be loaded into this run."""
-    fp = {"model": model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)}
-    if tokenizer is not None:
-        fp["tokenizer"] = tokenizer_fingerprint(tokenizer)
-    fp.update(facts)
-    return json.loads(json.dumps(fp))  # normalize tuples -> lists
-
-
-def _diff(a: Any, b: Any, prefix: str = "") -> list:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [f"{prefix.rstrip('.')}: checkpoint {a!r} vs run {b!r}"]
-
-
-def check_fingerprint(saved: dict, expected: dict, where: str) -> None:
-    diffs = _diff(saved, expected)
-    if diffs:
-        more = f" (+{len(diffs) - 3} more)" if len(diffs) > 3 else ""
-        raise InputError(f"{where}: checkpoint belongs to a different model or tokenizer: "
-                         f"{'; '.join(diffs[:3])}{more}")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -147,7 +106,7 @@ class Checkpointer:
 
     # ---- saving
 
-    def save(self, state: TrainState, data_state: Optional[dict] = None, *, force: bool = False,
+    def save(self, state: TrainState, data_state: Optional[dict] = None, *,
              extra: Optional[dict] = None) -> bool:
         """Asynchronously save the full state at its step (returns at once)."""
         step = int(jax.device_get(state.step))
@@ -193,43 +152,55 @@ class Checkpointer:
         skipped with a CheckpointWarning naming them.
         """
         self.latest.reload()
-        steps = sorted(self.latest.all_steps(), reverse=True)
-        target_params = abstract_with_shardings(abstract_state.params, shardings.params)
-        target_train = abstract_with_shardings(_train_part(abstract_state), _train_part(shardings))
-        for i, step in enumerate(steps):
-            step_dir = os.path.join(self.latest.directory, str(step))
-            why = _step_dirs_complete(step_dir, ("params", "train", "data", "meta"))
-            meta = None
-            if why is None:
-                meta = self._read_meta(self.latest, step)
-                check_fingerprint(meta.get("fingerprint", {}), self.fingerprint, step_dir)
-                try:
-                    out = self.latest.restore(step, args=ocp.args.Composite(
-                        params=ocp.args.StandardRestore(target_params),
-                        train=ocp.args.StandardRestore(target_train),
-                        data=ocp.args.JsonRestore()))
-                    state = TrainState(params=out["params"], **out["train"])
-                    return state, dict(out["data"] or {}), meta
-                except Exception as e:  # a damaged array file, truncated metadata, ...
-                    why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-            fallback = f"falling back to step {steps[i + 1]}" if i + 1 < len(steps) else \
-                "no older checkpoint; starting from scratch"
-            warnings.warn(f"checkpoint {step_dir} is damaged ({why}); {fallback}",
-                          CheckpointWarning, stacklevel=2)
-        return None
-
-    @staticmethod
-    def _read_meta(mngr, step: int) -> dict:
-        path = os.path.join(mngr.directory, str(step), "meta", "metadata")
-        with open(path) as f:
-            return json.load(f)
+        target = ocp.args.Composite(
+            params=ocp.args.StandardRestore(
+                abstract_with_shardings(abstract_state.params, shardings.params)),
+            train=ocp.args.StandardRestore(
+                abstract_with_shardings(_train_part(abstract_state), _train_part(shardings))),
+            data=ocp.args.JsonRestore())
+        found = restore_newest(self.latest, ("params", "train", "data", "meta"), target,
+                               fingerprint=self.fingerprint,
+                               last_resort="no older checkpoint; starting from scratch")
+        if found is None:
+            return None
+        out, meta = found
+        return TrainState(params=out["params"], **out["train"]), dict(out["data"] or {}), meta
 
     def latest_step(self) -> Optional[int]:
         self.latest.reload()
         return self.latest.latest_step()
 
 
-# --------------------------------------------------------------------------- params only
+# --------------------------------------------------------------------------- restoring
+
+
+def read_meta(mngr, step: int) -> dict:
+    with open(os.path.join(mngr.directory, str(step), "meta", "metadata")) as f:
+        return json.load(f)
+
+
+def restore_newest(mngr, items: tuple, target, *, fingerprint: Optional[dict] = None,
+                   last_resort: str = "none left"):
+    """(restored items, meta) of the newest whole checkpoint in `mngr`, or None if it has
+    none. A damaged one (missing item, unreadable metadata, an array file that fails to
+    load) is skipped with a CheckpointWarning naming it; a checkpoint of a different model
+    (fingerprint mismatch) is an InputError."""
+    steps = sorted(mngr.all_steps(), reverse=True)
+    for i, step in enumerate(steps):
+        step_dir = os.path.join(mngr.directory, str(step))
+        why = _step_dirs_complete(step_dir, items)
+        if why is None:
+            meta = read_meta(mngr, step)
+            if fingerprint is not None:
+                check_fingerprint(meta.get("fingerprint", {}), fingerprint, step_dir)
+            try:
+                return mngr.restore(step, args=target), meta
+            except Exception as e:  # a damaged array file, truncated metadata, ...
+                why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        fallback = f"falling back to step {steps[i + 1]}" if i + 1 < len(steps) else last_resort
+        warnings.warn(f"checkpoint {step_dir} is damaged ({why}); {fallback}",
+                      CheckpointWarning, stacklevel=3)
+    return None
 
 
 def restore_params(ckpt_dir: str, which: str = BEST, *, abstract_params=None,
@@ -247,86 +218,14 @@ def restore_params(ckpt_dir: str, which: str = BEST, *, abstract_params=None,
     mngr = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(
         read_only=True, create=False, save_interval_steps=0))
     try:
-        steps = sorted(mngr.all_steps(), reverse=True)
-        if not steps:
+        if not mngr.all_steps():
             raise FileNotFoundError(f"{root}: no complete checkpoint")
-        for i, step in enumerate(steps):
-            step_dir = os.path.join(root, str(step))
-            why = _step_dirs_complete(step_dir, ("params", "meta"))
-            if why is None:
-                meta = Checkpointer._read_meta(mngr, step)
-                if fingerprint is not None:
-                    check_fingerprint(meta.get("fingerprint", {}), fingerprint, step_dir)
-                try:
-                    args = ocp.args.StandardRestore(abstract_params) if abstract_params is not None \
-                        else ocp.args.StandardRestore()
-                    out = mngr.restore(step, args=ocp.args.Composite(params=args))
-                    return out["params"], meta
-                except Exception as e:
-                    why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-            fallback = f"falling back to step {steps[i + 1]}" if i + 1 < len(steps) else "none left"
-            warnings.warn(f"checkpoint {step_dir} is damaged ({why}); {fallback}",
-                          CheckpointWarning, stacklevel=2)
-        raise InputError(f"{root}: every checkpoint is damaged")
+        args = ocp.args.StandardRestore(abstract_params) if abstract_params is not None \
+            else ocp.args.StandardRestore()
+        found = restore_newest(mngr, ("params", "meta"), ocp.args.Composite(params=args),
+                               fingerprint=fingerprint)
+        if found is None:
+            raise InputError(f"{root}: every checkpoint is damaged")
+        return found[0]["params"], found[1]
     finally:
         mngr.close()
-
-
-# --------------------------------------------------------------------------- runs
-
-
-@dataclasses.dataclass
-class RunArtifacts:
-    """What a finished (or running) training run gives to the next stage."""
-    run_dir: str
-    config: Any             # ml_collections.ConfigDict the run was started with
-    model_config: Any       # DecoderConfig
-    params: dict            # incl. 'latent' when the run had thoughts in 'ratt' mode
-    tokenizer: Any
-    num_thoughts: int
-    latent_mode: str
-    thought_id: int
-    step: int
-    which: str
-    meta: dict
-
-
-def load_run(run_dir: str, which: str = BEST) -> RunArtifacts:
-    """Load a run directory written by `latentr3 sft` (or grpo): config, model config,
-    tokenizer and params from its best (default; falls back to latest) or latest checkpoint."""
-    import ml_collections
-
-    from latentr3_jax.model.config import DecoderConfig
-    from latentr3_jax.train import runs
-
-    run_dir = os.path.abspath(run_dir)
-    if not os.path.isdir(run_dir):
-        raise InputError(f"{run_dir}: run directory not found")
-    model_facts = runs.read_json(run_dir, runs.MODEL_CONFIG)
-    cfg_dict = runs.read_json(run_dir, runs.CONFIG)
-    try:
-        model_config = DecoderConfig.from_dict(model_facts["decoder"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise InputError(f"{os.path.join(run_dir, runs.MODEL_CONFIG)}: bad decoder config ({e})") from None
-    tokenizer = runs.load_run_tokenizer(run_dir)
-    ckpt = os.path.join(run_dir, runs.CHECKPOINTS)
-    order = [which] if which == LATEST else [BEST, LATEST]
-    last_err = None
-    for w in order:
-        try:
-            params, meta = restore_params(ckpt, w)
-            break
-        except FileNotFoundError as e:
-            last_err = e
-    else:
-        raise InputError(f"{run_dir}: no checkpoint found ({last_err})")
-    params = jax.tree.map(lambda x: jax.numpy.asarray(x), params)
-    expected = model_facts.get("fingerprint")
-    if expected is not None:
-        check_fingerprint(meta.get("fingerprint", {}), expected, os.path.join(ckpt, w))
-    return RunArtifacts(run_dir=run_dir, config=ml_collections.ConfigDict(cfg_dict),
-                        model_config=model_config, params=params, tokenizer=tokenizer,
-                        num_thoughts=int(model_facts.get("num_thoughts", 0)),
-                        latent_mode=str(model_facts.get("latent_mode", "ratt")),
-                        thought_id=int(model_facts.get("thought_id", model_config.vocab_size - 1)),
-                        step=int(meta.get("step", -1)), which=w, meta=meta)

@@ -1,4 +1,5 @@
-"""The run directory: what a training run writes besides its checkpoints.
+"""The run directory: what a training run writes besides its checkpoints, and `load_run`,
+which gives a finished (or running) run to the next stage.
 
   config.json         the full ConfigDict the run started with
   model_config.json   {"decoder": DecoderConfig, "num_thoughts", "latent_mode", "thought_id",
@@ -10,14 +11,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 import os
 import time
-from typing import Any, Optional
+from typing import Any
 
+import jax
+import ml_collections
+
+from latentr3_jax.data.tokenizer import load_tokenizer
 from latentr3_jax.errors import InputError
-from latentr3_jax.utils.atomic import atomic_write_text
+from latentr3_jax.model.config import DecoderConfig
+from latentr3_jax.train import checkpoint as ckpt_lib
+from latentr3_jax.train.fingerprint import check_fingerprint
+from latentr3_jax.utils.atomic import atomic_dir
+from latentr3_jax.utils.jsonio import jsonable, read_json, write_json
 
 CONFIG = "config.json"
 MODEL_CONFIG = "model_config.json"
@@ -26,40 +35,8 @@ METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 
 
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if hasattr(x, "item") and getattr(x, "shape", None) == ():
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    return x
-
-
-def write_json(run_dir: str, name: str, obj: Any) -> str:
-    path = os.path.join(run_dir, name)
-    atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=True) + "\n")
-    return path
-
-
-def read_json(run_dir: str, name: str) -> dict:
-    path = os.path.join(run_dir, name)
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise InputError(f"{path}: not found (is {run_dir} a run directory?)") from None
-    except ValueError as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from None
-
-
-def model_facts(model_config, *, num_thoughts: int, latent_mode: str, thought_id: int,
-                fingerprint: dict) -> dict:
-    return {"decoder": model_config.to_dict(), "num_thoughts": int(num_thoughts),
-            "latent_mode": str(latent_mode), "thought_id": int(thought_id),
-            "fingerprint": fingerprint}
+def read_run_json(run_dir: str, name: str) -> dict:
+    return read_json(os.path.join(run_dir, name), f"is {run_dir} a run directory?")
 
 
 def prepare_run_dir(run_dir: str, cfg, model_config, tokenizer, *, num_thoughts: int,
@@ -67,29 +44,26 @@ def prepare_run_dir(run_dir: str, cfg, model_config, tokenizer, *, num_thoughts:
     """Write config, model config and tokenizer. A run directory that already holds a
     different model is refused (resuming needs the same one)."""
     os.makedirs(run_dir, exist_ok=True)
-    facts = model_facts(model_config, num_thoughts=num_thoughts, latent_mode=latent_mode,
-                        thought_id=tokenizer.thought_id, fingerprint=fingerprint)
     existing = os.path.join(run_dir, MODEL_CONFIG)
     if os.path.exists(existing):
-        from latentr3_jax.train.checkpoint import check_fingerprint
-        old = read_json(run_dir, MODEL_CONFIG)
-        check_fingerprint(old.get("fingerprint", {}), fingerprint, existing)
+        check_fingerprint(read_json(existing).get("fingerprint", {}), fingerprint, existing)
     if not is_primary:
         return
-    write_json(run_dir, CONFIG, cfg.to_dict())
-    write_json(run_dir, MODEL_CONFIG, facts)
-    tok_dir = os.path.join(run_dir, TOKENIZER)
-    if not os.path.isdir(tok_dir):
-        tmp = tok_dir + ".tmp"
-        if os.path.isdir(tmp):
-            import shutil
-            shutil.rmtree(tmp)
-        tokenizer.save(tmp)
-        os.replace(tmp, tok_dir)
+    write_json(os.path.join(run_dir, CONFIG), cfg.to_dict())
+    write_json(existing, {"decoder": model_config.to_dict(), "num_thoughts": int(num_thoughts),
+                          "latent_mode": str(latent_mode),
+                          "thought_id": int(tokenizer.thought_id), "fingerprint": fingerprint})
+    save_tokenizer(tokenizer, os.path.join(run_dir, TOKENIZER))
+
+
+def save_tokenizer(tokenizer, path: str) -> None:
+    """Save `tokenizer` as the folder `path` unless it exists (written whole or not at all)."""
+    if not os.path.isdir(path):
+        with atomic_dir(path) as tmp:
+            tokenizer.save(tmp)
 
 
 def load_run_tokenizer(run_dir: str):
-    from latentr3_jax.data import load_tokenizer
     path = os.path.join(run_dir, TOKENIZER)
     if not os.path.isdir(path):
         raise InputError(f"{path}: tokenizer directory missing")
@@ -113,7 +87,7 @@ class MetricsWriter:
     def write(self, record: dict) -> None:
         if not self._f:
             return
-        rec = {"time": round(time.time(), 3), **_jsonable(record)}
+        rec = {"time": round(time.time(), 3), **jsonable(record)}
         self._f.write(json.dumps(rec, sort_keys=True) + "\n")
         self._f.flush()
 
@@ -138,34 +112,52 @@ def read_metrics(run_dir: str) -> list:
     return out
 
 
-class Progress:
-    """tqdm bar showing loss and target tokens/s; silent when disabled."""
+@dataclasses.dataclass
+class RunArtifacts:
+    """What a finished (or running) training run gives to the next stage."""
+    run_dir: str
+    config: Any             # ml_collections.ConfigDict the run was started with
+    model_config: Any       # DecoderConfig
+    params: dict            # incl. 'latent' when the run had thoughts in 'ratt' mode
+    tokenizer: Any
+    num_thoughts: int
+    latent_mode: str
+    thought_id: int
+    step: int
+    which: str
+    meta: dict
 
-    def __init__(self, total: int, initial: int = 0, desc: str = "sft", enabled: bool = True):
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
-                            mininterval=1.0)
-        self._last_t = time.perf_counter()
-        self._last_step = initial
 
-    def update(self, step: int, loss: Optional[float] = None, tokens: Optional[float] = None) -> dict:
-        now = time.perf_counter()
-        dt = max(now - self._last_t, 1e-9)
-        n = step - self._last_step
-        rate = {} if tokens is None else {"tok/s": tokens / dt}
-        if self.bar is not None:
-            post = {}
-            if loss is not None:
-                post["loss"] = f"{loss:.4f}"
-            if rate:
-                post["tok/s"] = f"{rate['tok/s']:.0f}"
-            self.bar.set_postfix(post, refresh=False)
-            self.bar.update(n)
-        self._last_t, self._last_step = now, step
-        return {"tokens_per_s": rate.get("tok/s"), "steps_per_s": n / dt}
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+def load_run(run_dir: str, which: str = ckpt_lib.BEST) -> RunArtifacts:
+    """Load a run directory written by `latentr3 sft` (or grpo): config, model config,
+    tokenizer and params from its best (default; falls back to latest) or latest checkpoint."""
+    run_dir = os.path.abspath(run_dir)
+    if not os.path.isdir(run_dir):
+        raise InputError(f"{run_dir}: run directory not found")
+    facts = read_run_json(run_dir, MODEL_CONFIG)
+    cfg_dict = read_run_json(run_dir, CONFIG)
+    try:
+        model_config = DecoderConfig.from_dict(facts["decoder"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise InputError(f"{os.path.join(run_dir, MODEL_CONFIG)}: bad decoder config ({e})") from None
+    tokenizer = load_run_tokenizer(run_dir)
+    ckpt = os.path.join(run_dir, CHECKPOINTS)
+    order = [which] if which == ckpt_lib.LATEST else [ckpt_lib.BEST, ckpt_lib.LATEST]
+    last_err = None
+    for w in order:
+        try:
+            params, meta = ckpt_lib.restore_params(ckpt, w)
+            break
+        except FileNotFoundError as e:
+            last_err = e
+    else:
+        raise InputError(f"{run_dir}: no checkpoint found ({last_err})")
+    params = jax.tree.map(jax.numpy.asarray, params)
+    if facts.get("fingerprint") is not None:
+        check_fingerprint(meta.get("fingerprint", {}), facts["fingerprint"], os.path.join(ckpt, w))
+    return RunArtifacts(run_dir=run_dir, config=ml_collections.ConfigDict(cfg_dict),
+                        model_config=model_config, params=params, tokenizer=tokenizer,
+                        num_thoughts=int(facts.get("num_thoughts", 0)),
+                        latent_mode=str(facts.get("latent_mode", "ratt")),
+                        thought_id=int(facts.get("thought_id", model_config.vocab_size - 1)),
+                        step=int(meta.get("step", -1)), which=w, meta=meta)

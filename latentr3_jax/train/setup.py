@@ -8,44 +8,27 @@ from typing import Tuple
 import jax
 import jax.numpy as jnp
 
+from latentr3_jax import data, hf
 from latentr3_jax.errors import InputError
 from latentr3_jax.model import decoder, latent
 from latentr3_jax.model.config import DecoderConfig
+from latentr3_jax.train import checkpoint as ckpt_lib
+from latentr3_jax.train import runs
+from latentr3_jax.train.fingerprint import tokenizer_fingerprint
 
 
 def wants_latent_params(cfg) -> bool:
     return int(cfg.model.num_thoughts) > 0 and cfg.model.latent_mode == "ratt"
 
 
-def check_model_options(cfg) -> None:
-    if int(cfg.model.num_thoughts) < 0:
-        raise InputError(f"config model.num_thoughts must be >= 0, got {cfg.model.num_thoughts}")
-    if cfg.model.latent_mode not in latent.LATENT_MODES:
-        raise InputError(f"config model.latent_mode must be one of {latent.LATENT_MODES}, "
-                         f"got {cfg.model.latent_mode!r}")
-    scan_layers_option(cfg.model.get("scan_layers", "auto"), 1)
-    if init_from_run(cfg) and cfg.model.hf_path:
-        raise InputError("config sft.init_from and model.hf_path are both set: the weights come "
-                         "from one or the other (the run named by init_from records its own source)")
-    if cfg.model.dtype not in ("float32", "bfloat16"):
-        raise InputError(f"config model.dtype must be float32 or bfloat16, got {cfg.model.dtype!r}")
-
-
-def init_from_run(cfg) -> str:
-    """cfg.sft.init_from: a run directory whose weights start this SFT run ('' = none)."""
-    return str(cfg.get("sft", {}).get("init_from", "") or "")
-
-
 def load_init_run(cfg, tokenizer=None):
     """The RunArtifacts of cfg.sft.init_from (its best checkpoint), checked against
     `tokenizer` when one is given."""
-    from latentr3_jax.train import checkpoint as ckpt_lib
-
-    path = init_from_run(cfg)
-    base = ckpt_lib.load_run(path, which=ckpt_lib.BEST)
+    path = cfg.sft.init_from
+    base = runs.load_run(path, which=ckpt_lib.BEST)
     if tokenizer is not None:
-        got = ckpt_lib.tokenizer_fingerprint(tokenizer)
-        want = ckpt_lib.tokenizer_fingerprint(base.tokenizer)
+        got = tokenizer_fingerprint(tokenizer)
+        want = tokenizer_fingerprint(base.tokenizer)
         if got != want:
             raise InputError(f"config sft.init_from {path}: that run's tokenizer differs from this "
                              f"run's ({_first_diff(want, got)}); leave tokenizer.path empty to use "
@@ -85,7 +68,6 @@ def _fit_vocab(config: DecoderConfig, params: dict, tokenizer) -> Tuple[DecoderC
     never produced by the tokenizer and are dropped; then one row is added for the thought
     token unless the checkpoint already has it.
     """
-    from latentr3_jax import hf
     want = int(tokenizer.vocab_size)
     if config.vocab_size == want:
         return config, params
@@ -106,16 +88,14 @@ def build_model(cfg, tokenizer, rng: jax.Array) -> Tuple[DecoderConfig, dict]:
     its LatentRATT weights carry over when it has them in the same latent mode, otherwise
     the module starts fresh (N = 0 run -> LatentR³ run).
     """
-    check_model_options(cfg)
     dec_rng, lat_rng = jax.random.split(rng)
     carried_latent = None
     if cfg.model.hf_path:
-        from latentr3_jax import hf
         config, params = hf.load_pretrained(cfg.model.hf_path)
         config, params = _fit_vocab(config, params, tokenizer)
         if tokenizer.eos_id is not None and config.eos_token_id is None:
             config = config.replace(eos_token_id=int(tokenizer.eos_id))
-    elif init_from_run(cfg):
+    elif cfg.sft.init_from:
         base = load_init_run(cfg, tokenizer)
         config = base.model_config
         params = {k: v for k, v in base.params.items() if k != "latent"}
@@ -148,9 +128,9 @@ def scan_layers_option(value, num_layers: int) -> bool:
 
 def execution_config(cfg, config: DecoderConfig) -> DecoderConfig:
     """`config` with the run's execution options (cfg.model.scan_layers / remat)."""
-    scan = cfg.model.get("scan_layers", "auto")
-    return config.with_execution(scan_layers=scan_layers_option(scan, config.num_layers),
-                                 remat=bool(cfg.model.get("remat", False)))
+    return config.with_execution(
+        scan_layers=scan_layers_option(cfg.model.scan_layers, config.num_layers),
+        remat=bool(cfg.model.remat))
 
 
 def params_axes(config: DecoderConfig, params: dict) -> dict:
@@ -177,7 +157,6 @@ def init_fn(cfg, config: DecoderConfig):
 
 def encode_split(cfg, tok, dataset, split: str) -> list:
     """One split of `dataset` as token ids, with the config's template and cutoffs."""
-    from latentr3_jax import data
     return data.encode_split(tok, dataset.splits.get(split, []), dataset.category_word,
                              cfg.data.template, cfg.data.cutoff,
                              max_target_len=cfg.data.max_target_len)
@@ -185,5 +164,5 @@ def encode_split(cfg, tok, dataset, split: str) -> list:
 
 def target_buckets(cfg) -> tuple:
     """Target-length buckets (static shapes); one bucket of max_target_len when unset."""
-    tb = tuple(int(b) for b in cfg.data.get("target_buckets", ()) or ())
+    tb = tuple(int(b) for b in cfg.data.target_buckets or ())
     return tb or (int(cfg.data.max_target_len),)

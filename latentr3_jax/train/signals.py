@@ -11,6 +11,10 @@ import signal
 import threading
 from typing import Optional
 
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
 
 class StopRequested(Exception):
     """Raised after the run saved its state because a stop signal arrived."""
@@ -66,14 +70,11 @@ class GracefulStop:
         (every process must call this at every step). `received` then names the signal,
         also on the hosts that did not get it."""
         if self._process_count is None:
-            import jax
             self._process_count = jax.process_count()
         if self._process_count <= 1:
             return self.requested
         if step % self.sync_every:
             return False
-        import numpy as np
-        from jax.experimental import multihost_utils
         mine = int(signal.Signals[self.received]) if self.received else 0
         codes = np.asarray(multihost_utils.process_allgather(np.int32(mine))).reshape(-1)
         if not codes.any():
@@ -81,30 +82,3 @@ class GracefulStop:
         if self.received is None:
             self.received = signal.Signals(int(codes.max())).name
         return True
-
-
-def run_training_command(command: str, argv, train_fn):
-    """Shared CLI wrapper of `latentr3 sft|grpo`: parse the config, train, map stops to exit codes.
-
-    Returns (exit_code, summary or None). A stop signal exits 128 + signal number after
-    the trainer saved; repeated non-finite steps exit 1; the resume hint is the command line.
-    """
-    import logging
-    import shlex
-    import signal as signal_mod
-    import sys
-
-    from latentr3_jax.configlib import parse_config
-    from latentr3_jax.train.step import NonFiniteError
-
-    cfg, _ = parse_config(argv)
-    hint = f"latentr3 {command} " + " ".join(shlex.quote(a) for a in argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        return 0, train_fn(cfg, progress=True, resume_hint=hint)
-    except StopRequested as e:
-        print(f"latentr3 {command}: {e}", file=sys.stderr)
-        return 128 + int(getattr(signal_mod, e.signame, signal_mod.SIGTERM)), None
-    except NonFiniteError as e:
-        print(f"latentr3 {command}: error: {e}", file=sys.stderr)
-        return 1, None

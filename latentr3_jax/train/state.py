@@ -22,24 +22,11 @@ class TrainState:
     bad_steps: jax.Array     # int32 scalar: consecutive non-finite steps (0 after a good one)
     total_bad_steps: jax.Array  # int32 scalar: all skipped steps
 
-    def to_dict(self) -> dict:
-        return {"step": self.step, "params": self.params, "opt_state": self.opt_state,
-                "rng": self.rng, "bad_steps": self.bad_steps,
-                "total_bad_steps": self.total_bad_steps}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainState":
-        return cls(**d)
-
 
 def new_state(params, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=jnp.asarray(rng, jnp.uint32), bad_steps=jnp.zeros((), jnp.int32),
                       total_bad_steps=jnp.zeros((), jnp.int32))
-
-
-def _is_axes(x) -> bool:
-    return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
 
 
 def _dict_keys(path) -> tuple:

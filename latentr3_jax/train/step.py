@@ -9,6 +9,7 @@ in the state; the host reads that counter one step late, so nothing waits per st
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Optional
 
 import jax
@@ -20,6 +21,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from latentr3_jax.parallel import mesh as mesh_lib
 from latentr3_jax.train.state import TrainState
 
+log = logging.getLogger(__name__)
+
 LossFn = Callable[[Any, dict, jax.Array], tuple]
 
 
@@ -27,7 +30,7 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
 
-def _split_micro(x: jax.Array, num_micro: int) -> jax.Array:
+def split_micro(x: jax.Array, num_micro: int) -> jax.Array:
     """[B, ...] -> [M, B/M, ...] taking rows m, m+M, m+2M, ... into micro-batch m, so every
     device's contiguous batch shard holds an equal part of each micro-batch."""
     b = x.shape[0]
@@ -53,7 +56,7 @@ def make_step_fn(loss_fn: LossFn, tx: optax.GradientTransformation, *, num_micro
         if M == 1:
             (loss_sum, (count, aux)), grads = grad_fn(state.params, batch, rng)
         else:
-            micro = jax.tree.map(lambda x: _split_micro(x, M), batch)
+            micro = jax.tree.map(lambda x: split_micro(x, M), batch)
             if micro_sharding is not None:
                 micro = jax.tree.map(
                     lambda x: jax.lax.with_sharding_constraint(
@@ -91,7 +94,8 @@ def make_step_fn(loss_fn: LossFn, tx: optax.GradientTransformation, *, num_micro
             bad_steps=bad,
             total_bad_steps=state.total_bad_steps + (~finite).astype(jnp.int32))
         metrics = {"step": new_state.step, "loss": loss, "tokens": count, "grad_norm": grad_norm,
-                   "finite": finite, "bad_steps": bad, **aux}
+                   "finite": finite, "bad_steps": bad,
+                   "total_bad_steps": new_state.total_bad_steps, **aux}
         if schedule is not None:
             metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
         return new_state, metrics
@@ -151,16 +155,22 @@ class TrainStep:
                 exe = self._jitted.lower(state, batch).compile()
             self._compiled[key] = exe
             self.compile_count += 1
+            if self.compile_count == 1:
+                log.info("%s", describe_memory(exe))
         return exe
 
     def __call__(self, state: TrainState, batch: dict):
         batch = self.shard_batch(batch)
         return self.compiled_for(state, batch)(state, batch)
 
-    def memory_analysis(self) -> Optional[str]:
-        for exe in self._compiled.values():
-            try:
-                return str(exe.memory_analysis())
-            except Exception:  # not every backend reports it
-                return None
-        return None
+
+def describe_memory(compiled) -> str:
+    """One line of a compiled step's device memory (per device), as XLA reports it."""
+    try:
+        m = compiled.memory_analysis()
+        mib = lambda n: f"{n / 2**20:,.1f} MiB"
+        return (f"compiled train step, per device: arguments {mib(m.argument_size_in_bytes)}, "
+                f"outputs {mib(m.output_size_in_bytes)} ({mib(m.alias_size_in_bytes)} aliased), "
+                f"temporaries {mib(m.temp_size_in_bytes)}, code {mib(m.generated_code_size_in_bytes)}")
+    except Exception as e:  # not every backend reports it
+        return f"compiled train step (no memory analysis on this backend: {type(e).__name__})"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 
 
@@ -89,4 +90,29 @@ def atomic_files(folder: str):
         fs.commit()
     except BaseException:
         fs.discard()
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str):
+    """`with atomic_dir(d) as tmp: save_folder(tmp)`: the folder `tmp` replaces `d` when the
+    block ends without error (a leftover temp folder from a crash is removed first)."""
+    path = os.path.abspath(path)
+    tmp = path + ".tmp"
+    if os.path.isdir(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        yield tmp
+        if os.path.isdir(path):
+            old = path + ".old"
+            if os.path.isdir(old):
+                shutil.rmtree(old)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -15,16 +15,58 @@ and are left out of every mean and norm.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+
+from latentr3_jax.train import setup
 
 ADVANTAGES = ("batch", "group", "grpo")
 ESTIMATORS = ("ppo", "reinforce", "pathwise")
 ADV_EPS = 1e-6        # batch / group: A = (S - b) / (||S - b||_2 + ADV_EPS)
 GRPO_STD_EPS = 1e-4   # grpo: A = (s - mean_g) / (std_g + GRPO_STD_EPS), as TRL 0.16
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOSettings:
+    """The static choices a GRPO step is compiled for."""
+    group_size: int = 8
+    sigma: float = 1.5
+    advantage: str = "batch"
+    estimator: str = "ppo"
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    kl_beta: float = 0.0
+    iterations: int = 1
+    train_llm: bool = False
+    num_thoughts: int = 1
+    latent_mode: str = "ratt"
+    dtype: Any = jnp.float32
+    num_micro_batches: int = 1
+    fuse: bool = True   # one forward + backward when a batch is used once (step.make_fused_loss)
+
+    @property
+    def fused(self) -> bool:
+        return self.fuse and self.iterations == 1 and self.num_micro_batches == 1 and not self.kl_beta
+
+    @property
+    def forward_kw(self) -> dict:
+        """The keyword arguments of the latent forward passes (rollout.group_logprobs)."""
+        return dict(num_thoughts=self.num_thoughts, latent_mode=self.latent_mode,
+                    dtype=self.dtype, train_llm=self.train_llm)
+
+    @classmethod
+    def from_config(cls, cfg, *, num_thoughts: int, latent_mode: str, num_micro_batches: int = 1):
+        g = cfg.grpo
+        return cls(group_size=int(g.group_size), sigma=float(g.sigma), advantage=str(g.advantage),
+                   estimator=str(g.estimator), clip_low=float(g.clip_low),
+                   clip_high=float(g.clip_high), kl_beta=float(g.kl_beta),
+                   iterations=int(g.iterations), train_llm=bool(g.train_llm),
+                   num_thoughts=int(num_thoughts), latent_mode=str(latent_mode),
+                   dtype=setup.compute_dtype(cfg), num_micro_batches=int(num_micro_batches))
 
 
 def _valid_col(rewards: jax.Array, valid: Optional[jax.Array]) -> jax.Array:
@@ -166,6 +208,33 @@ def pathwise_objective(token_logp, mask, valid_rows) -> dict:
     v = valid_rows.astype(jnp.float32)
     return {"loss_sum": -jnp.sum(s * v), "clipped_sum": jnp.zeros((), jnp.float32),
             "kl_sum": jnp.zeros((), jnp.float32)}
+
+
+def objective(s: GRPOSettings, *, valid_rows, logp=None, old_logp=None, ref_logp=None,
+              advantages=None, mask=None, latent=None, sampled=None, old_logdens=None) -> tuple:
+    """(loss sum, count, aux sums) of `s.estimator` over a (micro-)batch of samples; the step
+    divides by the global count. Rows are samples [B = P * G]:
+
+    - ppo: token PPO-clip on logp / old_logp [B, T] (+ beta * k3 KL to ref_logp), count =
+      target tokens (`mask` [B, T]);
+    - pathwise: the mean reward of logp itself, count = samples;
+    - reinforce: PPO-clip of the Gaussian density of the stored `sampled` latents [B, d]
+      around the current `latent` [B, d] (old density `old_logdens` [B]), count = samples.
+    """
+    if s.estimator == "ppo":
+        out = token_objective(logp, old_logp, ref_logp, advantages, mask, clip_low=s.clip_low,
+                              clip_high=s.clip_high, kl_beta=s.kl_beta)
+        count = mask.sum()
+    elif s.estimator == "pathwise":
+        out = pathwise_objective(logp, mask, valid_rows)
+        count = valid_rows.astype(jnp.float32).sum()
+    elif s.estimator == "reinforce":
+        out = reinforce_objective(latent, sampled, old_logdens, advantages, valid_rows,
+                                  sigma=s.sigma, clip_low=s.clip_low, clip_high=s.clip_high)
+        count = valid_rows.astype(jnp.float32).sum()
+    else:
+        raise ValueError(f"grpo.estimator must be one of {ESTIMATORS}, got {s.estimator!r}")
+    return out["loss_sum"], count, {"clipped": out["clipped_sum"], "kl_sum": out["kl_sum"]}
 
 
 def advantage_stats(advantages: jax.Array, valid: Optional[jax.Array] = None) -> dict:

@@ -5,23 +5,26 @@ Layout of DIR:
                       the same shape as a run directory's model_config.json
   params/             Orbax StandardCheckpointer checkpoint of the params tree
 
-The directory is built under a temporary name next to DIR and renamed into place, so a
-reader sees either the whole checkpoint or none of it. Single-process use (conversion,
-export); training runs keep their checkpoints with an Orbax CheckpointManager.
+The directory is built under a temporary name next to DIR and renamed into place
+(`utils.atomic.atomic_dir`), so a reader sees either the whole checkpoint or none of it.
+Single-process use (conversion, export); training runs keep their checkpoints with an
+Orbax CheckpointManager.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any, Optional
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 from latentr3_jax.errors import InputError, where
 from latentr3_jax.model.config import DecoderConfig
+from latentr3_jax.utils.atomic import atomic_dir
+from latentr3_jax.utils.jsonio import read_json
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "model_config.json"
@@ -30,48 +33,26 @@ CONFIG_FILE = "model_config.json"
 def save_params(directory: str, params: dict, config: DecoderConfig,
                 extra: Optional[dict] = None, overwrite: bool = False) -> str:
     """Write DIR/params (Orbax) and DIR/model_config.json atomically; returns DIR."""
-    import orbax.checkpoint as ocp
-
     directory = os.path.abspath(os.fspath(directory))
     if os.path.exists(directory) and not overwrite:
         raise InputError(f"{directory}: already exists (pass overwrite / --overwrite to replace it)")
-    parent, name = os.path.split(directory)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{name}.partial")
-    old = os.path.join(parent, f".{name}.old")
-    for stale in (tmp, old):
-        shutil.rmtree(stale, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with atomic_dir(directory) as tmp:
+        os.makedirs(tmp)
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(os.path.join(tmp, PARAMS_DIR), params)
         checkpointer.wait_until_finished()
         checkpointer.close()
-        meta = dict(extra or {})
-        meta["decoder"] = config.to_dict()
+        # the folder is replaced whole, so the file inside needs no atomic write of its own
         with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2, sort_keys=True)
+            json.dump({**(extra or {}), "decoder": config.to_dict()}, f, indent=2, sort_keys=True)
             f.write("\n")
-        if os.path.exists(directory):
-            os.rename(directory, old)
-        os.rename(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
     return directory
 
 
 def read_model_config(directory: str) -> tuple:
     """(DecoderConfig, extra facts dict) from DIR/model_config.json."""
     path = os.path.join(os.fspath(directory), CONFIG_FILE)
-    if not os.path.exists(path):
-        raise InputError(f"{path}: missing")
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except ValueError as e:
-        raise InputError(f"{path}: not valid JSON: {e}") from None
+    meta = read_json(path, "a params checkpoint's model config")
     if not isinstance(meta, dict) or not isinstance(meta.get("decoder"), dict):
         raise InputError(f"{where(path, field='decoder')}: missing (the DecoderConfig fields)")
     try:
@@ -87,8 +68,6 @@ def load_params(directory: str, target: Optional[Any] = None) -> tuple:
     `target`: optional tree of `jax.ShapeDtypeStruct` (with shardings) to restore straight
     onto devices; by default arrays come back as host numpy arrays.
     """
-    import orbax.checkpoint as ocp
-
     directory = os.fspath(directory)
     config, _ = read_model_config(directory)
     ckpt = os.path.abspath(os.path.join(directory, PARAMS_DIR))

@@ -1,0 +1,102 @@
+"""Stage 2: LR-GRPO, reinforcement learning of the latent thought (SPEC.md section 6).
+
+`latentr3 grpo --config configs/<name>.py --config.grpo.init_from=<SFT run dir>` or
+`train_grpo(cfg)`. The LLM and lm_head stay frozen (grpo.train_llm=True trains them too);
+LatentRATT learns from G noisy copies of its latent per prompt, scored by the negative
+perplexity of the ground-truth target.
+
+One training step per batch of prompts:
+  1. rollout (jitted, no gradient): noise eps [P, G, d] from the state's RNG, target
+     log-probs of every sample with the prompt prefix shared (rollout.py), rewards, and
+     advantages over the whole global batch;
+  2. `grpo.iterations` optimizer updates (the shared TrainStep: gradient accumulation over
+     micro-batches of prompts, non-finite skipping) on the objective (loss.py), reusing
+     the stored noise and old log-probs.
+Rerunning the same command resumes from the run directory's latest checkpoint with the same
+data order and noise; SIGTERM / SIGINT save at the next step boundary first.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from latentr3_jax import config as config_lib
+from latentr3_jax.errors import InputError
+from latentr3_jax.model import latent as latent_lib
+from latentr3_jax.train import loop, optim, runs, setup
+from latentr3_jax.train.grpo import loss as gl
+from latentr3_jax.train.grpo.step import GRPOStep, record
+from latentr3_jax.train.state import create_sharded_state
+
+
+def reward_fn(model_config, s: gl.GRPOSettings):
+    """(params, batch) -> (sum, count) of the noise-free reward over the batch's real rows."""
+    def fn(params, batch):
+        logits, _ = latent_lib.latent_forward(
+            model_config, params, batch["prompt_ids"], batch["prompt_mask"],
+            batch["target_ids"], batch["target_mask"], num_thoughts=s.num_thoughts,
+            latent_mode=s.latent_mode, dtype=s.dtype)
+        r = gl.negative_perplexity(latent_lib.target_logprobs(logits, batch["target_ids"]),
+                                   batch["target_mask"])
+        v = batch["valid"].astype(jnp.float32)
+        return (r * v).sum(), v.sum()
+    return fn
+
+
+def train_grpo(cfg, *, progress: bool = True, resume_hint: Optional[str] = None,
+               stop_after: Optional[int] = None) -> dict:
+    """Train stage 2 into `cfg.workdir`, starting from the SFT run `cfg.grpo.init_from`.
+
+    `stop_after` saves and returns after that many steps (batches) of this call, as a
+    planned preemption. Returns a summary dict (see loop.train). Raises StopRequested
+    (after saving) on SIGTERM/SIGINT, NonFiniteError after `grpo.max_bad_steps` consecutive
+    non-finite steps, InputError on bad input.
+    """
+    config_lib.validate(cfg, stage="grpo")
+    g = cfg.grpo
+    sft = runs.load_run(g.init_from)
+    if sft.num_thoughts < 1:
+        raise InputError(f"{sft.run_dir}: LR-GRPO needs an SFT run with latent thoughts "
+                         f"(it has model.num_thoughts = {sft.num_thoughts})")
+    if "latent" not in sft.params and not g.train_llm:
+        raise InputError(f"{sft.run_dir}: latent_mode {sft.latent_mode!r} has no LatentRATT "
+                         f"weights to train; set grpo.train_llm=True to train the LLM instead")
+    model_config = setup.execution_config(cfg, sft.model_config)
+    inputs = loop.prepare_inputs(cfg, "grpo", batch_key="prompts_per_batch",
+                                 tokenizer=lambda _: sft.tokenizer)
+    iters = int(g.iterations)
+    settings = gl.GRPOSettings.from_config(cfg, num_thoughts=sft.num_thoughts,
+                                           latent_mode=sft.latent_mode,
+                                           num_micro_batches=inputs.num_micro)
+    schedule = optim.cosine_warmup(float(g.learning_rate), int(g.warmup_steps) * iters,
+                                   inputs.total * iters)
+    # a fixed mask (not a function of the params: optax may call it on placeholders)
+    frozen_mask = optim.latent_only(sft.params)
+    tx = optim.adamw(schedule, weight_decay=float(g.weight_decay), grad_clip=float(g.grad_clip),
+                     trainable=None if g.train_llm else (lambda _: frozen_mask))
+    axes = setup.params_axes(model_config, sft.params)
+    state, shardings = create_sharded_state(None, axes, tx, jax.random.PRNGKey(int(cfg.seed)),
+                                            inputs.mesh, params=sft.params)
+    ref_params = None
+    if settings.kl_beta:
+        keys = list(sft.params) if settings.train_llm else ["latent"]
+        ref_params = jax.device_put({k: sft.params[k] for k in keys},
+                                    {k: shardings.params[k] for k in keys})
+
+    grpo_step = GRPOStep(model_config, settings, tx, inputs.mesh, shardings, schedule=schedule)
+    stage = loop.Stage(
+        name="grpo", step=lambda st, b: grpo_step(st, ref_params, b), record=record,
+        train_step=grpo_step.train_step,
+        evaluate=loop.Evaluator(reward_fn(model_config, settings), inputs.mesh, shardings.params),
+        valid_key="reward", valid_at_start=True, steps_per_batch=iters)
+    _, summary = loop.train(cfg, inputs, stage, state, shardings, model_config=model_config,
+                            num_thoughts=sft.num_thoughts, latent_mode=sft.latent_mode,
+                            progress=progress, resume_hint=resume_hint, stop_after=stop_after)
+    curve = summary["curve"]
+    return {**summary,
+            "final_reward_mean": curve[-1]["reward_mean"] if curve else None,
+            "valid_reward_start": summary["valid_start"], "valid_reward_end": summary["valid_end"],
+            "prompts_per_s": (summary["steps_per_s"] or 0) * int(g.prompts_per_batch) or None}
