@@ -304,6 +304,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"latentr3: error: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)   # Orbax's per-save INFO lines
     try:
         return int(COMMANDS[name][0](rest) or 0)
     except InputError as e:

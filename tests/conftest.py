@@ -4,8 +4,13 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pathlib  # noqa: E402
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
+
+# tests/ mirrors the package (tests/train/ for latentr3_jax/train/, ...); the shared helper
+# modules (_sft_helpers, hf_fixtures, ...) stay here, importable from every folder
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
 AMAZON = SHARED / "data" / "amazon18"

@@ -10,7 +10,7 @@ import pytest
 
 from latentr3_jax.parallel import mesh as mesh_lib
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/: the helper modules
 
 SCRIPT = textwrap.dedent("""
     import json, sys

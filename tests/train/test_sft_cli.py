@@ -17,7 +17,7 @@ from latentr3_jax.train.sft import train_sft
 from latentr3_jax.train.step import NonFiniteError
 from latentr3_jax.train import runs
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _cli(workdir, *extra):

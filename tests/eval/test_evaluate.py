@@ -163,8 +163,8 @@ def test_cli_loads_run_and_reports_bad_input(setup, tmp_path, monkeypatch, capsy
 
 
 _SHARDED = """
-import sys
-sys.path.insert(0, sys.argv[1])
+import os, sys
+sys.path[:0] = [sys.argv[1], os.path.dirname(sys.argv[1])]   # this test's folder, tests/
 import jax
 from latentr3_jax.eval import evaluate as E
 import test_evaluate as T

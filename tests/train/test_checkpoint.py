@@ -22,7 +22,7 @@ from latentr3_jax.train import fingerprint, runs
 
 from _sft_helpers import make_tx, new_state, tiny_model
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/: the helper modules
 
 
 def tiny_cfg(workdir, *overrides):

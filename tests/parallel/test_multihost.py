@@ -17,7 +17,7 @@ import pytest
 
 from latentr3_jax.parallel import distributed
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORKER = os.path.join(REPO, "tests", "_multihost_worker.py")
 STOP_WORKER = os.path.join(REPO, "tests", "_multihost_stop_worker.py")
 TIMEOUT_S = 420

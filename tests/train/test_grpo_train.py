@@ -20,7 +20,7 @@ from latentr3_jax.train import state as state_lib
 from latentr3_jax.train import step as step_lib
 from latentr3_jax.train import fingerprint, runs
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _latent_sgd(params, lr):

@@ -26,7 +26,7 @@ from latentr3_jax.errors import InputError  # noqa: E402
 from latentr3_jax.model import logits  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
-SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
+SHARED = pathlib.Path(__file__).resolve().parents[3] / "shared"
 SMOL = SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 CDS = SHARED / "data" / "amazon18" / "CDs_and_Vinyl"
 
@@ -365,7 +365,6 @@ def test_dtype_option(tmp_path, convert):
 
 
 def test_interrupted_convert_leaves_no_half_folder(tmp_path, convert, monkeypatch):
-    import safetensors.numpy
     c = convert("llama_f16_tied")
 
     def broken_save(tensors, filename, metadata=None):
@@ -373,7 +372,7 @@ def test_interrupted_convert_leaves_no_half_folder(tmp_path, convert, monkeypatc
             f.write(b"half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(safetensors.numpy, "save_file", broken_save)
+    monkeypatch.setattr(gguf_convert, "save_file", broken_save)
     fresh = tmp_path / "fresh"
     with pytest.raises(KeyboardInterrupt):
         gguf_convert.convert_gguf(str(c.gguf), str(fresh))
