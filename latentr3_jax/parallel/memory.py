@@ -17,7 +17,7 @@ Four parts, all in bytes per device:
 `tests/test_memory.py` checks the first two against the argument bytes of a compiled
 step (exact) and grads + activations against its temporary bytes (within 2x; 0.8-1.2
 observed, up to the Qwen2.5-1.5B shape), on one device and on a 2x2x2 mesh. Run
-`python -m latentr3_jax.parallel.memory --config FILE` for a config's table.
+`latentr3 memory --config FILE` for a config's table.
 
 The activations assume the residual stream is split over the batch axes. Under FSDP XLA
 may instead follow the embedding table (split over `embed`) and keep every row on every
