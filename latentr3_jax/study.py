@@ -146,7 +146,7 @@ def run_study(cfg, variants: Optional[Sequence[str]] = None) -> dict:
         for row in pipeline.run_pipeline(_seed_config(cfg, seed, root), variants):
             labels.setdefault(row["name"], row["variant"])
 
-    dataset = D.load_dataset(_dataset_config(cfg, root, seeds[0]))
+    dataset = D.load_dataset(_seed_config(cfg, seeds[0], root))   # the data every seed's run read
     rows = list(dataset.splits[split])
     if cfg.eval.max_users >= 0:
         rows = rows[:cfg.eval.max_users]
@@ -191,14 +191,6 @@ def run_study(cfg, variants: Optional[Sequence[str]] = None) -> dict:
     print("\n" + markdown(study))
     print(f"\nwrote {os.path.join(root, 'study.md')}, study.json, study.png")
     return study
-
-
-def _dataset_config(cfg, root: str, seed: int):
-    """The config `pipeline.run_pipeline` loaded the data with (same dataset every seed)."""
-    c = _seed_config(cfg, seed, root)
-    if c.dataset == "synthetic" and not c.dataset_dir:
-        c.dataset_dir = os.path.join(c.workdir, "synthetic_data")
-    return c
 
 
 def sasrec_ranks(dataset, split: str, rows: Sequence, seed: int) -> Dict[str, np.ndarray]:

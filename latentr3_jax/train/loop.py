@@ -197,7 +197,7 @@ def train(cfg, inputs: Inputs, stage: Stage, state, shardings, *, model_config,
     train_it, valid_it, total, spe = inputs.train_it, inputs.valid_it, inputs.total, inputs.steps_per_epoch
     evaluate = stage.evaluate if valid_it is not None else None
     fingerprint = make_fingerprint(model_config, tok, num_thoughts=num_thoughts,
-                                        latent_mode=latent_mode)
+                                   latent_mode=latent_mode)
     runs.prepare_run_dir(run_dir, cfg, model_config, tok, num_thoughts=num_thoughts,
                          latent_mode=latent_mode, fingerprint=fingerprint,
                          is_primary=inputs.primary)
@@ -205,8 +205,12 @@ def train(cfg, inputs: Inputs, stage: Stage, state, shardings, *, model_config,
                                  keep=int(sec.keep_checkpoints))
     trainer = {"batches": 0, "valid": [], "valid_start": None, "best": None, "best_step": None,
                "bad_epochs": 0, "stopped_early": False}
+    try:
+        restored = ckpt.restore_latest(jax.eval_shape(lambda x: x, state), shardings)
+    except BaseException:   # a checkpoint of another model: nothing of this run is open
+        ckpt.close()
+        raise
     writer = runs.MetricsWriter(run_dir, enabled=inputs.primary)
-    restored = ckpt.restore_latest(jax.eval_shape(lambda x: x, state), shardings)
     if restored is not None:
         state, data_state, meta = restored
         train_it.set_state(data_state)

@@ -68,13 +68,17 @@ def make_fused_loss(model_config, s: gl.GRPOSettings):
         rewards, adv = rollout.rewards_and_advantages(s, old.reshape(P, G, T),
                                                       batch["target_mask"], valid)
         rep = lambda x: jnp.repeat(x, G, axis=0)
-        r = r.astype(jnp.float32)
-        sampled = jax.lax.stop_gradient(r)[:, None, :] + noise                    # [P, G, d]
-        old_logdens = gl.gaussian_log_density(sampled, jax.lax.stop_gradient(r)[:, None, :], s.sigma)
-        loss_sum, count, aux = gl.objective(
-            s, valid_rows=rep(valid), logp=logp, old_logp=old, ref_logp=old,
-            advantages=adv.reshape(-1), mask=rep(batch["target_mask"].astype(jnp.float32) * valid[:, None]),
-            latent=rep(r), sampled=sampled.reshape(P * G, -1), old_logdens=old_logdens.reshape(-1))
+        kw = {"valid_rows": rep(valid), "advantages": adv.reshape(-1)}
+        if s.estimator == "reinforce":
+            r = r.astype(jnp.float32)
+            mean_old = jax.lax.stop_gradient(r)[:, None, :]
+            sampled = mean_old + noise                                           # [P, G, d]
+            kw.update(latent=rep(r), sampled=sampled.reshape(P * G, -1),
+                      old_logdens=gl.gaussian_log_density(sampled, mean_old, s.sigma).reshape(-1))
+        else:
+            kw.update(logp=logp, old_logp=old, ref_logp=old,
+                      mask=rep(batch["target_mask"].astype(jnp.float32) * valid[:, None]))
+        loss_sum, count, aux = gl.objective(s, **kw)
         return loss_sum, count, {**aux, **rollout.rollout_metrics(rewards, adv, valid)}
 
     return loss_fn
