@@ -28,7 +28,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=9.2,<10", "pytest-xdist>=3.8,<4", "hypothesis>=6.170,<7",
-                 "torch==2.13.0", "accelerate>=1.15,<2"],
+                 "torch==2.13.0", "accelerate>=1.15,<2", "tensorboard>=2.18,<3"],
     },
     entry_points={"console_scripts": ["latentr3=latentr3_jax.cli:main"]},
 )

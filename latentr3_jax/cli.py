@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
+import re
 import shlex
-import shutil
 import signal
 import sys
+from importlib import metadata
 from typing import Callable, Optional, Sequence
 
 from latentr3_jax import config as config_lib
@@ -122,19 +124,34 @@ def cmd_study(argv: Sequence[str]) -> int:
 # --------------------------------------------------------------------------- conversion
 
 
-def _read_converted(src: str) -> tuple:
-    """(config, params, tokenizer dir or None) from a params checkpoint or a run directory."""
+def _export_run(src: str, out: str) -> str:
+    """A run directory (or an earlier export) -> HF folder with LatentRATT, its settings and
+    the catalog; a params checkpoint (from `convert --hf`) -> plain HF folder."""
     params_io = _lazy("latentr3_jax.model.params_io")
+    hf = _lazy("latentr3_jax.hf")
     if os.path.isdir(os.path.join(src, params_io.PARAMS_DIR)):
         config, params = params_io.load_params(src)
-        return config, params, None
+        hf.save_pretrained(config, params, out)
+        return f"({config.model_type}, {config.num_params() / 1e6:.2f}M params)"
     runs = _lazy("latentr3_jax.train.runs")
-    if os.path.isdir(os.path.join(src, runs.CHECKPOINTS)):
-        run = runs.load_run(src)
-        tok = os.path.join(src, runs.TOKENIZER)
-        return run.model_config, run.params, tok if os.path.isdir(tok) else None
-    raise InputError(f"{src}: neither a params checkpoint ({params_io.PARAMS_DIR}/) nor a run "
-                     "directory (checkpoints/)")
+    if not (os.path.isdir(os.path.join(src, runs.CHECKPOINTS)) or runs.is_export(src)):
+        raise InputError(f"{src}: neither a params checkpoint ({params_io.PARAMS_DIR}/), a run "
+                         f"directory ({runs.CHECKPOINTS}/) nor an export ({runs.EXPORT})")
+    run = runs.load_run(src)
+    stored = runs.load_export_catalog(run.run_dir)
+    if stored is None:
+        try:
+            dataset = _lazy("latentr3_jax.data").load_dataset(run.config)
+            stored = (dataset.catalog, dataset.category_word)
+        except InputError as e:
+            print(f"latentr3 convert: warning: no catalog.json in the export (the run's dataset "
+                  f"does not load: {e}); recommend from it with the dataset at hand",
+                  file=sys.stderr)
+            stored = (None, None)
+    runs.export_hf(run, out, catalog=stored[0], category_word=stored[1])
+    extra = f", catalog of {len(stored[0])} items" if stored[0] is not None else ""
+    return (f"({run.model_config.model_type}, {run.model_config.num_params() / 1e6:.2f}M "
+            f"params, num_thoughts={run.num_thoughts} {run.latent_mode}{extra})")
 
 
 def cmd_convert(argv: Sequence[str]) -> int:
@@ -145,7 +162,8 @@ def cmd_convert(argv: Sequence[str]) -> int:
                                                    "Hugging Face directory (--out)")
     p.add_argument("--to-hf", action="store_true", help="write a Hugging Face directory instead")
     p.add_argument("--from", dest="src", metavar="DIR",
-                   help="with --to-hf: params checkpoint (from `convert --hf`) or a run directory")
+                   help="with --to-hf: a run directory (LatentRATT weights, settings and the "
+                        "catalog come along) or a params checkpoint (from `convert --hf`)")
     p.add_argument("--out", required=True, metavar="PATH", help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
@@ -166,15 +184,8 @@ def cmd_convert(argv: Sequence[str]) -> int:
             raise InputError("--to-hf needs --from DIR (and no --hf)")
         if exists and not args.overwrite:
             raise InputError(f"{args.out}: exists and is not empty (pass --overwrite)")
-        config, params, tokenizer_dir = _read_converted(args.src)
-        hf.save_pretrained(config, params, args.out)
-        if tokenizer_dir:
-            for name in os.listdir(tokenizer_dir):
-                src = os.path.join(tokenizer_dir, name)
-                if os.path.isfile(src):
-                    shutil.copy2(src, os.path.join(args.out, name))
-        print(f"wrote Hugging Face checkpoint {args.out} ({config.model_type}, "
-              f"{config.num_params() / 1e6:.2f}M params)")
+        what = _export_run(args.src, args.out)
+        print(f"wrote Hugging Face checkpoint {args.out} {what}")
         return 0
     if not args.hf or args.src:
         raise InputError("pass --hf PATH or --gguf FILE (or --to-hf --from DIR)")
@@ -184,6 +195,80 @@ def cmd_convert(argv: Sequence[str]) -> int:
         overwrite=args.overwrite)
     print(f"wrote params checkpoint {args.out} ({config.model_type}, "
           f"{config.num_params() / 1e6:.2f}M params)")
+    return 0
+
+
+# --------------------------------------------------------------------------- recommend, serve
+
+
+def _recommender(command: str, argv: Sequence[str], extra) -> tuple:
+    """(parsed own flags, Recommender). Own flags first; any --config / --config.KEY left
+    over sets the eval settings (as `latentr3 evaluate` reads them), else the run's own."""
+    ap = _Parser(prog=f"latentr3 {command}", add_help=False)
+    ap.add_argument("--run", required=True, metavar="DIR",
+                    help="run directory or Hugging Face export folder")
+    ap.add_argument("--checkpoint", choices=("best", "latest"), default="best")
+    ap.add_argument("--mode", choices=("constrained", "bigrec"), default=None)
+    extra(ap)
+    args, rest = ap.parse_known_args(list(argv))
+    cfg = _config(rest, stage=None)[0] if rest else None
+    recommend = _lazy("latentr3_jax.recommend")
+    rec = recommend.Recommender.from_run(args.run, config=cfg, mode=args.mode,
+                                         which=args.checkpoint)
+    return args, rec
+
+
+def cmd_recommend(argv: Sequence[str]) -> int:
+    def extra(ap):
+        ap.add_argument("--history", action="append", metavar="TITLE",
+                        help="an item title of the history, oldest first (repeat the flag)")
+        ap.add_argument("--input", metavar="FILE", help="JSONL of histories (see recommend_io)")
+        ap.add_argument("--output", metavar="FILE", help="JSONL of recommendations (resumable)")
+        ap.add_argument("--k", type=int, default=None,
+                        help="recommendations per history (default 10, at most the beams)")
+        ap.add_argument("--overwrite", action="store_true",
+                        help="start --output over when it was written with other settings")
+        ap.add_argument("--json", action="store_true", help="--history: print JSON")
+
+    args, rec = _recommender("recommend", argv, extra)
+    if bool(args.history) == bool(args.input):
+        raise InputError("pass --history TITLE (repeatable) or --input FILE --output FILE")
+    io = _lazy("latentr3_jax.recommend_io")
+    if args.input:
+        if not args.output:
+            raise InputError("--input needs --output FILE")
+        done = io.recommend_file(rec, args.input, args.output, k=args.k,
+                                 overwrite=args.overwrite, progress=True)
+        print(f"wrote {args.output}: {done['written']} histories now, {done['total']} in all")
+        return 0
+    (got,) = rec.recommend_with_info([args.history], k=args.k)
+    if args.json:
+        print(json.dumps(io.record(got), ensure_ascii=False))
+        return 0
+    if got.truncated:
+        print("note: the history is longer than the prompt limit; its oldest items were cut")
+    if got.generated is not None:
+        print(f"generated title: {got.generated}")
+    for rank, r in enumerate(got.items, 1):
+        print(f"{rank:>3}  {r.score:>9.4f}  item {r.item_id:<8} {r.title}")
+    return 0
+
+
+def cmd_serve(argv: Sequence[str]) -> int:
+    def extra(ap):
+        ap.add_argument("--host", default="127.0.0.1")
+        ap.add_argument("--port", type=int, default=8080)
+        ap.add_argument("--max-wait-ms", type=float, default=5.0,
+                        help="how long a request waits for others to share its batch")
+
+    args, rec = _recommender("serve", argv, extra)
+    if not 0 <= args.port <= 65535:
+        raise InputError(f"--port {args.port}: expected 0..65535")
+    try:
+        _lazy("latentr3_jax.serve").serve(rec, args.host, args.port, max_wait_ms=args.max_wait_ms,
+                                          announce=lambda m: print(m, flush=True))
+    except OSError as e:
+        raise InputError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e})") from None
     return 0
 
 
@@ -274,29 +359,151 @@ COMMANDS = {
     "sft": (cmd_sft, "stage 1: supervised fine-tuning (with latent thoughts)"),
     "grpo": (cmd_grpo, "stage 2: LR-GRPO reinforcement learning of the latent"),
     "evaluate": (cmd_evaluate, "constrained beam search / grounding, HR@K, NDCG@K"),
+    "recommend": (cmd_recommend, "recommendations for typed or JSONL histories from a trained run"),
+    "serve": (cmd_serve, "HTTP JSON service: POST /recommend, GET /healthz"),
     "convert": (cmd_convert, "Hugging Face checkpoint or GGUF file <-> Orbax checkpoint"),
     "data": (cmd_data, "datasets: prepare-amazon, inspect, build-tfds, synthetic, baselines"),
     "memory": (cmd_memory, "per-device memory estimate of a config's training steps"),
 }
 
 USAGE = "usage: latentr3 <command> [options]   (latentr3 <command> --help for its options)"
+HELP_FLAGS = ("-h", "--help")
+VERSION_FLAGS = ("-V", "--version")
+
+# The commands whose options are the config's, and the file each reads without --config
+# (the `default` its cmd_* function passes to _config). `<command> --help` lists that
+# config; tests/test_cli_help.py holds this equal to what the commands read.
+CONFIG_FILES = {"run": "demo.py", "study": "demo.py", "sft": "default.py", "grpo": "default.py",
+                "evaluate": "default.py", "memory": "default.py", "recommend": "default.py",
+                "serve": "default.py"}
+# Options of a config command besides the config's, and keys it cannot run without.
+_RUN_OPTIONS = [("--run DIR", "run directory or Hugging Face export folder (required)"),
+                ("--checkpoint W", "best (default) or latest"),
+                ("--mode M", "constrained (trie beam search) or bigrec (grounding)")]
+_OWN_OPTIONS = {
+    "recommend": _RUN_OPTIONS + [
+        ("--history TITLE", "an item title, oldest first; repeat for the whole history"),
+        ("--input FILE", "JSONL: a list of titles or {history, k, id} per line"),
+        ("--output FILE", "JSONL of recommendations; rerun to resume"),
+        ("--k K", "recommendations per history (default 10, at most eval.num_beams)"),
+        ("--overwrite", "start --output over when its settings differ"),
+        ("--json", "with --history: print one JSON object")],
+    "serve": _RUN_OPTIONS + [
+        ("--host H", "address to listen on (default 127.0.0.1)"),
+        ("--port P", "port (default 8080; 0 = any free port)"),
+        ("--max-wait-ms MS", "how long a request waits for others to share its batch (5)")],
+    "memory": [("--devices N", "device count to estimate for (default: the mesh's)"),
+               ("--model NAME", "use a known model's shape (such as qwen2.5-1.5b), not model.*")],
+}
+_NEEDS = {"grpo": "--config.grpo.init_from=DIR (an SFT run with latent thoughts)",
+          "evaluate": "--config.eval.checkpoint=DIR (the run to evaluate)",
+          "recommend": "--run DIR; config flags are optional: when given they set eval.* and "
+                       "model.dtype (as for evaluate), else the run's own settings apply",
+          "serve": "--run DIR; config flags are optional: when given they set eval.* and "
+                   "model.dtype (as for evaluate), else the run's own settings apply"}
+_CONFIG_ARG = re.compile(r"^--?(?:no)?config[.=]")
 
 
 def _help() -> str:
     lines = [USAGE, "", "commands:"]
     lines += [f"  {name:<10} {helptext}" for name, (_, helptext) in COMMANDS.items()]
+    lines += ["", "options:", "  -h, --help     this list; after a command, that command's options",
+              "  -V, --version  the package version"]
+    return "\n".join(lines)
+
+
+def _version() -> str:
+    """'latentr3 X (jax Y, flax Z)'; the dependency versions come from package metadata,
+    so nothing heavy is imported."""
+    # the package root is above this module in the layers (tests/test_layering.py) and is
+    # loaded already, as this module's parent
+    line = f"latentr3 {sys.modules['latentr3_jax'].__version__}"
+    deps = []
+    for dist in ("jax", "flax"):
+        try:
+            deps.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return line + (f" ({', '.join(deps)})" if deps else "")
+
+
+def _show(value) -> str:
+    """A config value as it would be written after --config.KEY=."""
+    return repr(tuple(value)) if isinstance(value, (tuple, list)) else repr(value)
+
+
+def _command_help(name: str, argv: Sequence[str]) -> str:
+    """Usage, the config file and overrides, and every config key with its value and
+    meaning, for a command in CONFIG_FILES. The values are those of the config the command
+    would read: its default file, or the --config and --config.KEY=VALUE arguments in argv."""
+    args, spec = [], None
+    i = 0
+    while i < len(argv):   # keep the config's arguments, drop the command's own options
+        a = argv[i]
+        if a == "--config" and i + 1 < len(argv):
+            args += [a, argv[i + 1]]
+            spec = argv[i + 1]
+            i += 2
+            continue
+        if _CONFIG_ARG.match(a):
+            args.append(a)
+            if a.startswith("--config="):
+                spec = a.split("=", 1)[1]
+        i += 1
+    default = CONFIG_FILES[name]
+    cfg, _ = config_lib.parse_config(args, default_file=config_lib.default_config_file(default))
+    own = _OWN_OPTIONS.get(name, [])
+    usage = f"usage: latentr3 {name} " + "".join(f"[{flag}] " for flag, _ in own) + \
+        "[--config FILE[:ARG]] [--config.KEY=VALUE ...]"
+    lines = [usage, "", COMMANDS[name][1], ""]
+    if name in _NEEDS:
+        lines += [f"needs: {_NEEDS[name]}", ""]
+    if own:
+        lines += ["options:"] + [f"  {flag:<18} {text}" for flag, text in own] + [""]
+    lines += [
+        "--config FILE[:ARG]  a Python config file whose get_config(ARG) returns the config",
+        f"                     (configs/*.py); default configs/{default}",
+        "--config.KEY=VALUE   set one key, e.g. --config.sft.learning_rate=1e-4,",
+        "                     --config.data.buckets=(64,128), --config.model.remat=True",
+        "",
+        f"config keys, with their values in {spec or 'configs/' + default}"
+        + (" and the overrides given" if len(args) > (2 if spec else 0) else "") + ":",
+    ]
+    values = config_lib.flat_items(cfg)
+    keys = [k for k in config_lib.DOCS if k in values] + sorted(set(values) - set(config_lib.DOCS))
+    groups: dict = {}
+    for key in keys:
+        groups.setdefault(key.split(".", 1)[0] if "." in key else "", []).append(key)
+    width = min(max(len(f"{k} = {_show(values[k])}") for k in keys), 44)
+    for section, members in groups.items():
+        lines += ["", f"{section or 'top level'}: {config_lib.SECTION_DOCS.get(section, '')}"]
+        for key in members:
+            setting = f"{key} = {_show(values[key])}"
+            lines.append(f"  {setting:<{width}}  {config_lib.DOCS.get(key, '')}".rstrip())
     return "\n".join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if argv[:1] == ["help"] and len(argv) > 1:
+        argv = [argv[1], "--help"]      # `latentr3 help sft` = `latentr3 sft --help`
+    if not argv or argv[0] in HELP_FLAGS + ("help",):
         print(_help())
+        return 0
+    if argv[0] in VERSION_FLAGS:
+        print(_version())
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"latentr3: unknown command {name!r}\n{_help()}", file=sys.stderr)
         return 2
+    if name in CONFIG_FILES and any(a in HELP_FLAGS for a in rest):
+        try:   # before JAX or anything heavy loads
+            print(_command_help(name, rest))
+        except InputError as e:
+            print(f"latentr3 {name}: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     cpu_alloc = _lazy("latentr3_jax.utils.cpu_alloc")
     try:
         cpu_alloc.configure()  # before XLA starts its threads (see cpu_alloc)
@@ -313,6 +520,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"latentr3 {name}: interrupted", file=sys.stderr)
         return 130
+    except SystemExit as e:   # argparse's --help (0) in convert and data
+        if e.code is None or isinstance(e.code, int):
+            return int(e.code or 0)
+        raise
 
 
 if __name__ == "__main__":

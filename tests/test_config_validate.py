@@ -58,6 +58,14 @@ def test_rules_cover_exactly_the_base_keys():
     assert set(C.RULES) == set(flat_items(base_config()))
 
 
+def test_docs_cover_exactly_the_base_keys():
+    """`latentr3 <command> --help` has a meaning for every key and for no other."""
+    assert set(C.DOCS) == set(flat_items(base_config()))
+    assert all(text.strip() and "\n" not in text for text in C.DOCS.values())
+    sections = {k.split(".", 1)[0] if "." in k else "" for k in C.DOCS}
+    assert sections == set(C.SECTION_DOCS)
+
+
 @pytest.mark.parametrize("stage", [None, "sft"])
 def test_base_config_passes(stage):
     validate(base_config(), stage)

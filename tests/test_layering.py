@@ -13,7 +13,8 @@ LAYERS = [
     ("latentr3_jax.data", "latentr3_jax.parallel"),
     ("latentr3_jax.decode", "latentr3_jax.train"),
     ("latentr3_jax.eval",),
-    ("latentr3_jax.pipeline", "latentr3_jax.report"),
+    ("latentr3_jax.pipeline", "latentr3_jax.report", "latentr3_jax.recommend"),
+    ("latentr3_jax.recommend_io", "latentr3_jax.serve"),
     ("latentr3_jax.study",),
     ("latentr3_jax.cli", "latentr3_jax.__main__"),
 ]

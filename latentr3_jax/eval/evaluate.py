@@ -18,19 +18,16 @@ import time
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from latentr3_jax import data as D
-from latentr3_jax.decode.beam import constrained_beam_search
-from latentr3_jax.decode.grounding import CatalogEmbeddings, ground, params_fingerprint
-from latentr3_jax.decode.trie import ItemTrie
+from latentr3_jax.decode.grounding import params_fingerprint
 from latentr3_jax.errors import InputError
 from latentr3_jax.eval import metrics as M
-from latentr3_jax.model import decoder, latent
-from latentr3_jax.parallel.mesh import batch_sharding, batch_size_multiple, logical_sharding, make_mesh
+from latentr3_jax.eval.ranker import MODES, ROW_FIELDS, Ranker
+from latentr3_jax.parallel.mesh import batch_size_multiple, make_mesh
 from latentr3_jax.train.runs import load_run
 from latentr3_jax.train.setup import compute_dtype, execution_config
 from latentr3_jax.utils.atomic import atomic_write_text
@@ -41,7 +38,6 @@ log = logging.getLogger(__name__)
 PREDICTIONS = "predictions.jsonl"
 METRICS = "metrics.json"
 META = "eval_meta.json"
-MODES = ("constrained", "bigrec")
 
 
 def _data_config(cfg, run_config):
@@ -59,30 +55,6 @@ def _data_config(cfg, run_config):
             for k, v in keep.items():
                 merged.data[k] = v
     return merged
-
-
-def _shard(mesh, tree):
-    """Place host arrays on the mesh: leading dim over the batch axes (multi-host aware)."""
-    if mesh is None:
-        return jax.tree.map(jnp.asarray, tree)
-    sharding = batch_sharding(mesh)
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
-
-
-def _to_host(x) -> np.ndarray:
-    if jax.process_count() > 1:
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
-
-
-def _place_params(mesh, model_config, params):
-    if mesh is None:
-        return params
-    axes = decoder.param_axes(model_config)
-    if "latent" in params:
-        axes["latent"] = latent.latent_param_axes()
-    return jax.device_put(params, logical_sharding(axes, mesh, params))
-
 
 
 def _eval_meta(cfg, split, mode, fingerprint, num_rows, num_thoughts, latent_mode) -> dict:
@@ -189,21 +161,17 @@ def evaluate_run(cfg, run_dir: Optional[str] = None, *, model_config=None, param
     if batch_size <= 0 or batch_size % multiple:
         raise InputError(f"eval.batch_size={batch_size} must be a positive multiple of the "
                          f"mesh batch devices ({multiple})")
-    params = _place_params(mesh, model_config, params)
-
     if mode == "constrained":
         try:   # SPEC.md section 7: targets must tokenise alike alone and after the prompt
             D.check_target_tokenisation(tokenizer, samples, dataset.category_word, template,
                                         limit=32, name=split)
         except InputError as err:
             log.warning("constrained decoding may miss titles: %s", err)
-        trie = ItemTrie(D.catalog_target_ids(tokenizer, catalog, template), model_config.vocab_size)
-        trie_arrays = jax.device_put(trie.arrays())
-        leaf_title = [catalog.titles[items[0]] for items in trie.leaf_items]
-    else:
-        cat_emb = CatalogEmbeddings().get(model_config, params, tokenizer, catalog, dtype=dtype)
-        cat_norm = {M.normalize_title(t) for t in catalog.titles.values()}
-    top = max(e.ks)
+    ranker = Ranker(model_config, params, tokenizer, catalog, template=template,
+                    num_thoughts=num_thoughts, latent_mode=latent_mode, mode=mode,
+                    num_beams=int(e.num_beams), length_penalty=float(e.length_penalty),
+                    grounding_beams=int(e.grounding_beams), max_new_tokens=int(e.max_new_tokens),
+                    top=max(e.ks), dtype=dtype, mesh=mesh)
 
     t0 = time.time()
     # steady-state speed: a batch whose prompt shape is new pays a compile and is not counted
@@ -225,32 +193,7 @@ def evaluate_run(cfg, run_dir: Optional[str] = None, *, model_config=None, param
                     break
                 t_batch, rows_before = time.time(), evaluated
                 global_rows = plan[step]
-                prompt = _shard(mesh, {"ids": batch["prompt_ids"], "mask": batch["prompt_mask"]})
-                if mode == "constrained":
-                    res = constrained_beam_search(
-                        model_config, params, trie_arrays, prompt["ids"], prompt["mask"],
-                        max_len=trie.max_len, num_beams=int(e.num_beams),
-                        length_penalty=float(e.length_penalty), num_thoughts=num_thoughts,
-                        latent_mode=latent_mode, dtype=dtype)
-                    leaf, scores = _to_host(res.leaf), _to_host(res.scores)
-                    outputs = []
-                    for r in range(len(global_rows)):
-                        leaves = [int(j) for j in leaf[r] if j >= 0]
-                        outputs.append(dict(
-                            ranked_titles=[leaf_title[j] for j in leaves],
-                            ranked_ids=[i for j in leaves for i in trie.leaf_items[j]],
-                            scores=[float(s) for s, j in zip(scores[r], leaf[r]) if j >= 0],
-                            generated=None, oov=None))
-                else:
-                    got = ground(model_config, params, tokenizer, catalog, prompt["ids"],
-                                 prompt["mask"], catalog_embeddings=cat_emb,
-                                 num_beams=int(e.grounding_beams),
-                                 max_new_tokens=int(e.max_new_tokens), num_thoughts=num_thoughts,
-                                 latent_mode=latent_mode, top=top, dtype=dtype,
-                                 catalog_titles=cat_norm)
-                    outputs = [dict(ranked_titles=[catalog.titles[i] for i in g["ranked_ids"]],
-                                    ranked_ids=g["ranked_ids"], scores=[-d for d in g["distances"]],
-                                    generated=g["generated"], oov=g["oov"]) for g in got]
+                outputs = ranker.rank(batch["prompt_ids"], batch["prompt_mask"])
                 for r, local in enumerate(global_rows.tolist()):
                     if local < 0:
                         continue
@@ -259,7 +202,8 @@ def evaluate_run(cfg, run_dir: Optional[str] = None, *, model_config=None, param
                     if writer is not None:
                         writer.write(M.prediction_row(
                             row=row, user=s.user_id, line=s.line, target_id=s.target_id,
-                            target_title=s.target_title, **outputs[r]))
+                            target_title=s.target_title,
+                            **{f: outputs[r][f] for f in ROW_FIELDS}))
                     evaluated += 1
                 shape = tuple(batch["prompt_ids"].shape)
                 if shape in seen_shapes:
