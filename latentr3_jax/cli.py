@@ -164,11 +164,25 @@ def cmd_convert(argv: Sequence[str]) -> int:
     p.add_argument("--from", dest="src", metavar="DIR",
                    help="with --to-hf: a run directory (LatentRATT weights, settings and the "
                         "catalog come along) or a params checkpoint (from `convert --hf`)")
+    p.add_argument("--prune-vocab", action="append", metavar="D3_DIR",
+                   help="with --gguf or --hf: write a Hugging Face folder keeping only the "
+                        "tokens these datasets' prompts and titles use (repeatable)")
     p.add_argument("--out", required=True, metavar="PATH", help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
     hf = _lazy("latentr3_jax.hf")
     exists = os.path.exists(args.out) and os.listdir(args.out)
+    if args.prune_vocab:
+        if args.src or args.to_hf or bool(args.gguf) == bool(args.hf):
+            raise InputError("--prune-vocab takes --gguf FILE or --hf DIR (and --out)")
+        if exists and not args.overwrite:
+            raise InputError(f"{args.out}: exists and is not empty (pass --overwrite)")
+        src = _lazy("latentr3_jax.gguf_convert").resolve_model_path(args.gguf or args.hf)
+        s = _lazy("latentr3_jax.data.vocab_prune").prune_from_folders(src, args.out,
+                                                                      args.prune_vocab)
+        print(f"wrote Hugging Face checkpoint {args.out}: {s['kept']} of {s['original_vocab']} "
+              f"tokens kept ({s['corpus_texts']} prompts and titles encode alike)")
+        return 0
     if args.gguf:
         if args.hf or args.src or args.to_hf:
             raise InputError("--gguf takes only --out (and --overwrite)")

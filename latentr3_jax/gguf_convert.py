@@ -46,7 +46,7 @@ from safetensors.numpy import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from latentr3_jax.errors import InputError, one_line
-from latentr3_jax.utils.atomic import atomic_files, atomic_write_text
+from latentr3_jax.utils.atomic import atomic_files, atomic_write_text, file_mode
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 MARKER_FILE = "latentr3_gguf_source.json"
@@ -651,19 +651,6 @@ def _build_tokenizer(path: str, meta: _Meta, context_length: int) -> Optional[di
 # --------------------------------------------------------------------------- convert
 
 
-def _umask() -> int:
-    try:  # Linux: read it without setting it (os.umask would race with other threads)
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _cast(arrays: dict, dtype: str) -> dict:
     if dtype == "float32":
         return arrays
@@ -726,7 +713,7 @@ def convert_gguf(gguf_path: str, out_dir: str, *, dtype: str = "float32") -> str
             with contextlib.suppress(OSError):
                 os.rmdir(out_dir)  # only if empty: nothing half-written stays behind
         raise
-    mode = 0o666 & ~_umask()  # temp files are created 0600; give them the usual mode
+    mode = file_mode()  # temp files are created 0600; give them the usual mode
     for name in ["model.safetensors", "config.json", "generation_config.json", *(tok_files or {})]:
         with contextlib.suppress(OSError):
             os.chmod(os.path.join(out_dir, name), mode)

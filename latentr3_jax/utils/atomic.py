@@ -116,3 +116,20 @@ def atomic_dir(path: str):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def file_mode() -> int:
+    """The mode a new file gets under this process's umask (temp files are created 0600;
+    a folder others read needs the usual mode back)."""
+    mask = None
+    try:  # Linux: read it without setting it (os.umask would race with other threads)
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    mask = int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    if mask is None:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
