@@ -39,8 +39,9 @@ TOKENIZER_SPLITS = ("qwen", "gpt2")             # trained BPE pre-tokeniser
 BPE_MIN_VOCAB = 260                             # 256 bytes + <|endoftext|> + <|Thought|> + merges
 DTYPES = ("float32", "bfloat16")
 SCAN_LAYERS = ("auto", "true", "false")
-ADVANTAGES = ("batch", "group", "grpo")         # LR-GRPO advantage normalisation
+ADVANTAGES = ("batch", "group", "grpo", "rloo", "group_mean")   # LR-GRPO baselines
 ESTIMATORS = ("ppo", "reinforce", "pathwise")   # LR-GRPO gradient estimator
+SIGMA_SCHEDULES = ("linear", "cosine")          # LR-GRPO noise decay (grpo.sigma_final)
 EVAL_MODES = ("constrained", "bigrec")          # trie beam search | BIGRec grounding
 SPLITS = ("train", "valid", "test")
 STAGES = ("sft", "grpo", "run", "study", "evaluate")
@@ -134,18 +135,22 @@ def base_config() -> ml_collections.ConfigDict:
     c.grpo.init_from = ""           # SFT run directory
     c.grpo.group_size = 8
     c.grpo.sigma = 1.5
+    c.grpo.sigma_final = -1.0       # sigma at the last batch; -1 = sigma throughout
+    c.grpo.sigma_schedule = "linear"   # linear | cosine decay from sigma to sigma_final
     c.grpo.learning_rate = 5e-5
     c.grpo.warmup_steps = 200
     c.grpo.prompts_per_batch = 32   # global batch = prompts_per_batch * group_size sequences
     c.grpo.micro_batch_size = 0     # prompts per micro-batch; 0 = no accumulation
     c.grpo.epochs = 1
     c.grpo.max_steps = -1
-    c.grpo.advantage = "batch"      # batch | group | grpo (per-group mean/std)
+    c.grpo.advantage = "batch"      # batch (release) | group | grpo | rloo | group_mean
     c.grpo.estimator = "ppo"        # ppo (release: token log-prob ratio) | reinforce (Gaussian score) | pathwise
     c.grpo.clip_low = 0.2
     c.grpo.clip_high = 0.28
     c.grpo.iterations = 1           # PPO iterations (mu) per batch
     c.grpo.kl_beta = 0.0
+    c.grpo.latent_trust = 0.0       # weight of ||r - r_sft||^2 in the loss; 0 = none
+    c.grpo.diagnose_every = 0       # batches between pathwise-gradient cosines; 0 = never
     c.grpo.weight_decay = 0.0       # AdamW decay of the trained weights
     c.grpo.train_llm = False
     c.grpo.grad_clip = 1.0
@@ -210,14 +215,17 @@ def _integer(lo: int, hi: Optional[int] = None, *, or_: Optional[int] = None) ->
 
 
 def _number(*, gt: Optional[float] = None, ge: Optional[float] = None,
-            lt: Optional[float] = None) -> Rule:
+            lt: Optional[float] = None, or_: Optional[float] = None) -> Rule:
+    """A finite number in the bounds; `or_` is one more allowed value (-1 = off)."""
     def rule(v):
         if not (_is_int(v) or isinstance(v, float)) or not math.isfinite(v):
             return "must be a finite number"
+        if or_ is not None and v == or_:
+            return ""
         if gt is not None and not v > gt:
-            return f"must be > {gt:g}"
+            return f"must be {or_:g} or > {gt:g}" if or_ is not None else f"must be > {gt:g}"
         if ge is not None and not v >= ge:
-            return f"must be >= {ge:g}"
+            return f"must be {or_:g} or >= {ge:g}" if or_ is not None else f"must be >= {ge:g}"
         if lt is not None and not v < lt:
             return f"must be < {lt:g}"
         return ""
@@ -324,6 +332,8 @@ RULES = {
     "grpo.init_from": _string,
     "grpo.group_size": _integer(2),         # sample 1 of each group is noise-free
     "grpo.sigma": _number(gt=0),
+    "grpo.sigma_final": _number(gt=0, or_=-1),
+    "grpo.sigma_schedule": _choice(SIGMA_SCHEDULES),
     "grpo.learning_rate": _number(gt=0),
     "grpo.warmup_steps": _integer(0),
     "grpo.prompts_per_batch": _integer(1),
@@ -336,6 +346,8 @@ RULES = {
     "grpo.clip_high": _number(ge=0),
     "grpo.iterations": _integer(1),
     "grpo.kl_beta": _number(ge=0),
+    "grpo.latent_trust": _number(ge=0),
+    "grpo.diagnose_every": _integer(0),
     "grpo.weight_decay": _number(ge=0),
     "grpo.train_llm": _boolean,
     "grpo.grad_clip": _number(ge=0),
@@ -448,12 +460,24 @@ DOCS = {
     "grpo.micro_batch_size": "prompts per gradient-accumulation micro-batch; 0 = whole batch",
     "grpo.epochs": "passes over the train split; 0 = max_steps alone sets the length",
     "grpo.max_steps": "stop after this many batches; -1 = no limit",
-    "grpo.advantage": "batch (batch baseline) | group (group baseline) | grpo (group mean/std)",
-    "grpo.estimator": "ppo (token log-prob ratio) | reinforce (Gaussian score) | pathwise",
+    "grpo.sigma_final": "noise standard deviation reached at the last batch; -1 = grpo.sigma "
+                        "throughout",
+    "grpo.sigma_schedule": "decay of the noise from grpo.sigma to sigma_final: linear | cosine",
+    "grpo.advantage": "batch (the release's: mean eps=0 reward of the batch as baseline, L2 "
+                      "norm over the batch) | group (the group's eps=0 reward, L2 norm) | grpo "
+                      "(group mean/std) | rloo (leave-one-out mean of the other noisy samples, "
+                      "raw reward units) | group_mean (group mean, L2 norm)",
+    "grpo.estimator": "ppo (the release's: PPO-clip of the target tokens' log-prob ratio) | "
+                      "reinforce (Gaussian score eps/sigma^2 of the latent) | pathwise "
+                      "(gradient of the mean reward through the noisy latents)",
     "grpo.clip_low": "PPO ratio clip below: 1 - clip_low (ppo, reinforce)",
     "grpo.clip_high": "PPO ratio clip above: 1 + clip_high (ppo, reinforce)",
     "grpo.iterations": "PPO updates (mu) on each sampled batch",
     "grpo.kl_beta": "weight of the k3 KL penalty to the starting model (ppo); 0 = none",
+    "grpo.latent_trust": "weight of ||r - r_sft||^2 (latent of the current vs the starting "
+                         "weights, same prompt) per unit of the objective; 0 = none",
+    "grpo.diagnose_every": "batches between cosines of the update with the pathwise reward "
+                           "gradient (one more forward and backward pass then); 0 = never",
     "grpo.weight_decay": "AdamW weight decay of the trained weights",
     "grpo.train_llm": "train the LLM's weights too, not only LatentRATT",
     "grpo.grad_clip": "clip the gradient to this global norm; 0 = no clipping",
@@ -555,6 +579,10 @@ def _check_relations(cfg) -> None:
         if sec.epochs <= 0 and sec.max_steps <= 0:
             raise InputError(f"config {name}.epochs or {name}.max_steps must be positive, got "
                              f"{sec.epochs} and {sec.max_steps}")
+    if cfg.grpo.advantage == "rloo" and cfg.grpo.group_size < 3:
+        raise InputError(f"config grpo.group_size must be >= 3 for grpo.advantage=rloo (each "
+                         f"noisy sample's baseline is the mean of the other noisy ones), got "
+                         f"{cfg.grpo.group_size}")
 
 
 def _check_stage(cfg, stage: str) -> None:

@@ -97,6 +97,12 @@ def test_accepted_spellings():
     validate(_with(sft__learning_rate=1))             # an int where a float is expected
 
 
+def test_grpo_options_accepted():
+    validate(_with(grpo__sigma_final=0.1, grpo__sigma_schedule="cosine", grpo__advantage="rloo",
+                   grpo__group_size=3, grpo__latent_trust=0.5, grpo__diagnose_every=10))
+    validate(_with(grpo__sigma_final=-1, grpo__advantage="group_mean", grpo__group_size=2))
+
+
 def test_constant_sets_match_the_modules_that_use_them():
     """config.py repeats (or will own) the allowed sets; they must say the same."""
     from latentr3_jax import data
@@ -108,6 +114,7 @@ def test_constant_sets_match_the_modules_that_use_them():
     assert C.DATASETS == tuple(data.DATASETS)
     assert C.TEMPLATES == tuple(prompts.TEMPLATES)
     assert C.ADVANTAGES == tuple(grpo.ADVANTAGES) and C.ESTIMATORS == tuple(grpo.ESTIMATORS)
+    assert C.SIGMA_SCHEDULES == tuple(grpo.SIGMA_SCHEDULES)
 
 
 # --------------------------------------------------------------------------- one key bad
@@ -184,13 +191,19 @@ BAD = [  # key, bad value, what the message says
     ("grpo.micro_batch_size", -4, "must be >= 0"),
     ("grpo.epochs", -1, "must be >= 0"),
     ("grpo.max_steps", -5, "must be -1 or >= 1"),
-    ("grpo.advantage", "token", "must be one of batch, group, grpo"),
+    ("grpo.sigma_final", 0.0, "must be -1 or > 0"),
+    ("grpo.sigma_final", -2.0, "must be -1 or > 0"),
+    ("grpo.sigma_schedule", "step", "must be one of linear, cosine"),
+    ("grpo.advantage", "token", "must be one of batch, group, grpo, rloo, group_mean"),
     ("grpo.estimator", "a2c", "must be one of ppo, reinforce, pathwise"),
     ("grpo.clip_low", 1.0, "must be < 1"),
     ("grpo.clip_low", -0.1, "must be >= 0"),
     ("grpo.clip_high", -0.1, "must be >= 0"),
     ("grpo.iterations", 0, "must be >= 1"),
     ("grpo.kl_beta", -1.0, "must be >= 0"),
+    ("grpo.latent_trust", -0.1, "must be >= 0"),
+    ("grpo.latent_trust", math.nan, "must be a finite number"),
+    ("grpo.diagnose_every", -1, "must be >= 0"),
     ("grpo.weight_decay", -1.0, "must be >= 0"),
     ("grpo.train_llm", "no", "must be true or false"),
     ("grpo.grad_clip", math.inf, "must be a finite number"),
@@ -249,6 +262,8 @@ RELATIONS = [  # changes, what the message starts with
      "config grpo.micro_batch_size must divide grpo.prompts_per_batch 32"),
     (dict(sft__epochs=0), "config sft.epochs or sft.max_steps must be positive, got 0 and -1"),
     (dict(grpo__epochs=0), "config grpo.epochs or grpo.max_steps must be positive"),
+    (dict(grpo__advantage="rloo", grpo__group_size=2),
+     "config grpo.group_size must be >= 3 for grpo.advantage=rloo"),
 ]
 
 

@@ -98,7 +98,8 @@ def prompt_positions(mask: jax.Array) -> jax.Array:
 
 def prefill_and_latents(config: DecoderConfig, params: dict, prompt_ids, prompt_mask, *,
                         num_thoughts: int, latent_mode: str = "ratt", suffix_len: int = 0,
-                        dtype=jnp.float32, llm_params: Optional[dict] = None):
+                        dtype=jnp.float32, llm_params: Optional[dict] = None,
+                        return_prompt_hidden: bool = False):
     """Run the prompt into a KV cache and compute the thought latents.
 
     The cache has room for `suffix_len` more tokens after the prompt and the first
@@ -106,13 +107,16 @@ def prefill_and_latents(config: DecoderConfig, params: dict, prompt_ids, prompt_
     `llm_params` (default: `params`) are the decoder weights; pass stop-gradiented ones
     to freeze the LLM while LatentRATT trains.
     Returns (latents [B, N, d], cache, last_hidden [B, d]): `last_hidden` is the final
-    hidden state before the next slot (the prompt's last one when N = 0).
+    hidden state before the next slot (the prompt's last one when N = 0). With
+    `return_prompt_hidden`, a fourth value: the prompt's hidden states [B, P, d], from which
+    `latent_from_prompt` computes the first latent under other LatentRATT weights.
     """
     llm = params if llm_params is None else llm_params
     B, P = prompt_ids.shape
     cache = decoder.init_cache(config, B, P + max(num_thoughts - 1, 0) + suffix_len, dtype)
     _, hidden, cache = decoder.apply(config, llm, prompt_ids, attention_mask=prompt_mask,
                                      cache=cache, dtype=dtype, return_logits=False)
+    prompt_hidden = hidden
     mask = prompt_mask.astype(bool)
     positions = prompt_positions(prompt_mask)
     latents = []
@@ -126,7 +130,17 @@ def prefill_and_latents(config: DecoderConfig, params: dict, prompt_ids, prompt_
             mask = jnp.concatenate([mask, jnp.ones((B, 1), bool)], axis=1)
             positions = jnp.concatenate([positions, positions[:, -1:] + 1], axis=1)
     lat = jnp.stack(latents, axis=1) if latents else jnp.zeros((B, 0, config.hidden_size), dtype)
+    if return_prompt_hidden:
+        return lat, cache, hidden[:, -1], prompt_hidden
     return lat, cache, hidden[:, -1]
+
+
+def latent_from_prompt(config: DecoderConfig, params: dict, prompt_hidden: jax.Array,
+                       prompt_mask: jax.Array, latent_mode: str = "ratt") -> jax.Array:
+    """The first thought latent [B, d] from the prompt's hidden states [B, P, d] (as
+    `prefill_and_latents` returns them), with `params["latent"]` as LatentRATT's weights."""
+    return _one_latent(config, params, prompt_hidden, prompt_mask.astype(bool),
+                       prompt_positions(prompt_mask), latent_mode)
 
 
 def suffix_logits(config: DecoderConfig, params: dict, cache: dict, last_latent, last_hidden,

@@ -5,6 +5,11 @@ tokens, so the step can take the token mean over the whole global batch however 
 into micro-batches. Gradient accumulation is a `lax.scan` inside the step. A non-finite
 loss or gradient skips the update (decided on device with `jnp.where`) and bumps a counter
 in the state; the host reads that counter one step late, so nothing waits per step.
+
+Two options for stages that need them: `extra`, a third argument of the step (constants
+such as frozen starting weights) passed on to the loss; and a `probe`, a second objective
+whose gradient is only compared with the loss's (its cosine), on the steps a predicate of
+the step number picks, inside the same compiled step (`lax.cond`: other steps skip it).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from latentr3_jax.train.state import TrainState
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[Any, dict, jax.Array], tuple]
+PROBE_KEYS = ("probe_on", "probe_grad_cos", "probe_update_cos")
 
 
 class NonFiniteError(RuntimeError):
@@ -44,24 +50,59 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+def tree_cosine(a, b) -> jax.Array:
+    """Cosine between two pytrees of the same structure, as flat vectors (0 if one is 0)."""
+    dot = sum(jnp.sum(x.astype(jnp.float32) * y.astype(jnp.float32))
+              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return dot / jnp.maximum(optax.global_norm(a) * optax.global_norm(b), 1e-30)
+
+
 def make_step_fn(loss_fn: LossFn, tx: optax.GradientTransformation, *, num_micro_batches: int = 1,
                  micro_sharding: Optional[NamedSharding] = None,
-                 schedule: Optional[optax.Schedule] = None):
-    """The pure (un-jitted) step: (state, batch) -> (state, metrics)."""
-    M = max(int(num_micro_batches), 1)
-    grad_fn = jax.value_and_grad(lambda p, b, r: _scalar_parts(loss_fn(p, b, r)), has_aux=True)
+                 schedule: Optional[optax.Schedule] = None, probe: Optional[LossFn] = None,
+                 probe_when: Optional[Callable[[jax.Array], jax.Array]] = None):
+    """The pure (un-jitted) step: (state, batch[, extra]) -> (state, metrics).
 
-    def step(state: TrainState, batch: dict):
+    With `extra`, the loss is called as loss_fn(params, micro_batch, rng, extra). With a
+    `probe` (same signature and token-sum convention as a 3-argument loss), on the steps
+    where `probe_when(state.step)` holds (every step if None) the metrics get
+    probe_on = True, probe_grad_cos = cos(loss gradient, probe gradient) and
+    probe_update_cos = cos(applied update, -probe gradient); elsewhere False, 0, 0.
+    """
+    M = max(int(num_micro_batches), 1)
+
+    def split(batch):
+        micro = jax.tree.map(lambda x: split_micro(x, M), batch)
+        if micro_sharding is not None:
+            micro = jax.tree.map(
+                lambda x: jax.lax.with_sharding_constraint(
+                    x, NamedSharding(micro_sharding.mesh, PartitionSpec(None, *micro_sharding.spec))),
+                micro)
+        return micro
+
+    def probe_gradient(params, batch, rng):
+        """The probe's gradient over the whole batch, accumulated like the loss's."""
+        pg = jax.grad(lambda p, b, r: _scalar_parts(probe(p, b, r)), has_aux=True)
+        if M == 1:
+            g, (count, _) = pg(params, batch, rng)
+        else:
+            def body(acc, xs):
+                mb, i = xs
+                g_i, (c_i, _) = pg(params, mb, jax.random.fold_in(rng, i))
+                return (jax.tree.map(jnp.add, acc[0], g_i), acc[1] + c_i), None
+            acc0 = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32))
+            (g, count), _ = jax.lax.scan(body, acc0, (split(batch), jnp.arange(M)))
+        return jax.tree.map(lambda x: x / jnp.maximum(count, 1.0), g)
+
+    def step(state: TrainState, batch: dict, extra=None):
+        more = () if extra is None else (extra,)
+        grad_fn = jax.value_and_grad(lambda p, b, r: _scalar_parts(loss_fn(p, b, r, *more)),
+                                     has_aux=True)
         rng = jax.random.fold_in(state.rng, state.step)
         if M == 1:
             (loss_sum, (count, aux)), grads = grad_fn(state.params, batch, rng)
         else:
-            micro = jax.tree.map(lambda x: split_micro(x, M), batch)
-            if micro_sharding is not None:
-                micro = jax.tree.map(
-                    lambda x: jax.lax.with_sharding_constraint(
-                        x, NamedSharding(micro_sharding.mesh, PartitionSpec(None, *micro_sharding.spec))),
-                    micro)
+            micro = split(batch)
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             aux0 = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro),
                                   rng)[0][1][1]
@@ -98,6 +139,19 @@ def make_step_fn(loss_fn: LossFn, tx: optax.GradientTransformation, *, num_micro
                    "total_bad_steps": new_state.total_bad_steps, **aux}
         if schedule is not None:
             metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+        if probe is not None:
+            def run_probe(_):
+                d = probe_gradient(state.params, batch, rng)
+                return {"probe_on": jnp.array(True), "probe_grad_cos": tree_cosine(grads, d),
+                        "probe_update_cos": -tree_cosine(updates, d)}
+
+            def skip_probe(_):
+                zero = jnp.zeros((), jnp.float32)
+                return {"probe_on": jnp.array(False), "probe_grad_cos": zero,
+                        "probe_update_cos": zero}
+
+            when = jnp.array(True) if probe_when is None else probe_when(state.step)
+            metrics.update(jax.lax.cond(when, run_probe, skip_probe, None))
         return new_state, metrics
 
     return step
@@ -119,14 +173,25 @@ class TrainStep:
 
     def __init__(self, loss_fn: LossFn, tx: optax.GradientTransformation, mesh: Mesh,
                  shardings: TrainState, *, num_micro_batches: int = 1,
-                 schedule: Optional[optax.Schedule] = None, donate: bool = True):
+                 schedule: Optional[optax.Schedule] = None, donate: bool = True,
+                 extra_shardings: Any = None, probe: Optional[LossFn] = None,
+                 probe_when: Optional[Callable[[jax.Array], jax.Array]] = None):
+        """`extra_shardings`: the shardings of the step's third argument (then required on
+        every call); `probe`, `probe_when`: see make_step_fn."""
         self.mesh = mesh
         self.shardings = shardings
         self.batch_sharding = mesh_lib.batch_sharding(mesh)
         self.num_micro_batches = max(int(num_micro_batches), 1)
+        self.takes_extra = extra_shardings is not None
         fn = make_step_fn(loss_fn, tx, num_micro_batches=self.num_micro_batches,
-                          micro_sharding=self.batch_sharding, schedule=schedule)
-        self._jitted = jax.jit(fn, in_shardings=(shardings, self.batch_sharding),
+                          micro_sharding=self.batch_sharding, schedule=schedule, probe=probe,
+                          probe_when=probe_when)
+        in_shardings = (shardings, self.batch_sharding)
+        if self.takes_extra:
+            in_shardings += (extra_shardings,)
+        else:
+            fn = _without_extra(fn)
+        self._jitted = jax.jit(fn, in_shardings=in_shardings,
                                out_shardings=(shardings, mesh_lib.replicated(mesh)),
                                donate_argnums=(0,) if donate else ())
         self._compiled: dict = {}
@@ -142,7 +207,14 @@ class TrainStep:
                 out[k] = jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
         return out
 
-    def compiled_for(self, state: TrainState, batch: dict):
+    def _args(self, state: TrainState, batch: dict, extra) -> tuple:
+        if self.takes_extra != (extra is not None):
+            raise ValueError("this step takes an extra argument" if self.takes_extra
+                             else "this step takes no extra argument")
+        return (state, batch, extra) if self.takes_extra else (state, batch)
+
+    def compiled_for(self, state: TrainState, batch: dict, extra=None):
+        args = self._args(state, batch, extra)
         key = _shape_key(batch)
         exe = self._compiled.get(key)
         if exe is None:
@@ -152,16 +224,23 @@ class TrainStep:
                 raise ValueError(f"global batch {B} must be a multiple of micro-batches x batch "
                                  f"devices = {need}")
             with jax.set_mesh(self.mesh):  # lets the model constrain activations to the batch axes
-                exe = self._jitted.lower(state, batch).compile()
+                exe = self._jitted.lower(*args).compile()
             self._compiled[key] = exe
             self.compile_count += 1
             if self.compile_count == 1:
                 log.info("%s", describe_memory(exe))
         return exe
 
-    def __call__(self, state: TrainState, batch: dict):
+    def __call__(self, state: TrainState, batch: dict, extra=None):
         batch = self.shard_batch(batch)
-        return self.compiled_for(state, batch)(state, batch)
+        return self.compiled_for(state, batch, extra)(*self._args(state, batch, extra))
+
+
+def _without_extra(fn):
+    """`fn(state, batch, extra=None)` as a two-argument function (for jit's in_shardings)."""
+    def step(state, batch):
+        return fn(state, batch)
+    return step
 
 
 def describe_memory(compiled) -> str:

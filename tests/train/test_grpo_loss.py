@@ -136,3 +136,165 @@ def test_advantage_stats():
     a = jnp.array([[1.0, -1.0], [3.0, 9.0]])
     st = gl.advantage_stats(a, jnp.array([True, False]))
     np.testing.assert_allclose([st["adv_mean"], st["adv_std"], st["adv_max"]], [0.0, 1.0, 1.0])
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def test_rloo_advantage_formula():
+    """G = 3: each noisy sample's baseline is the one other noisy sample."""
+    a = gl.rloo_advantage(jnp.asarray(REWARDS))
+    # group 1 noisy [-1, -3]: A = [-1 - -3, -3 - -1]; group 2 noisy [-4, -2]: [-2, 2]
+    np.testing.assert_allclose(a, [[0.0, 2.0, -2.0], [0.0, -2.0, 2.0]], rtol=1e-6)
+
+
+def test_rloo_advantage_matches_leave_one_out_loop():
+    rewards = np.array([[-5.0, -1.0, -2.0, -6.0], [-3.0, -3.5, -0.5, -1.0]], np.float32)
+    expect = np.zeros_like(rewards)
+    for p in range(2):
+        for k in range(1, 4):
+            others = [rewards[p, j] for j in range(1, 4) if j != k]
+            expect[p, k] = rewards[p, k] - sum(others) / len(others)
+    np.testing.assert_allclose(gl.rloo_advantage(jnp.asarray(rewards)), expect, rtol=1e-6)
+    masked = gl.rloo_advantage(jnp.asarray(rewards), jnp.array([False, True]))
+    np.testing.assert_allclose(masked, expect * np.array([[0.0], [1.0]]), rtol=1e-6)
+    with pytest.raises(ValueError, match="group_size >= 3"):
+        gl.rloo_advantage(jnp.asarray(rewards[:, :2]))
+
+
+def test_group_mean_advantage_formula():
+    a = gl.group_mean_advantage(jnp.asarray(REWARDS))
+    centred = np.array([[0.0, 1.0, -1.0], [-2 / 3, -2 / 3, 4 / 3]])   # s - group mean
+    np.testing.assert_allclose(a, centred / (math.sqrt(np.sum(centred ** 2)) + 1e-6), rtol=1e-6)
+    # the same direction as grpo's on a single group, only scaled differently
+    one = jnp.asarray(REWARDS[1:])
+    ratio = np.asarray(gl.group_mean_advantage(one)) / np.asarray(gl.grpo_advantage(one))
+    np.testing.assert_allclose(ratio, ratio[0, 0] * np.ones((1, 3)), rtol=1e-4)
+
+
+def test_new_advantages_dispatch():
+    r = jnp.asarray(REWARDS)
+    np.testing.assert_array_equal(gl.compute_advantages("rloo", r), gl.rloo_advantage(r))
+    np.testing.assert_array_equal(gl.compute_advantages("group_mean", r),
+                                  gl.group_mean_advantage(r))
+
+
+def test_adv_pos_frac_counts_noisy_samples_of_real_groups():
+    a = jnp.array([[5.0, -1.0, 2.0], [3.0, 9.0, 1.0]])
+    st = gl.advantage_stats(a, jnp.array([True, False]))
+    assert float(st["adv_pos_frac"]) == 0.5          # [-1, 2]; column 0 and group 2 left out
+    # the release's objective: from the eps = 0 baseline most noisy samples score lower
+    st = gl.advantage_stats(gl.batch_advantage(jnp.asarray(REWARDS)))
+    assert float(st["adv_pos_frac"]) == 0.5          # centred noisy: [2, 0], [-1, 1]
+
+
+# --------------------------------------------------------------------------- noise schedule
+
+
+@pytest.mark.parametrize("schedule,expect", [
+    ("linear", [1.5, 1.25, 1.0, 0.75, 0.5, 0.5]),
+    ("cosine", [1.5, 0.5 + 0.5 * (1 + math.cos(math.pi / 4)), 1.0,
+                0.5 + 0.5 * (1 + math.cos(3 * math.pi / 4)), 0.5, 0.5]),
+])
+def test_sigma_schedule_values(schedule, expect):
+    s = gl.GRPOSettings(sigma=1.5, sigma_final=0.5, sigma_schedule=schedule)
+    got = [float(gl.sigma_at(s, b, 5)) for b in (0, 1, 2, 3, 4, 9)]   # 5 batches; 9 is past the end
+    np.testing.assert_allclose(got, expect, rtol=1e-6)
+
+
+def test_sigma_constant_by_default():
+    s = gl.GRPOSettings(sigma=1.5)
+    assert not s.sigma_decays and gl.sigma_at(s, 3, 10) == 1.5
+
+
+def test_gaussian_log_density_per_row_sigma():
+    x = jnp.array([[1.0, 2.0], [0.5, -1.0]])
+    sig = jnp.array([2.0, 0.5])
+    got = gl.gaussian_log_density(x, jnp.zeros(2), sig)
+    expect = [gl.gaussian_log_density(x[i], jnp.zeros(2), float(sig[i])) for i in range(2)]
+    np.testing.assert_allclose(got, expect, rtol=1e-6)
+
+
+def test_reinforce_gradient_with_per_row_sigma():
+    r = jnp.array([[0.1, -0.2], [0.0, 0.5]])
+    eps = jnp.array([[1.0, 0.5], [-2.0, 0.25]])
+    sig = jnp.array([1.5, 0.5])
+    sampled = r + eps
+    old = gl.gaussian_log_density(sampled, r, sig)
+    adv = jnp.array([0.4, -0.9])
+    g = jax.grad(lambda m: gl.reinforce_objective(m, sampled, old, adv, jnp.ones(2), sigma=sig,
+                                                  clip_low=0.2, clip_high=0.28)["loss_sum"])(r)
+    np.testing.assert_allclose(g, -adv[:, None] * eps / sig[:, None] ** 2, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- estimators
+
+
+def test_pathwise_gradient_formula():
+    """loss = -sum_b s_b, s_b = -exp(-m_b), m_b the mean target log-prob of row b:
+    d loss / d logp_bt = -exp(-m_b) * mask_bt / |y_b| (a positive weight on every token's
+    log-likelihood: the pathwise estimator never pushes a sample's likelihood down)."""
+    logp = jnp.log(jnp.array([[0.5, 0.25, 0.7], [0.2, 0.6, 0.9]]))
+    mask = jnp.array([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    valid = jnp.array([True, True])
+    out = gl.pathwise_objective(logp, mask, valid)
+    m0 = (math.log(0.5) + math.log(0.25)) / 2
+    m1 = (math.log(0.2) + math.log(0.6) + math.log(0.9)) / 3
+    np.testing.assert_allclose(out["loss_sum"], math.exp(-m0) + math.exp(-m1), rtol=1e-6)
+    g = jax.grad(lambda lp: gl.pathwise_objective(lp, mask, valid)["loss_sum"])(logp)
+    expect = -np.array([[math.exp(-m0) / 2] * 3, [math.exp(-m1) / 3] * 3]) * np.asarray(mask)
+    np.testing.assert_allclose(g, expect, rtol=1e-5)
+    g = jax.grad(lambda lp: gl.pathwise_objective(lp, mask, jnp.array([True, False]))["loss_sum"])(logp)
+    np.testing.assert_allclose(g[1], 0.0)
+
+
+def test_second_iteration_ratio_and_clip():
+    """With the policy moved since the rollout (mu >= 2) the ratio leaves 1 and the clip
+    acts: tokens past 1 + clip_high with A > 0 (or below 1 - clip_low with A < 0) count as
+    clipped and carry no gradient."""
+    old = jnp.log(jnp.array([[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]))
+    ratio = np.array([[1.1, 1.5, 0.7], [1.5, 0.7, 0.9]], np.float32)
+    logp = old + jnp.log(jnp.asarray(ratio))
+    mask = jnp.ones((2, 3))
+    adv = jnp.array([1.0, -1.0])
+
+    def loss(lp):
+        out = gl.token_objective(lp, old, lp, adv, mask, clip_low=0.2, clip_high=0.28, kl_beta=0.0)
+        return out["loss_sum"], out
+
+    (val, out), g = jax.value_and_grad(loss, has_aux=True)(logp)
+    # A = 1: min(r, clip(r)) -> 1.1, 1.28 (clipped), 0.7; A = -1: max(r, clip(r)) -> 1.5, 0.8 (clipped), 0.9
+    np.testing.assert_allclose(val, -(1.1 + 1.28 + 0.7) + (1.5 + 0.8 + 0.9), rtol=1e-5)
+    assert float(out["clipped_sum"]) == 2.0
+    np.testing.assert_allclose(out["ratio_dev_sum"], np.abs(ratio - 1).sum(), rtol=1e-5)
+    np.testing.assert_allclose(g, [[-1.1, 0.0, -0.7], [1.5, 0.0, 0.9]], rtol=1e-5)
+
+
+def test_objective_reports_ratio_deviation():
+    logp = jnp.log(jnp.array([[0.5, 0.25]]))
+    _, count, aux = gl.objective(gl.GRPOSettings(), valid_rows=jnp.ones(1), logp=logp,
+                                 old_logp=logp, ref_logp=logp, advantages=jnp.ones(1),
+                                 mask=jnp.ones((1, 2)))
+    assert float(aux["ratio_dev"]) == 0.0 and float(count) == 2.0
+
+
+# --------------------------------------------------------------------------- latent trust region
+
+
+def test_latent_trust_sum_and_gradient():
+    r = jnp.array([[1.0, 2.0], [0.0, 0.0]])
+    ref = jnp.array([[0.0, 0.0], [1.0, 1.0]])
+    units = jnp.array([3.0, 2.0])
+    np.testing.assert_allclose(gl.latent_trust_sum(r, ref, units), 3 * 5 + 2 * 2)
+    g = jax.grad(gl.latent_trust_sum)(r, ref, units)
+    np.testing.assert_allclose(g, [[6.0, 12.0], [-4.0, -4.0]])     # 2 * units * (r - r_sft)
+    assert float(jnp.abs(jax.grad(gl.latent_trust_sum, argnums=1)(r, ref, units)).sum()) == 0.0
+
+
+def test_objective_units_match_the_count():
+    mask = jnp.array([[1, 1, 0], [1, 0, 0], [1, 1, 1]])
+    valid = jnp.array([True, True, False])
+    ppo = gl.GRPOSettings(group_size=4)
+    np.testing.assert_allclose(gl.objective_units(ppo, mask, valid), [8.0, 4.0, 0.0])
+    other = gl.GRPOSettings(group_size=4, estimator="pathwise")
+    np.testing.assert_allclose(gl.objective_units(other, mask, valid), [4.0, 4.0, 0.0])

@@ -282,3 +282,161 @@ def test_non_finite_steps_stop_with_a_clear_error(sft_run, tmp_path):
     assert len(recs) < 8 and [r["skipped"] for r in recs[-2:]] == [True, True], recs
     art = runs.load_run(str(run), which="latest")
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(jax.device_get(art.params)))
+
+
+# --------------------------------------------------------------------------- options and diagnostics
+
+
+def _flat(tree):
+    return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
+
+
+def _cos(a, b):
+    a, b = _flat(a), _flat(b)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_second_iteration_moves_the_ratio_and_clips():
+    """mu = 2 with a large step: the first update sees ratio 1 (up to rounding) and clips
+    nothing; the second sees the moved policy, its ratio departs from 1 and the clip acts."""
+    cfg, params, batch = _tiny_problem()
+    s = grpo.GRPOSettings(group_size=4, sigma=1.5, iterations=2)
+    tx = _latent_sgd(params, 10.0)
+    state = state_lib.new_state(params, tx, jax.random.PRNGKey(1))
+    step_in, _ = jax.jit(lambda p, b, r: grpo.make_rollout_fn(cfg, s)(p, {}, b, r))(
+        params, batch, jax.random.PRNGKey(3))
+    update = jax.jit(step_lib.make_step_fn(grpo.make_grpo_loss(cfg, s), tx))
+    recs = []
+    for _ in range(s.iterations):
+        state, m = update(state, {**batch, **step_in})
+        recs.append(grpo.step.record(jax.device_get(m)))
+    assert recs[0]["clip_frac"] == 0.0 and recs[0]["ratio_dev"] < 1e-4, recs[0]
+    assert recs[1]["clip_frac"] > 0.1 and recs[1]["ratio_dev"] > 0.05, recs[1]
+
+
+def test_pathwise_probe_cosine_matches_a_direct_computation():
+    """The probe's cosine is cos(estimator gradient, pathwise gradient of the mean noisy
+    reward), computed here again from jax.grad; the probe changes no parameter; steps the
+    predicate leaves out skip it."""
+    cfg, params, batch = _tiny_problem()
+    s = grpo.GRPOSettings(group_size=4, sigma=1.5, advantage="rloo", estimator="reinforce")
+    tx = _latent_sgd(params, 1e-2)
+    state = state_lib.new_state(params, tx, jax.random.PRNGKey(1))
+    loss, probe = grpo.make_fused_loss(cfg, s), grpo.make_pathwise_probe(cfg, s)
+    with_probe = jax.jit(step_lib.make_step_fn(loss, tx, probe=probe))
+    new_p, m = with_probe(state, batch)
+    new_0, m0 = jax.jit(step_lib.make_step_fn(loss, tx))(state, batch)
+
+    rng = jax.random.fold_in(state.rng, state.step)
+    count = float(loss(params, batch, rng)[1])
+    g_est = jax.grad(lambda p: loss(p, batch, rng)[0] / count)(params)
+    g_path = jax.grad(lambda p: probe(p, batch, rng)[0])(params)
+    expect = _cos(g_est, g_path)
+    assert bool(m["probe_on"])
+    np.testing.assert_allclose(float(m["probe_grad_cos"]), expect, rtol=1e-3, atol=1e-5)
+    # SGD: the update is -lr * gradient, so its cosine with the reward's ascent is the same
+    np.testing.assert_allclose(float(m["probe_update_cos"]), expect, rtol=1e-3, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(new_p.params), jax.tree.leaves(new_0.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+    assert "probe_on" not in m0
+
+    skip = jax.jit(step_lib.make_step_fn(loss, tx, probe=probe, probe_when=lambda st: st % 2 == 1))
+    _, m1 = skip(state, batch)
+    assert not bool(m1["probe_on"]) and float(m1["probe_grad_cos"]) == 0.0
+
+
+@pytest.mark.parametrize("estimator", ["ppo", "reinforce"])
+def test_fused_matches_split_with_trust_region_and_decaying_noise(estimator):
+    """latent_trust and a per-prompt sigma give the same loss and gradient through the
+    fused step (starting weights as the step's extra argument) as through rollout + update
+    (r_sft stored by the rollout); the trust term is latent_trust * sum_units ||r - r_sft||^2."""
+    cfg, params, batch = _tiny_problem()
+    start = {"latent": jax.tree.map(lambda x: 0.8 * x, params["latent"])}
+    batch = {**batch, "sigma": jnp.full((batch["target_ids"].shape[0],), 1.2)}
+    s = grpo.GRPOSettings(group_size=4, estimator=estimator, latent_trust=0.5, sigma_final=0.3)
+    tx = _latent_sgd(params, 1e-2)
+    state = state_lib.new_state(params, tx, jax.random.PRNGKey(1))
+    fused_state, fm = jax.jit(step_lib.make_step_fn(grpo.make_fused_loss(cfg, s), tx))(
+        state, batch, start)
+    key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), grpo.ROLLOUT_SALT)
+    step_in, rm = jax.jit(lambda p, b: grpo.make_rollout_fn(cfg, s)(p, start, b, key))(
+        state.params, batch)
+    split_state, sm = jax.jit(step_lib.make_step_fn(grpo.make_grpo_loss(cfg, s), tx))(
+        state, {**batch, **step_in})
+    for k in ("reward_mean", "sigma", "latent_drift", "weight_drift"):
+        np.testing.assert_allclose(fm[k], rm[k], rtol=1e-5)
+    np.testing.assert_allclose(fm["sigma"], 1.2, rtol=1e-6)
+    np.testing.assert_allclose(fm["loss"], sm["loss"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(fm["trust_sum"], sm["trust_sum"], rtol=1e-5)
+    np.testing.assert_allclose(fm["grad_norm"], sm["grad_norm"], rtol=1e-4)
+
+    kw = dict(num_thoughts=1, latent_mode="ratt", dtype=jnp.float32, suffix_len=0)
+    r = grpo.rollout.prompt_latents(cfg, params, batch["prompt_ids"], batch["prompt_mask"], **kw)[0][:, -1]
+    r0 = grpo.rollout.prompt_latents(cfg, {**params, **start}, batch["prompt_ids"],
+                                     batch["prompt_mask"], **kw)[0][:, -1]
+    units = np.asarray(grpo.loss.objective_units(s, batch["target_mask"], batch["valid"]))
+    expect = float(np.sum(units * np.sum((np.asarray(r) - np.asarray(r0)) ** 2, -1)))
+    np.testing.assert_allclose(fm["trust_sum"], expect, rtol=1e-4)
+    assert expect > 0
+    for a, b, p in zip(jax.tree.leaves(fused_state.params), jax.tree.leaves(split_state.params),
+                       jax.tree.leaves(params)):
+        da, db = np.asarray(a) - np.asarray(p), np.asarray(b) - np.asarray(p)
+        # the two graphs round differently: a few units in the last place of the weights
+        ulp = float(np.spacing(np.float32(np.abs(np.asarray(p)).max())))
+        np.testing.assert_allclose(da, db, rtol=1e-4,
+                                   atol=max(2e-5 * np.abs(db).max(), 4 * ulp, 1e-12))
+
+
+@pytest.mark.parametrize("iterations", [1, 2])
+def test_grpo_step_schedule_drift_and_probe(iterations):
+    """Through GRPOStep: sigma follows its schedule by batch, the drift diagnostics start at
+    0 and grow, the probe runs on every second batch (its first update), one compile."""
+    import ml_collections
+    from latentr3_jax.parallel import mesh as mesh_lib
+    from latentr3_jax.train import setup
+    cfg, params, batch = _tiny_problem()
+    batch = {k: np.asarray(v) for k, v in batch.items()}
+    mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)),
+                              devices=jax.devices()[:1])
+    s = grpo.GRPOSettings(group_size=4, sigma=1.5, sigma_final=0.5, iterations=iterations,
+                          diagnose_every=2)
+    tx = _latent_sgd(params, 1e-1)
+    state, sh = state_lib.create_sharded_state(None, setup.params_axes(cfg, params), tx,
+                                               jax.random.PRNGKey(5), mesh, params=params)
+    step = grpo.GRPOStep(cfg, s, tx, mesh, sh, total_batches=3, ref_keys=("latent",))
+    ref = {"latent": params["latent"]}
+    recs = []
+    for _ in range(3):
+        state, m = step(state, ref, batch)
+        recs.append(grpo.step.record(jax.device_get(m)))
+    np.testing.assert_allclose([r["sigma"] for r in recs], [1.5, 1.0, 0.5], rtol=1e-6)
+    assert recs[0]["latent_drift"] == 0.0 and recs[0]["weight_drift"] == 0.0
+    assert recs[2]["latent_drift"] > 0.0 and recs[2]["weight_drift"] > 0.0
+    assert ["pathwise_cos" in r for r in recs] == [False, True, False]
+    assert -1.0 <= recs[1]["pathwise_cos"] <= 1.0
+    for r in recs:
+        for k in ("reward_noisy", "reward_spread", "adv_pos_frac", "latent_norm", "sigma_rel",
+                  "noise_rel", "ratio_dev"):
+            assert np.isfinite(r[k]), k
+    assert step.train_step.compile_count == 1
+
+
+def test_grpo_run_logs_diagnostics(sft_run, tmp_path):
+    """`train_grpo` with the new options end to end: every train record carries the
+    diagnostics (metrics.jsonl, hence TensorBoard), the cosine on every second batch."""
+    from latentr3_jax.train import runs
+    run = tmp_path / "diag"
+    cfg = _grpo_cfg(run, sft_run, **{"grpo.diagnose_every": 2, "grpo.sigma_final": 0.5,
+                                     "grpo.sigma_schedule": "cosine", "grpo.latent_trust": 0.1,
+                                     "grpo.advantage": "rloo", "grpo.estimator": "reinforce"})
+    out = grpo.train_grpo(cfg, progress=False)
+    assert out["finished"] and out["compile_count"] == 1
+    recs = [r for r in runs.read_metrics(str(run)) if r.get("split") == "train"]
+    assert [r["batch"] for r in recs] == [1, 2, 3, 4]
+    for r in recs:
+        for k in ("reward_eps0", "reward_noisy", "reward_spread", "adv_pos_frac", "latent_norm",
+                  "sigma", "sigma_rel", "noise_rel", "latent_drift", "weight_drift", "trust"):
+            assert np.isfinite(r[k]), (k, r)
+    assert ["pathwise_cos" in r for r in recs] == [False, True, False, True]
+    np.testing.assert_allclose([recs[0]["sigma"], recs[-1]["sigma"]], [1.5, 0.5], rtol=1e-6)
+    assert recs[0]["latent_drift"] == 0.0 and recs[-1]["latent_drift"] > 0.0

@@ -11,6 +11,9 @@ every device and host, as SPEC.md section 6 asks.
 
 `valid` [P] marks real prompts; filler rows (padding a ragged last batch) get advantage 0
 and are left out of every mean and norm.
+
+`sigma` is a Python number, or (with a decaying noise, `sigma_final` >= 0) an array that
+broadcasts against the per-sample values: one value per prompt or per sample row.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ import jax.numpy as jnp
 
 from latentr3_jax.train import setup
 
-ADVANTAGES = ("batch", "group", "grpo")
+ADVANTAGES = ("batch", "group", "grpo", "rloo", "group_mean")
 ESTIMATORS = ("ppo", "reinforce", "pathwise")
+SIGMA_SCHEDULES = ("linear", "cosine")
 ADV_EPS = 1e-6        # batch / group: A = (S - b) / (||S - b||_2 + ADV_EPS)
 GRPO_STD_EPS = 1e-4   # grpo: A = (s - mean_g) / (std_g + GRPO_STD_EPS), as TRL 0.16
 
@@ -47,6 +51,14 @@ class GRPOSettings:
     dtype: Any = jnp.float32
     num_micro_batches: int = 1
     fuse: bool = True   # one forward + backward when a batch is used once (step.make_fused_loss)
+    sigma_final: float = -1.0     # >= 0: sigma decays to this at the last batch (sigma_at)
+    sigma_schedule: str = "linear"
+    latent_trust: float = 0.0     # weight of ||r - r_sft||^2 per unit of the objective
+    diagnose_every: int = 0       # batches between pathwise-gradient cosines; 0 = never
+
+    @property
+    def sigma_decays(self) -> bool:
+        return self.sigma_final >= 0
 
     @property
     def fused(self) -> bool:
@@ -66,13 +78,34 @@ class GRPOSettings:
                    clip_high=float(g.clip_high), kl_beta=float(g.kl_beta),
                    iterations=int(g.iterations), train_llm=bool(g.train_llm),
                    num_thoughts=int(num_thoughts), latent_mode=str(latent_mode),
-                   dtype=setup.compute_dtype(cfg), num_micro_batches=int(num_micro_batches))
+                   dtype=setup.compute_dtype(cfg), num_micro_batches=int(num_micro_batches),
+                   sigma_final=float(g.sigma_final), sigma_schedule=str(g.sigma_schedule),
+                   latent_trust=float(g.latent_trust), diagnose_every=int(g.diagnose_every))
 
 
 def _valid_col(rewards: jax.Array, valid: Optional[jax.Array]) -> jax.Array:
     if valid is None:
         return jnp.ones((rewards.shape[0], 1), jnp.float32)
     return valid.astype(jnp.float32)[:, None]
+
+
+def sigma_at(s: GRPOSettings, batch_index, total_batches: int):
+    """The noise standard deviation of batch `batch_index` (0-based, may be traced) of a run
+    of `total_batches`: `s.sigma` when it does not decay, else
+    sigma_final + (sigma - sigma_final) * w(p), p = batch_index / (total_batches - 1) in
+    [0, 1], w = 1 - p (linear) or (1 + cos(pi p)) / 2 (cosine): sigma at the first batch,
+    sigma_final at the last."""
+    if not s.sigma_decays:
+        return s.sigma
+    p = jnp.clip(jnp.asarray(batch_index, jnp.float32) / max(int(total_batches) - 1, 1), 0.0, 1.0)
+    if s.sigma_schedule == "linear":
+        w = 1.0 - p
+    elif s.sigma_schedule == "cosine":
+        w = 0.5 * (1.0 + jnp.cos(jnp.pi * p))
+    else:
+        raise ValueError(f"grpo.sigma_schedule must be one of {SIGMA_SCHEDULES}, "
+                         f"got {s.sigma_schedule!r}")
+    return s.sigma_final + (s.sigma - s.sigma_final) * w
 
 
 # --------------------------------------------------------------------------- rewards
@@ -123,6 +156,32 @@ def grpo_advantage(rewards: jax.Array, valid: Optional[jax.Array] = None) -> jax
     return (rewards - mean) / (jnp.sqrt(var) + GRPO_STD_EPS) * v
 
 
+def rloo_advantage(rewards: jax.Array, valid: Optional[jax.Array] = None) -> jax.Array:
+    """Leave-one-out baseline over the noisy samples: for k >= 1,
+    A_k = s_k - mean_{j >= 1, j != k} s_j, in reward units (no normalisation); the eps = 0
+    sample gets 0. Each baseline is independent of its own sample's noise, so with the
+    Gaussian score the estimate of the gradient of E[s(r + eps)] stays unbiased. Needs G >= 3.
+    """
+    G = rewards.shape[1]
+    if G < 3:
+        raise ValueError(f"the rloo advantage needs group_size >= 3, got {G}")
+    v = _valid_col(rewards, valid)
+    noisy = rewards[:, 1:]
+    others = (noisy.sum(axis=1, keepdims=True) - noisy) / (G - 2)
+    adv = jnp.concatenate([jnp.zeros_like(rewards[:, :1]), noisy - others], axis=1)
+    return adv * v
+
+
+def group_mean_advantage(rewards: jax.Array, valid: Optional[jax.Array] = None) -> jax.Array:
+    """Group-mean baseline: b_p = mean of the group's G rewards (eps = 0 sample included),
+    A = (S - b) / (||S - b||_2 + 1e-6) over the whole batch, like `batch` and `group`, so the
+    three differ only in the baseline (and `grpo` differs from this one only in scaling each
+    group by its own std instead of the batch by one norm)."""
+    v = _valid_col(rewards, valid)
+    centred = (rewards - rewards.mean(axis=1, keepdims=True)) * v
+    return centred / (jnp.sqrt(jnp.sum(centred * centred)) + ADV_EPS)
+
+
 def compute_advantages(kind: str, rewards: jax.Array, valid: Optional[jax.Array] = None) -> jax.Array:
     if kind == "batch":
         return batch_advantage(rewards, valid)
@@ -130,6 +189,10 @@ def compute_advantages(kind: str, rewards: jax.Array, valid: Optional[jax.Array]
         return group_advantage(rewards, valid)
     if kind == "grpo":
         return grpo_advantage(rewards, valid)
+    if kind == "rloo":
+        return rloo_advantage(rewards, valid)
+    if kind == "group_mean":
+        return group_mean_advantage(rewards, valid)
     raise ValueError(f"grpo.advantage must be one of {ADVANTAGES}, got {kind!r}")
 
 
@@ -155,11 +218,30 @@ def k3_kl(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
     return jnp.exp(d) - d - 1.0
 
 
-def gaussian_log_density(x: jax.Array, mean: jax.Array, sigma: float) -> jax.Array:
-    """log N(x; mean, sigma^2 I) over the last axis."""
+def gaussian_log_density(x: jax.Array, mean: jax.Array, sigma) -> jax.Array:
+    """log N(x; mean, sigma^2 I) over the last axis; an array `sigma` broadcasts against
+    the result (x's shape without its last axis)."""
     d = x.shape[-1]
     sq = jnp.sum(jnp.square((x - mean).astype(jnp.float32)), axis=-1)
-    return -0.5 * sq / sigma ** 2 - 0.5 * d * math.log(2 * math.pi * sigma ** 2)
+    if isinstance(sigma, (int, float)):
+        return -0.5 * sq / sigma ** 2 - 0.5 * d * math.log(2 * math.pi * sigma ** 2)
+    var = jnp.square(jnp.asarray(sigma, jnp.float32))
+    return -0.5 * sq / var - 0.5 * d * jnp.log(2 * math.pi * var)
+
+
+def ratio_deviation(logp: jax.Array, old_logp: jax.Array) -> jax.Array:
+    """|ratio - 1| per element, ratio = exp(logp - old_logp), without gradient: how far the
+    policy has moved from the one that sampled (0 on the first of `iterations` updates)."""
+    return jax.lax.stop_gradient(jnp.abs(jnp.exp(logp - old_logp) - 1.0))
+
+
+def latent_trust_sum(latent: jax.Array, ref_latent: jax.Array, units: jax.Array) -> jax.Array:
+    """sum_p units_p * ||r_p - r_sft_p||^2: latent [P, d] (with gradient), ref_latent [P, d]
+    (the starting weights' latent of the same prompt, a constant), units [P] the prompt's
+    units of the objective (target tokens of its G samples for ppo, its G samples otherwise),
+    so that divided by the global count it is the per-unit mean squared distance."""
+    diff = latent.astype(jnp.float32) - jax.lax.stop_gradient(ref_latent).astype(jnp.float32)
+    return jnp.sum(units.astype(jnp.float32) * jnp.sum(diff * diff, axis=-1))
 
 
 def token_objective(logp, old_logp, ref_logp, advantages, mask, *, clip_low: float,
@@ -173,7 +255,8 @@ def token_objective(logp, old_logp, ref_logp, advantages, mask, *, clip_low: flo
     m = mask.astype(jnp.float32)
     loss_t, clipped = ppo_clip(logp, old_logp, advantages[:, None], clip_low, clip_high)
     out = {"loss_sum": jnp.sum(loss_t * m), "clipped_sum": jnp.sum(clipped * m),
-           "kl_sum": jnp.zeros((), jnp.float32)}
+           "kl_sum": jnp.zeros((), jnp.float32),
+           "ratio_dev_sum": jnp.sum(ratio_deviation(logp, old_logp) * m)}
     if kl_beta:
         kl = k3_kl(logp, ref_logp)
         out["kl_sum"] = jnp.sum(kl * m)
@@ -196,7 +279,8 @@ def reinforce_objective(latent, sampled_latent, old_logdens, advantages, valid_r
     loss, clipped = ppo_clip(logdens, old_logdens, advantages, clip_low, clip_high)
     v = valid_rows.astype(jnp.float32)
     return {"loss_sum": jnp.sum(loss * v), "clipped_sum": jnp.sum(clipped * v),
-            "kl_sum": jnp.zeros((), jnp.float32)}
+            "kl_sum": jnp.zeros((), jnp.float32),
+            "ratio_dev_sum": jnp.sum(ratio_deviation(logdens, old_logdens) * v)}
 
 
 def pathwise_objective(token_logp, mask, valid_rows) -> dict:
@@ -207,11 +291,12 @@ def pathwise_objective(token_logp, mask, valid_rows) -> dict:
     s = negative_perplexity(token_logp, mask)
     v = valid_rows.astype(jnp.float32)
     return {"loss_sum": -jnp.sum(s * v), "clipped_sum": jnp.zeros((), jnp.float32),
-            "kl_sum": jnp.zeros((), jnp.float32)}
+            "kl_sum": jnp.zeros((), jnp.float32), "ratio_dev_sum": jnp.zeros((), jnp.float32)}
 
 
 def objective(s: GRPOSettings, *, valid_rows, logp=None, old_logp=None, ref_logp=None,
-              advantages=None, mask=None, latent=None, sampled=None, old_logdens=None) -> tuple:
+              advantages=None, mask=None, latent=None, sampled=None, old_logdens=None,
+              sigma=None) -> tuple:
     """(loss sum, count, aux sums) of `s.estimator` over a (micro-)batch of samples; the step
     divides by the global count. Rows are samples [B = P * G]:
 
@@ -219,7 +304,10 @@ def objective(s: GRPOSettings, *, valid_rows, logp=None, old_logp=None, ref_logp
       target tokens (`mask` [B, T]);
     - pathwise: the mean reward of logp itself, count = samples;
     - reinforce: PPO-clip of the Gaussian density of the stored `sampled` latents [B, d]
-      around the current `latent` [B, d] (old density `old_logdens` [B]), count = samples.
+      around the current `latent` [B, d] (old density `old_logdens` [B]), count = samples;
+      `sigma` (default s.sigma) may be one value per row [B] when the noise decays.
+
+    aux sums: clipped elements, the KL term, |ratio - 1| (all over the same units as count).
     """
     if s.estimator == "ppo":
         out = token_objective(logp, old_logp, ref_logp, advantages, mask, clip_low=s.clip_low,
@@ -230,18 +318,32 @@ def objective(s: GRPOSettings, *, valid_rows, logp=None, old_logp=None, ref_logp
         count = valid_rows.astype(jnp.float32).sum()
     elif s.estimator == "reinforce":
         out = reinforce_objective(latent, sampled, old_logdens, advantages, valid_rows,
-                                  sigma=s.sigma, clip_low=s.clip_low, clip_high=s.clip_high)
+                                  sigma=s.sigma if sigma is None else sigma,
+                                  clip_low=s.clip_low, clip_high=s.clip_high)
         count = valid_rows.astype(jnp.float32).sum()
     else:
         raise ValueError(f"grpo.estimator must be one of {ESTIMATORS}, got {s.estimator!r}")
-    return out["loss_sum"], count, {"clipped": out["clipped_sum"], "kl_sum": out["kl_sum"]}
+    return out["loss_sum"], count, {"clipped": out["clipped_sum"], "kl_sum": out["kl_sum"],
+                                    "ratio_dev": out["ratio_dev_sum"]}
+
+
+def objective_units(s: GRPOSettings, target_mask: jax.Array, valid: jax.Array) -> jax.Array:
+    """Units of the objective per prompt [P]: its G samples' target tokens (ppo) or its G
+    samples (pathwise, reinforce); 0 for filler prompts. `count` is their sum."""
+    v = valid.astype(jnp.float32)
+    if s.estimator == "ppo":
+        return s.group_size * target_mask.astype(jnp.float32).sum(-1) * v
+    return s.group_size * v
 
 
 def advantage_stats(advantages: jax.Array, valid: Optional[jax.Array] = None) -> dict:
-    """Mean / std / max of the advantages of the real groups."""
+    """Mean / std / max of the advantages of the real groups, and the share of positive
+    ones among their noisy samples (k >= 1)."""
     v = jnp.broadcast_to(_valid_col(advantages, valid), advantages.shape)
     n = jnp.maximum(v.sum(), 1.0)
     mean = (advantages * v).sum() / n
     std = jnp.sqrt(((advantages - mean) ** 2 * v).sum() / n)
+    vn = v[:, 1:]
     return {"adv_mean": mean, "adv_std": std,
-            "adv_max": jnp.max(jnp.where(v > 0, advantages, -jnp.inf))}
+            "adv_max": jnp.max(jnp.where(v > 0, advantages, -jnp.inf)),
+            "adv_pos_frac": ((advantages[:, 1:] > 0) * vn).sum() / jnp.maximum(vn.sum(), 1.0)}

@@ -13,6 +13,7 @@ gradient through LatentRATT, whose input hidden states are constants.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import jax
@@ -28,10 +29,42 @@ ROLLOUT_SALT = 0x5EED  # the rollout's noise key: fold_in(fold_in(state.rng, ste
 
 
 def sample_noise(rng: jax.Array, num_prompts: int, group_size: int, dim: int,
-                 sigma: float) -> jax.Array:
-    """Exploration noise [P, G, d]: N(0, sigma^2 I), sample 0 of every group exactly zero."""
-    eps = sigma * jax.random.normal(rng, (num_prompts, group_size, dim), jnp.float32)
+                 sigma) -> jax.Array:
+    """Exploration noise [P, G, d]: N(0, sigma^2 I), sample 0 of every group exactly zero.
+    `sigma` is a number or one value per prompt [P] (a decaying noise)."""
+    z = jax.random.normal(rng, (num_prompts, group_size, dim), jnp.float32)
+    if isinstance(sigma, (int, float)):
+        eps = sigma * z
+    else:
+        eps = jnp.asarray(sigma, jnp.float32).reshape(-1, 1, 1) * z
     return eps.at[:, 0].set(0.0)
+
+
+def batch_sigma(s: gl.GRPOSettings, batch: dict):
+    """This batch's noise standard deviation: `s.sigma`, or with a decaying noise the
+    per-prompt values [P] the step put in the batch (GRPOStep, from loss.sigma_at)."""
+    if not s.sigma_decays:
+        return s.sigma
+    if "sigma" not in batch:
+        raise ValueError("grpo.sigma_final >= 0 needs the batch's per-prompt 'sigma' "
+                         "(GRPOStep adds it)")
+    return batch["sigma"].astype(jnp.float32)
+
+
+def shares_prompt_pass(num_thoughts: int, latent_mode: str, train_llm: bool) -> bool:
+    """Whether the starting weights' latent r_sft comes from this step's own prompt pass:
+    one thought, LatentRATT, frozen LLM (the prompt's hidden states are then the same under
+    both weights, and r_sft costs one LatentRATT over them)."""
+    return num_thoughts == 1 and latent_mode == "ratt" and not train_llm
+
+
+def wants_reference(s: gl.GRPOSettings, ref_params: Optional[dict]) -> bool:
+    """Compute r_sft this step: always for the latent trust region, and for the latent-drift
+    diagnostic when it is cheap (shares_prompt_pass)."""
+    if s.latent_trust and not ref_params:
+        raise ValueError("grpo.latent_trust > 0 needs the starting weights (ref_params)")
+    cheap = shares_prompt_pass(s.num_thoughts, s.latent_mode, s.train_llm)
+    return bool(ref_params) and (bool(s.latent_trust) or (cheap and "latent" in ref_params))
 
 
 def llm_view(params: dict, train_llm: bool) -> dict:
@@ -44,12 +77,42 @@ def prompt_latents(config: DecoderConfig, params: dict, prompt_ids, prompt_mask,
                    num_thoughts: int, latent_mode: str, suffix_len: int, dtype,
                    train_llm: bool = False):
     """Prefill the prompts once. Returns (latents [P, N, d], cache, last_hidden [P, d])."""
+    return prompt_latents_with_reference(
+        config, params, None, prompt_ids, prompt_mask, num_thoughts=num_thoughts,
+        latent_mode=latent_mode, suffix_len=suffix_len, dtype=dtype, train_llm=train_llm)[:3]
+
+
+def prompt_latents_with_reference(config: DecoderConfig, params: dict,
+                                  ref_params: Optional[dict], prompt_ids, prompt_mask, *,
+                                  num_thoughts: int, latent_mode: str, suffix_len: int, dtype,
+                                  train_llm: bool = False):
+    """`prompt_latents` plus r_sft [P, d], the last latent of the same prompts under the
+    starting weights `ref_params` laid over `params` (None when ref_params is None), without
+    gradient. From this pass's hidden states when shares_prompt_pass, else from a second
+    prompt pass under the starting weights."""
     if num_thoughts < 1:
         raise ValueError("LR-GRPO needs at least one latent thought (model.num_thoughts >= 1)")
-    return latent_lib.prefill_and_latents(
+    shared = (ref_params is not None and "latent" in ref_params
+              and shares_prompt_pass(num_thoughts, latent_mode, train_llm))
+    out = latent_lib.prefill_and_latents(
         config, params, prompt_ids, prompt_mask, num_thoughts=num_thoughts,
         latent_mode=latent_mode, suffix_len=suffix_len, dtype=dtype,
-        llm_params=llm_view(params, train_llm))
+        llm_params=llm_view(params, train_llm), return_prompt_hidden=shared)
+    if ref_params is None:
+        return (*out, None)
+    if shared:
+        latents, cache, last_hidden, hidden = out
+        r_ref = latent_lib.latent_from_prompt(config, {"latent": ref_params["latent"]},
+                                              jax.lax.stop_gradient(hidden), prompt_mask,
+                                              latent_mode)
+    else:
+        latents, cache, last_hidden = out
+        ref_lat, _, _ = latent_lib.prefill_and_latents(
+            config, jax.lax.stop_gradient(_with_ref(params, ref_params)), prompt_ids,
+            prompt_mask, num_thoughts=num_thoughts, latent_mode=latent_mode, suffix_len=0,
+            dtype=dtype)
+        r_ref = ref_lat[:, -1]
+    return latents, cache, last_hidden, jax.lax.stop_gradient(r_ref)
 
 
 def group_logprobs(config: DecoderConfig, params: dict, prompt_ids, prompt_mask, target_ids,
@@ -61,10 +124,23 @@ def group_logprobs(config: DecoderConfig, params: dict, prompt_ids, prompt_mask,
     noise [P, G, d]. Returns (token_logp [P * G, T] float32, latent [P, d]): row p * G + k
     is log pi(y_t | x_p, r_p + eps_pk, y_<t); `latent` is the noise-free last latent r_p.
     """
+    logp, r, _ = group_logprobs_with_reference(
+        config, params, None, prompt_ids, prompt_mask, target_ids, target_mask, noise,
+        num_thoughts=num_thoughts, latent_mode=latent_mode, dtype=dtype, train_llm=train_llm)
+    return logp, r
+
+
+def group_logprobs_with_reference(config: DecoderConfig, params: dict,
+                                  ref_params: Optional[dict], prompt_ids, prompt_mask,
+                                  target_ids, target_mask, noise, *, num_thoughts: int = 1,
+                                  latent_mode: str = "ratt", dtype=jnp.float32,
+                                  train_llm: bool = False):
+    """`group_logprobs` plus r_sft [P, d] (see prompt_latents_with_reference; None when
+    ref_params is None): (token_logp [P * G, T], latent [P, d], r_sft)."""
     P, G, d = noise.shape
     T = target_ids.shape[1]
-    latents, cache, last_hidden = prompt_latents(
-        config, params, prompt_ids, prompt_mask, num_thoughts=num_thoughts,
+    latents, cache, last_hidden, r_ref = prompt_latents_with_reference(
+        config, params, ref_params, prompt_ids, prompt_mask, num_thoughts=num_thoughts,
         latent_mode=latent_mode, suffix_len=T, dtype=dtype, train_llm=train_llm)
     r = latents[:, -1]                                                    # [P, d]
     noisy = (r[:, None, :].astype(jnp.float32) + noise).reshape(P * G, d)  # [P*G, d]
@@ -73,17 +149,62 @@ def group_logprobs(config: DecoderConfig, params: dict, prompt_ids, prompt_mask,
     logits = latent_lib.suffix_logits(config, llm_view(params, train_llm), cache, noisy,
                                       rep(last_hidden), rep(target_ids), rep(target_mask),
                                       dtype=dtype)                        # [P*G, T, V]
-    return latent_lib.target_logprobs(logits, rep(target_ids)), r
+    return latent_lib.target_logprobs(logits, rep(target_ids)), r, r_ref
 
 
 def rollout_metrics(rewards, advantages, valid) -> dict:
-    """Reward and advantage statistics of the real groups: rewards, advantages [P, G]."""
+    """Reward and advantage statistics of the real groups: rewards, advantages [P, G].
+
+    reward_eps0 is the mean reward of the noise-free samples, reward_noisy that of the noisy
+    ones, reward_spread the mean over groups of the (population) std of the G rewards: near
+    0, the decoder's output hardly depends on the thought slot."""
     v = valid.astype(jnp.float32)
     n = jnp.maximum(v.sum(), 1.0)
-    return {"reward_mean": (rewards.mean(1) * v).sum() / n,
-            "reward_eps0": (rewards[:, 0] * v).sum() / n,
-            "reward_max": jnp.max(jnp.where(v[:, None] > 0, rewards, -jnp.inf)),
-            **gl.advantage_stats(advantages, valid)}
+    G = rewards.shape[1]
+    out = {"reward_mean": (rewards.mean(1) * v).sum() / n,
+           "reward_eps0": (rewards[:, 0] * v).sum() / n,
+           "reward_max": jnp.max(jnp.where(v[:, None] > 0, rewards, -jnp.inf)),
+           **gl.advantage_stats(advantages, valid)}
+    # from a separate copy of the rewards, so that these reductions leave the fusion (and
+    # the rounding) of the ones above as they were
+    r = jax.lax.optimization_barrier(rewards)
+    out["reward_noisy"] = (r[:, 1:].sum(1) / (G - 1) * v).sum() / n
+    out["reward_spread"] = (r.std(1) * v).sum() / n
+    return out
+
+
+def latent_metrics(latent, valid, sigma, ref_latent=None) -> dict:
+    """Statistics of the noise-free latent r [P, d] of the real prompts: latent_norm =
+    mean ||r||; sigma (its mean over prompts when it varies); sigma_rel = sigma /
+    latent_norm; noise_rel = mean of sigma * sqrt(d) / ||r|| (sigma * sqrt(d) is the noise's
+    root-mean-square norm: above 1 the noise outweighs the latent); with r_sft [P, d],
+    latent_drift = mean ||r - r_sft||. (Computed from sigma, not from the drawn noise, so
+    that the noise feeds nothing but the forward pass.)"""
+    v = valid.astype(jnp.float32)
+    n = jnp.maximum(v.sum(), 1.0)
+    r = jax.lax.stop_gradient(latent).astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(r * r, axis=-1))                                # [P]
+    latent_norm = (norm * v).sum() / n
+    sig_p = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), norm.shape)  # [P]
+    out = {"latent_norm": latent_norm, "sigma": (sig_p * v).sum() / n}
+    out["sigma_rel"] = out["sigma"] / jnp.maximum(latent_norm, 1e-12)
+    out["noise_rel"] = (sig_p * math.sqrt(r.shape[-1]) / jnp.maximum(norm, 1e-12) * v).sum() / n
+    if ref_latent is not None:
+        d = r - jax.lax.stop_gradient(ref_latent).astype(jnp.float32)
+        out["latent_drift"] = (jnp.sqrt(jnp.sum(d * d, axis=-1)) * v).sum() / n
+    return out
+
+
+def weight_drift(params: dict, ref_params: Optional[dict]) -> dict:
+    """{'weight_drift': ||theta - theta_sft|| / ||theta_sft||} over LatentRATT's weights, or
+    {} when the starting ones are not given."""
+    if not ref_params or "latent" not in ref_params or "latent" not in params:
+        return {}
+    now = jax.tree.leaves(jax.lax.stop_gradient(params["latent"]))
+    start = jax.tree.leaves(ref_params["latent"])
+    sq = lambda xs: sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in xs)
+    diff = sq([a.astype(jnp.float32) - b.astype(jnp.float32) for a, b in zip(now, start)])
+    return {"weight_drift": jnp.sqrt(diff) / jnp.maximum(jnp.sqrt(sq(start)), 1e-12)}
 
 
 def rewards_and_advantages(s: gl.GRPOSettings, token_logp, target_mask, valid) -> tuple:
@@ -124,13 +245,18 @@ def make_rollout_fn(model_config, s: gl.GRPOSettings):
         params = jax.lax.stop_gradient(params)
         P, T = batch["target_ids"].shape
         valid = batch.get("valid", jnp.ones((P,), bool))
-        noise = sample_noise(rng, P, G, model_config.hidden_size, s.sigma)
+        sigma = batch_sigma(s, batch)
+        noise = sample_noise(rng, P, G, model_config.hidden_size, sigma)
+        ref = ref_params if wants_reference(s, ref_params) else None
 
         def one(mb):
             args = (mb["prompt_ids"], mb["prompt_mask"], mb["target_ids"], mb["target_mask"],
                     mb["noise"])
-            logp, r = group_logprobs(model_config, params, *args, **s.forward_kw)
+            logp, r, r_ref = group_logprobs_with_reference(model_config, params, ref, *args,
+                                                           **s.forward_kw)
             out = {"old_logp": logp.reshape(-1, G, T), "latent": r.astype(jnp.float32)}
+            if r_ref is not None:
+                out["ref_latent"] = r_ref.astype(jnp.float32)
             if s.kl_beta:
                 ref_logp, _ = group_logprobs(model_config, _with_ref(params, ref_params), *args,
                                              **s.forward_kw)
@@ -142,11 +268,17 @@ def make_rollout_fn(model_config, s: gl.GRPOSettings):
         step_in = {"noise": noise, "old_logp": out["old_logp"], "advantages": adv}
         if s.kl_beta:
             step_in["ref_logp"] = out["ref_logp"]
+        if s.latent_trust:
+            step_in["ref_latent"] = out["ref_latent"]
         if s.estimator == "reinforce":
             sampled = out["latent"][:, None, :] + noise                            # [P, G, d]
             step_in["sampled"] = sampled
-            step_in["old_logdens"] = gl.gaussian_log_density(sampled, out["latent"][:, None, :],
-                                                             s.sigma)
-        return step_in, rollout_metrics(rewards, adv, valid)
+            step_in["old_logdens"] = gl.gaussian_log_density(
+                sampled, out["latent"][:, None, :],
+                sigma if isinstance(sigma, (int, float)) else sigma[:, None])
+        metrics = {**rollout_metrics(rewards, adv, valid),
+                   **latent_metrics(out["latent"], valid, sigma, out.get("ref_latent")),
+                   **weight_drift(params, ref_params)}
+        return step_in, metrics
 
     return rollout_fn

@@ -12,6 +12,8 @@ One training step per batch of prompts:
   2. `grpo.iterations` optimizer updates (the shared TrainStep: gradient accumulation over
      micro-batches of prompts, non-finite skipping) on the objective (loss.py), reusing
      the stored noise and old log-probs.
+With one iteration and no accumulation the two parts run as one pass (step.make_fused_loss).
+Each step's record also carries diagnostics of the latent and the rewards (step.record).
 Rerunning the same command resumes from the run directory's latest checkpoint with the same
 data order and noise; SIGTERM / SIGINT save at the next step boundary first.
 """
@@ -80,13 +82,17 @@ def train_grpo(cfg, *, progress: bool = True, resume_hint: Optional[str] = None,
     axes = setup.params_axes(model_config, sft.params)
     state, shardings = create_sharded_state(None, axes, tx, jax.random.PRNGKey(int(cfg.seed)),
                                             inputs.mesh, params=sft.params)
-    ref_params = None
-    if settings.kl_beta:
-        keys = list(sft.params) if settings.train_llm else ["latent"]
-        ref_params = jax.device_put({k: sft.params[k] for k in keys},
-                                    {k: shardings.params[k] for k in keys})
+    # the starting weights: LatentRATT's always (drift diagnostics, latent trust region), the
+    # LLM's too when it trains and the KL or the trust region needs the starting model
+    if settings.train_llm and (settings.kl_beta or settings.latent_trust):
+        keys = list(sft.params)
+    else:
+        keys = [k for k in ("latent",) if k in sft.params]
+    ref_params = jax.device_put({k: sft.params[k] for k in keys},
+                                {k: shardings.params[k] for k in keys}) if keys else None
 
-    grpo_step = GRPOStep(model_config, settings, tx, inputs.mesh, shardings, schedule=schedule)
+    grpo_step = GRPOStep(model_config, settings, tx, inputs.mesh, shardings, schedule=schedule,
+                         total_batches=inputs.total, ref_keys=keys)
     stage = loop.Stage(
         name="grpo", step=lambda st, b: grpo_step(st, ref_params, b), record=record,
         train_step=grpo_step.train_step,
