@@ -4,15 +4,26 @@ Part 1, speed: prompts/s of one GRPO step with G = 8 for the standard small conf
 (Qwen2-style, hidden 256, MLP 1024, 4 layers, 4/2 heads, tied, BPE vocab 8,000 + 1 trained on
 the CDs catalog and prompts; real CDs train prompts), float32 and bfloat16:
   * jax: this project's step (prompt prefix once per prompt into a KV cache, G suffixes
-    [r_k, target]; rollout pass + one forward/backward update), prompts per batch 1 and 8;
-  * torch: the release's way with transformers, one prompt's group of 8 sequences at a
-    time: rollout (latent pass + log-prob pass, no grad) then the loss (latent pass +
-    log-prob pass, backward into LatentRATT), LLM frozen; torch.set_num_threads(2).
+    [r_k, target]; rollout and update fused into one forward/backward, or run apart),
+    prompts per batch 1 and 8;
+  * torch, release way (the whole-method comparison): one prompt's group of 8 sequences
+    at a time, four full passes: rollout (latent pass + log-prob pass, no grad) then the
+    loss (the same two passes, backward into LatentRATT), LLM frozen, the model cast to
+    the dtype as the release loads it; the log-prob pass keeps target logits only;
+  * torch, same passes (the engine comparison): this project's step written with
+    transformers (torch_reference.shared_prefix_grpo_step) on the very batches the JAX
+    8-prompt row times: same prompts per batch, same padding, same passes, float32
+    weights with autocast for bf16 as JAX's mixed precision.
+torch.set_num_threads(2). Every row has its FLOP count (bench/common.py, the passes that
+row runs), FLOP/s and fraction of a matmul peak measured in this process; float32 is
+true float32 on both sides. `--shape smollm2-135m`: SmolLM2-135M's shape (random weights,
+its own tokenizer from ../shared/models).
 Part 2, learning: an SFT run on the synthetic dataset, then short GRPO runs with each
 estimator, printing the noise-free reward per step.
 
-    python bench/bench_grpo.py [--steps 6] [--skip-torch] [--skip-curve]
-Writes bench/results/grpo.json.
+    python bench/bench_grpo.py [--steps 6] [--groups 12] [--skip-torch] [--skip-curve]
+    python bench/bench_grpo.py --shape smollm2-135m --groups 4   # speed only, one shape
+Writes bench/results/grpo.json (grpo_<shape>.json for another shape: speed only).
 """
 
 from __future__ import annotations
@@ -58,15 +69,20 @@ ESTIMATOR_RUNS = (("ppo lr 5e-5", "ppo", 5e-5), ("ppo lr 3e-3", "ppo", 3e-3),
 # --------------------------------------------------------------------------- data
 
 
-def cds_prompts(vocab_size: int = 8000, rows: int = 256):
-    """(tokenizer, encoded train rows) for real CDs prompts, or synthetic ones if absent."""
+def cds_prompts(vocab_size: int = 8000, rows: int = 256, tokenizer: str = "bpe"):
+    """(tokenizer, encoded train rows, source) for real CDs prompts, or synthetic ones if
+    absent. `tokenizer`: 'bpe' (trained here) or 'smollm2' (SmolLM2's own)."""
     if common.have_cds():
         ds = data.read_d3(common.CDS)
         source = "CDs_and_Vinyl"
     else:
         ds = data.read_d3(write_synthetic(tempfile.mkdtemp(), num_items=600, num_users=1500, seed=0))
         source = "synthetic (CDs data absent)"
-    tok = data.train_tokenizer(data.tokenizer_corpus(ds, "latentr3"), vocab_size)
+    if tokenizer == "smollm2":
+        tok = common.smollm2_tokenizer()
+        source += ", SmolLM2 tokenizer"
+    else:
+        tok = data.train_tokenizer(data.tokenizer_corpus(ds, "latentr3"), vocab_size)
     rng = np.random.default_rng(0)
     train = ds.splits["train"]
     pick = [train[i] for i in rng.choice(len(train), size=min(rows, len(train)), replace=False)]
@@ -87,19 +103,16 @@ def _summary(impl, dtype, prompts, times, extra=None) -> dict:
             "prompts_per_s_best": prompts / best, "s_per_prompt": med / prompts, **(extra or {})}
 
 
-def bench_jax(tok, enc, dtype: str, prompts: int, steps: int, fuse: bool = True, cfg=None,
-              one_shape: bool = False) -> dict:
-    """`cfg`: the decoder shape (default SPEC.md section 9's). `one_shape`: time only the
-    batches of the commonest padded shape (one compile; for large models)."""
-    cfg = cfg or bench_config(vocab_size=tok.vocab_size)
-    params = latent_lib.init_model_params(cfg, jax.random.PRNGKey(0))
-    mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
-    settings = grpo.GRPOSettings(group_size=G, sigma=1.5, fuse=fuse, dtype=common.jax_dtype(dtype))
-    mask = optim.latent_only(params)
-    tx = optim.adamw(optim.cosine_warmup(5e-5, 10, 1000), trainable=lambda _: mask)
-    state, sh = state_lib.create_sharded_state(None, latent_lib.model_param_axes(cfg), tx,
-                                               jax.random.PRNGKey(1), mesh, params=params)
-    step = grpo.GRPOStep(cfg, settings, tx, mesh, sh)
+def _flops(flops_each, times) -> dict:
+    """FLOP fields of a row whose steps differ in shape: the mean count per step and the
+    rate over all timed steps (total FLOPs / total time)."""
+    return common.flop_fields(float(np.mean(flops_each)), float(np.mean(times)))
+
+
+def grpo_batches(tok, enc, prompts: int, one_shape: bool = False) -> list:
+    """The padded batches the JAX step (and the torch same-passes row) time: `prompts`
+    prompts each, bucketed, shuffled with seed 0. `one_shape`: only the batches of the
+    commonest padded shape (one compile; for large models)."""
     it = data.BatchIterator(enc, prompts, buckets=(64, 96, 128, 160, 192, 256),
                             target_buckets=(16, 32), pad_id=tok.pad_id, seed=0, shuffle=True,
                             drop_last=True, process_index=0, process_count=1)
@@ -108,6 +121,33 @@ def bench_jax(tok, enc, dtype: str, prompts: int, steps: int, fuse: bool = True,
         key_of = lambda b: (b["prompt_ids"].shape, b["target_ids"].shape)
         commonest = collections.Counter(map(key_of, batches)).most_common(1)[0][0]
         batches = [b for b in batches if key_of(b) == commonest]
+    return batches
+
+
+def _batch_flops(cfg, b, fused: bool = True) -> float:
+    n, P = b["prompt_ids"].shape
+    return common.flops_grpo_prefix(cfg, n, G, P, b["target_ids"].shape[1], fused)
+
+
+def bench_jax(tok, enc, dtype: str, prompts: int, steps: int, fuse: bool = True, cfg=None,
+              one_shape: bool = False) -> dict:
+    """`cfg`: the decoder shape (default SPEC.md section 9's). `one_shape`: time only the
+    batches of the commonest padded shape (one compile; for large models)."""
+    cfg = cfg or bench_config(vocab_size=tok.vocab_size)
+    with common.jax_precision(dtype):
+        return _bench_jax(tok, enc, dtype, prompts, steps, fuse, cfg, one_shape)
+
+
+def _bench_jax(tok, enc, dtype, prompts, steps, fuse, cfg, one_shape) -> dict:
+    params = latent_lib.init_model_params(cfg, jax.random.PRNGKey(0))
+    mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
+    settings = grpo.GRPOSettings(group_size=G, sigma=1.5, fuse=fuse, dtype=common.jax_dtype(dtype))
+    mask = optim.latent_only(params)
+    tx = optim.adamw(optim.cosine_warmup(5e-5, 10, 1000), trainable=lambda _: mask)
+    state, sh = state_lib.create_sharded_state(None, latent_lib.model_param_axes(cfg), tx,
+                                               jax.random.PRNGKey(1), mesh, params=params)
+    step = grpo.GRPOStep(cfg, settings, tx, mesh, sh)
+    batches = grpo_batches(tok, enc, prompts, one_shape)
     shapes = {}
     for b in batches:  # compile every shape once, outside the timing
         key = (b["prompt_ids"].shape, b["target_ids"].shape)
@@ -126,66 +166,121 @@ def bench_jax(tok, enc, dtype: str, prompts: int, steps: int, fuse: bool = True,
     times = common.time_steps(run, len(timed))
     impl = "jax" + ("" if fuse else " (rollout+update)")
     return _summary(impl, dtype, prompts, times,
-                    {"padding_share": 1 - real_tokens / padded_tokens})
+                    {"padding_share": 1 - real_tokens / padded_tokens,
+                     "precision": common.precision_note("jax", dtype),
+                     "passes": "prompt once into a KV cache (no grad), LatentRATT, G suffixes "
+                               + ("fwd+bwd, rollout fused in" if settings.fused else
+                                  "(rollout fwd, then update fwd+bwd)"),
+                     **_flops([_batch_flops(cfg, b, settings.fused) for b in timed], times)})
 
 
 # --------------------------------------------------------------------------- torch
 
 
 def bench_torch(tok, enc, dtype: str, groups: int, cfg=None, device: str = "cpu") -> dict:
-    """`cfg`: the decoder shape (default SPEC.md section 9's); `device`: cpu (2 threads) or cuda."""
+    """The release's way, one prompt's group at a time (torch_reference.release_grpo_group_step).
+    `cfg`: the decoder shape (default SPEC.md section 9's); `device`: cpu (2 threads) or cuda."""
     import torch  # optional, heavy, and only after OMP_WAIT_POLICY is set
     import torch_reference as ref
 
     if device == "cpu":
         torch.set_num_threads(2)
+    common.torch_strict_fp32()
     tdtype = common.torch_dtype(dtype)
     cfg = cfg or bench_config(vocab_size=tok.vocab_size)
-    d = cfg.hidden_size
-    model = ref.build_qwen2(cfg, tdtype).to(device).eval()   # seeds torch with 0
+    model = ref.build_causal_lm(cfg, tdtype).to(device).eval()   # seeds torch with 0
     for p in model.parameters():
         p.requires_grad_(False)
-    ratt = ref.LatentRATT(d).to(tdtype).to(device)
+    ratt = ref.LatentRATT(cfg.hidden_size).to(tdtype).to(device)
     opt = torch.optim.AdamW(ratt.parameters(), lr=5e-5)
-    thought = tok.thought_id
-    embed = model.get_input_embeddings()
-
-    def passes(ids, P, T, noise):
-        """The release's two full passes: latent pass, then log-prob pass with r_k in the slot."""
-        out = model(input_ids=ids, output_hidden_states=True)
-        positions = torch.arange(P, device=device)[None].expand(G, -1)     # no padding
-        r = ratt(out.hidden_states[-1][:, :P], torch.ones_like(positions), positions)
-        emb = embed(ids).clone()
-        emb[:, P] = r + noise
-        logits = model(inputs_embeds=emb).logits[:, P:P + T].float()
-        logp = torch.log_softmax(logits, -1).gather(-1, ids[:, P + 1:P + 1 + T, None])[..., 0]
-        return logp
+    gen = torch.Generator().manual_seed(0)
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
 
     def group_step(e):
-        prompt, target = e.prompt_ids, e.target_ids
-        P, T = len(prompt), len(target)
-        ids = torch.tensor([prompt + [thought] + target] * G, device=device)
-        noise = 1.5 * torch.randn(G, d, dtype=tdtype, device=device)
-        noise[0] = 0
-        with torch.no_grad():                       # rollout: rewards and old log-probs
-            old = passes(ids, P, T, noise)
-            s = -torch.exp(-old.mean(1))
-        adv = s - s[0]                              # one group = the whole batch here
-        adv = adv / (adv.norm() + 1e-6)
-        logp = passes(ids, P, T, noise)             # loss: same passes with gradient
-        ratio = torch.exp(logp - old)
-        loss = -torch.min(ratio * adv[:, None],
-                          ratio.clamp(0.8, 1.28) * adv[:, None]).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if device != "cpu":
-            torch.cuda.synchronize()
+        ref.release_grpo_group_step(model, ratt, opt, e.prompt_ids, e.target_ids, tok.thought_id,
+                                    G=G, sigma=1.5, generator=gen)
+        sync()
 
     # warm-up on every timed group: each new sequence length can cost a one-off kernel
     # plan (cuDNN attention on GPU), which a long run pays once per length
     times = common.time_steps(lambda i: group_step(enc[1 + i]), groups, warmup=groups)
-    return _summary("torch (release way)", dtype, 1, times, {"padding_share": 0.0})
+    flops = [common.flops_grpo_release_group(cfg, G, len(enc[1 + i].prompt_ids),
+                                             len(enc[1 + i].target_ids)) for i in range(groups)]
+    return _summary("torch (release way)", dtype, 1, times,
+                    {"padding_share": 0.0, "precision": common.precision_note("torch", dtype, "cast"),
+                     "passes": "one group of G rows: latent pass + log-prob pass without grad, "
+                               "then both again with grad to LatentRATT",
+                     **_flops(flops, times)})
+
+
+def bench_torch_same_passes(tok, enc, dtype: str, prompts: int, steps: int, cfg=None,
+                            device: str = "cpu", one_shape: bool = False) -> dict:
+    """The engine comparison: torch_reference.shared_prefix_grpo_step on the batches the
+    JAX row of `prompts` prompts times (grpo_batches), every shape warmed up first."""
+    import torch
+    import torch_reference as ref
+
+    if device == "cpu":
+        torch.set_num_threads(2)
+    common.torch_strict_fp32()
+    cfg = cfg or bench_config(vocab_size=tok.vocab_size)
+    model = ref.build_causal_lm(cfg).to(device).eval()         # float32 weights
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ratt = ref.LatentRATT(cfg.hidden_size).to(device)
+    opt = torch.optim.AdamW(ratt.parameters(), lr=5e-5)
+    gen = torch.Generator().manual_seed(0)
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
+    batches = grpo_batches(tok, enc, prompts, one_shape)
+    timed = [ref.to_torch(b, device) for b in batches[:steps]]
+    keys = ("prompt_ids", "prompt_mask", "target_ids", "target_mask")
+    timed = [{k: b[k] for k in keys} for b in timed]
+
+    def run(b):
+        ref.shared_prefix_grpo_step(model, ratt, opt, b, G=G, sigma=1.5, generator=gen,
+                                    autocast_dtype=common.autocast_dtype(dtype))
+        sync()
+    seen = set()
+    for b in timed:  # one untimed step per shape, as JAX compiles each shape untimed
+        key = (tuple(b["prompt_ids"].shape), tuple(b["target_ids"].shape))
+        if key not in seen:
+            seen.add(key)
+            run(b)
+    times = common.time_steps(lambda i: run(timed[i]), len(timed))
+    return _summary("torch (same passes as jax)", dtype, prompts, times,
+                    {"precision": common.precision_note("torch", dtype),
+                     "passes": "prompt once into a KV cache (no grad), LatentRATT, G suffixes "
+                               "fwd+bwd, rollout fused in (as the JAX row)",
+                     **_flops([_batch_flops(cfg, b, True) for b in batches[:steps]], times)})
+
+
+def check_parity(tok, enc, cfg) -> dict:
+    """Our JAX target log-probs (shared prefix) against the torch same-passes forward, same
+    weights and noise, float32 at highest precision. (That forward matches the release's
+    full passes: tests/test_bench_reference.py.)"""
+    import torch
+    import torch_reference as ref
+    from latentr3_jax.train.grpo import rollout
+
+    common.torch_strict_fp32()
+    params = latent_lib.init_model_params(cfg, jax.random.PRNGKey(0))
+    b = grpo_batches(tok, enc, 2)[0]
+    n, d = b["prompt_ids"].shape[0], cfg.hidden_size
+    noise = 1.5 * np.random.default_rng(0).standard_normal((n, G, d)).astype(np.float32)
+    noise[:, 0] = 0
+    with common.jax_precision("float32"):
+        jl, _ = rollout.group_logprobs(cfg, params, *(jnp.asarray(b[k]) for k in (
+            "prompt_ids", "prompt_mask", "target_ids", "target_mask")), jnp.asarray(noise))
+    jl = np.asarray(jl)
+    model = ref.build_causal_lm(cfg).eval()
+    ref.load_jax_params(model, cfg, jax.device_get(params))
+    ratt = ref.LatentRATT(d)
+    ref.load_jax_latent(ratt, jax.device_get(params["latent"]))
+    tb = {k: torch.from_numpy(np.asarray(b[k])) for k in ("prompt_ids", "prompt_mask",
+                                                          "target_ids", "target_mask")}
+    tl = ref.shared_prefix_logprobs(model, ratt, tb, torch.from_numpy(noise)).numpy()
+    m = np.repeat(b["target_mask"], G, axis=0).astype(bool)
+    return {"rows": int(n * G), "max_abs_diff_jax_vs_torch_same_passes": float(np.abs(jl - tl)[m].max())}
 
 
 # --------------------------------------------------------------------------- reward curve
@@ -280,17 +375,30 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=6, help="timed JAX batches")
     ap.add_argument("--groups", type=int, default=12, help="timed torch groups")
     ap.add_argument("--curve-steps", type=int, default=60)
+    ap.add_argument("--shape", default="small", choices=("small", "smollm2-135m"))
+    ap.add_argument("--one-shape", action="store_true",
+                    help="time only batches of the commonest padded shape (one compile per "
+                         "row; the default for shapes other than small)")
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--skip-curve", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--out", default="", help="default bench/results/grpo.json (grpo_<shape>.json)")
     args = ap.parse_args()
+    if args.shape != "small":
+        if not common.have_smollm2():
+            print(f"skipped: {common.smollm2_missing()}")
+            return 0
+        args.skip_curve = True   # the learning part does not depend on the shape
+        args.one_shape = True    # a compile per padded shape costs minutes at this size
     result = {"machine": {**common.machine(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
               "speed": []}
-    out = os.path.join(common.RESULTS, "grpo.json")
+    out = args.out or os.path.join(common.RESULTS, "grpo.json" if args.shape == "small"
+                                   else f"grpo_{args.shape}.json")
     previous = read_json(out) if os.path.exists(out) else {}
     if args.skip_speed:  # keep the parts of an earlier run that are not measured again
-        result["speed"] = previous.get("speed", [])
-        result["data"] = previous.get("data")
+        for key in ("speed", "data", "peak", "parity", "model", "shape"):
+            if key in previous:
+                result[key] = previous[key]
     if args.skip_curve and "reward_curves" in previous:
         result["reward_curves"] = previous["reward_curves"]
     if not args.skip_speed:
@@ -319,36 +427,77 @@ def main() -> int:
 
 
 def speed_part(args, result) -> None:
-    tok, enc, source = cds_prompts()
+    tok, enc, source = cds_prompts(tokenizer="smollm2" if args.shape == "smollm2-135m" else "bpe")
+    cfg = common.shape_config(args.shape, tok.vocab_size)
     lens = [len(e.prompt_ids) for e in enc]
     tl = [len(e.target_ids) for e in enc]
+    result["shape"], result["model"] = args.shape, cfg.to_dict()
+    result["weights"] = "random (seed 0): a step's time does not depend on their values"
     result["data"] = {"source": source, "vocab_size": tok.vocab_size, "rows": len(enc),
                       "prompt_tokens_mean": float(np.mean(lens)), "target_tokens_mean": float(np.mean(tl))}
     print(f"data: {source}, vocab {tok.vocab_size}, prompt tokens {np.mean(lens):.1f}, "
-          f"target tokens {np.mean(tl):.1f}")
+          f"target tokens {np.mean(tl):.1f}; shape {args.shape}")
+    peaks = {"jax": {d: common.peak("jax", d) for d in common.DTYPES}}
+    if not args.skip_torch:
+        import torch  # after OMP_WAIT_POLICY; its peak with the threads its rows use
+        torch.set_num_threads(2)
+        peaks["torch"] = {d: common.peak("torch", d) for d in common.DTYPES}
+        result["parity"] = check_parity(tok, enc, cfg)
+        print(f"parity: JAX vs torch same-passes target log-probs, max |diff| "
+              f"{result['parity']['max_abs_diff_jax_vs_torch_same_passes']:.2e}")
     for dtype in common.DTYPES:
         for prompts in (1, 8):
             result["speed"].append(bench_jax(tok, enc, dtype, prompts, args.steps if prompts > 1
-                                             else 2 * args.steps))
+                                             else 2 * args.steps, cfg=cfg, one_shape=args.one_shape))
             print(result["speed"][-1])
         if dtype == "float32":
-            result["speed"].append(bench_jax(tok, enc, dtype, 8, args.steps, fuse=False))
+            result["speed"].append(bench_jax(tok, enc, dtype, 8, args.steps, fuse=False, cfg=cfg,
+                                             one_shape=args.one_shape))
             print(result["speed"][-1])
         if not args.skip_torch:
-            result["speed"].append(bench_torch(tok, enc, dtype, args.groups))
+            result["speed"].append(bench_torch(tok, enc, dtype, args.groups, cfg=cfg))
             print(result["speed"][-1])
-    print(f"\n{'impl':<27}{'dtype':<10}{'prompts/batch':>14}{'prompts/s':>11}{'(best)':>9}"
-          f"{'s/prompt':>10}{'vs torch':>10}{'(best)':>8}")
-    for r in result["speed"]:
-        ref = [x for x in result["speed"] if x["impl"].startswith("torch") and x["dtype"] == r["dtype"]]
-        r["speedup_vs_torch"] = None if not ref else r["prompts_per_s"] / ref[0]["prompts_per_s"]
-        r["speedup_vs_torch_best"] = None if not ref else \
-            r["prompts_per_s_best"] / ref[0]["prompts_per_s_best"]
-        ratio = "n/a" if not ref else f"{r['speedup_vs_torch']:.2f}x"
-        ratio_b = "n/a" if not ref else f"{r['speedup_vs_torch_best']:.2f}x"
-        print(f"{r['impl']:<27}{r['dtype']:<10}{r['prompts_per_batch']:>14}"
+            result["speed"].append(bench_torch_same_passes(tok, enc, dtype, 8, args.steps, cfg=cfg,
+                                                           one_shape=args.one_shape))
+            print(result["speed"][-1])
+    for engine, pk in peaks.items():
+        common.remeasure_peaks(pk, engine)
+    result["peak"] = peaks
+    compare_rows(result["speed"], peaks)
+    print_speed(result["speed"], peaks)
+
+
+def compare_rows(rows: list, peaks: dict) -> None:
+    """Each row's fraction of its engine's peak, and the two comparisons: every row
+    against the release way (whole method), and the JAX fused 8-prompt row against torch
+    running the same passes on the same batches (engine only)."""
+    for r in rows:
+        engine = "torch" if r["impl"].startswith("torch") else "jax"
+        if engine in peaks:
+            common.set_peak(r, peaks[engine][r["dtype"]])
+        rel = [x for x in rows if x["impl"] == "torch (release way)" and x["dtype"] == r["dtype"]]
+        same = [x for x in rows if x["impl"] == "torch (same passes as jax)" and x["dtype"] == r["dtype"]]
+        r["speedup_vs_torch"] = None if not rel else r["prompts_per_s"] / rel[0]["prompts_per_s"]
+        r["speedup_vs_torch_best"] = None if not rel else \
+            r["prompts_per_s_best"] / rel[0]["prompts_per_s_best"]
+        r["speedup_vs_torch_same_passes"] = None
+        if same and r["impl"] == "jax" and r["prompts_per_batch"] == same[0]["prompts_per_batch"]:
+            r["speedup_vs_torch_same_passes"] = r["prompts_per_s"] / same[0]["prompts_per_s"]
+
+
+def print_speed(rows: list, peaks: dict) -> None:
+    f = lambda x: "n/a" if x is None else f"{x:.2f}x"
+    print(f"\n{'impl':<27}{'dtype':<10}{'prompts':>8}{'prompts/s':>11}{'(best)':>9}"
+          f"{'FLOP/s':>9}{'peak':>6}{'vs release':>11}{'vs same passes':>15}")
+    for r in rows:
+        pct = f"{100 * r['fraction_of_peak']:.0f}%" if r.get("fraction_of_peak") else "n/a"
+        print(f"{r['impl']:<27}{r['dtype']:<10}{r['prompts_per_batch']:>8}"
               f"{r['prompts_per_s']:>11.2f}{r['prompts_per_s_best']:>9.2f}"
-              f"{r['s_per_prompt']:>10.3f}{ratio:>10}{ratio_b:>8}")
+              f"{common.fmt_flops(r.get('flops_per_s')):>9}{pct:>6}"
+              f"{f(r.get('speedup_vs_torch')):>11}{f(r.get('speedup_vs_torch_same_passes')):>15}")
+    for engine, pk in peaks.items():
+        for d, p in pk.items():
+            print(f"peak {engine} {d}: {common.fmt_flops(p['peak_flops_per_s'])}FLOP/s ({p['peak_source']})")
 
 
 if __name__ == "__main__":

