@@ -1,0 +1,492 @@
+"""LR-GRPO estimator study on a model trained from scratch on a real Amazon folder (CPU scale).
+
+One LatentR³ (N = 1) SFT model is trained with the demo's decoder shape (configs/demo.py) on
+a subsample of a D3 folder, after a shared N = 0 base stage (`pipeline.base_epochs`, see
+README "Why the base stage"). From its weights, LR-GRPO runs once per variant: the same
+seed, the same batches in the same order and the same number of batches; only the
+estimator, the advantage, the noise or the trust region differ (and the learning rate: the
+config default and one higher). For every run the script records
+
+  * the noise-free reward on the valid split (negative perplexity of the true next title,
+    the quantity LR-GRPO maximises) at the start and after every `--every` batches, read
+    back from the run's saved checkpoints;
+  * the step diagnostics of its metrics.jsonl (reward_spread, adv_pos_frac, noise_rel,
+    latent_drift, pathwise_cos, ...);
+  * a "slot test" on the valid split: the reward with each user's own latent against the
+    reward with another user's latent in the thought slot (the same prompts, the latents
+    rotated by one within each batch), and how far the users' latents are from their mean.
+    If the two rewards agree while the latents differ, the decoder does not use what the
+    latent says about the user.
+LR-GRPO and the valid-reward pass use one prompt bucket and one target bucket (one compile
+per run); beam search uses the SFT run's buckets for every model.
+
+Then, choosing on the valid split only: the `--top` variants with the highest final valid
+reward and the SFT model are decoded with trie-constrained beam search on valid (HR/NDCG);
+the SFT model and the `--test` best of those by valid NDCG@10 are decoded on test, once,
+and compared with the SFT model user by user (study.paired_difference: 95% bootstrap
+interval over users, sign-flip p-value), on valid and on test.
+
+    nice -n 5 .venv/bin/python bench/grpo_study.py            # resumable; reruns skip what finished
+
+Writes runs/grpo_study/ (every run), results/grpo_study_<name>.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import orbax.checkpoint as ocp  # noqa: E402
+
+from latentr3_jax import config as config_lib  # noqa: E402
+from latentr3_jax import data as D  # noqa: E402
+from latentr3_jax import pipeline, study  # noqa: E402
+from latentr3_jax.eval.evaluate import evaluate_run  # noqa: E402
+from latentr3_jax.model import latent as latent_lib  # noqa: E402
+from latentr3_jax.train import runs, setup  # noqa: E402
+from latentr3_jax.train.grpo import loss as gl  # noqa: E402
+from latentr3_jax.train.grpo import train_grpo  # noqa: E402
+from latentr3_jax.utils.jsonio import read_json, write_json  # noqa: E402
+
+DATASET = os.path.join(ROOT, "..", "shared", "data", "amazon18", "Industrial_and_Scientific")
+
+# name, label, grpo.* overrides (besides the learning rate); the first is the release's
+VARIANTS = (
+    ("ppo_batch", "ppo + batch (release)", {}),
+    ("ppo_rloo", "ppo + rloo", {"advantage": "rloo"}),
+    ("ppo_group_mean", "ppo + group_mean", {"advantage": "group_mean"}),
+    ("pathwise", "pathwise", {"estimator": "pathwise"}),
+    ("reinforce_rloo", "reinforce + rloo", {"estimator": "reinforce", "advantage": "rloo"}),
+    ("ppo_rloo_sigma0.5", "ppo + rloo, sigma 0.5", {"advantage": "rloo", "sigma": 0.5}),
+    ("pathwise_trust", "pathwise + latent_trust 1", {"estimator": "pathwise", "latent_trust": 1.0}),
+)
+DIAG_KEYS = ("reward_eps0", "reward_noisy", "reward_spread", "adv_pos_frac", "latent_norm",
+             "noise_rel", "latent_drift", "weight_drift", "clip_frac", "grad_norm", "loss",
+             "pathwise_cos", "pathwise_update_cos")
+
+
+# --------------------------------------------------------------------------- config
+
+
+def base_cfg(args):
+    """The demo's config pointed at the real folder, subsampled and with short prompts."""
+    over = [
+        "--config.dataset=d3", f"--config.dataset_dir={os.path.abspath(args.dataset)}",
+        f"--config.workdir={os.path.abspath(args.workdir)}",
+        f"--config.seed={args.seed}",
+        f"--config.data.max_train_rows={args.train_rows}",
+        f"--config.data.max_eval_rows={args.eval_rows}",
+        f"--config.data.cutoff={args.cutoff}",
+        f"--config.data.buckets={args.buckets}",
+        f"--config.data.max_target_len={args.max_target_len}",
+        f"--config.data.target_buckets={args.target_buckets}",
+        f"--config.pipeline.base_epochs={args.base_epochs}",
+        f"--config.sft.epochs={args.sft_epochs}",
+        "--config.sft.log_every=20",
+        "--config.eval.split=valid",       # the SFT stage's evaluation: valid, never test
+        "--config.eval.progress=False",
+        f"--config.eval.batch_size={args.eval_batch}",
+        f"--config.grpo.prompts_per_batch={args.prompts}",
+        "--config.grpo.group_size=8",
+        "--config.grpo.epochs=1",
+        f"--config.grpo.max_steps={args.batches}",
+        f"--config.grpo.warmup_steps={args.warmup}",
+        f"--config.grpo.checkpoint_every={args.every}",
+        f"--config.grpo.keep_checkpoints={args.batches // args.every + 2}",
+        "--config.grpo.log_every=6",
+        f"--config.grpo.diagnose_every={args.every}",
+        "--config.grpo.evaluate=False",
+    ]
+    cfg, _ = config_lib.parse_config(["--config", os.path.join(ROOT, "configs", "demo.py")] + over)
+    return cfg, over
+
+
+def one_shape(cfg, args):
+    """cfg with one prompt bucket and one target bucket: LR-GRPO and the valid-reward pass
+    compile once per run instead of once per bucket pair (its batches are small, so the
+    padding costs less than the compiles on this CPU)."""
+    c = copy.deepcopy(cfg)
+    c.data.buckets = (int(args.cutoff),)
+    c.data.target_buckets = (int(args.max_target_len),)
+    return c
+
+
+def grpo_cfg(cfg, sft_dir: str, name: str, overrides: dict, lr: float):
+    c = copy.deepcopy(cfg)
+    c.workdir = os.path.join(os.path.abspath(cfg.workdir), "grpo", f"{name}_lr{lr:g}")
+    c.grpo.init_from = sft_dir
+    c.grpo.learning_rate = float(lr)
+    c.model.num_thoughts = 1
+    for k, v in overrides.items():
+        c.grpo[k] = v
+    return c
+
+
+# --------------------------------------------------------------------------- valid reward
+
+
+class ValidReward:
+    """Per-row noise-free reward on the valid split, and the slot test (another user's
+    latent in the thought slot), for any params of the SFT run's model."""
+
+    def __init__(self, cfg, sft):
+        self.sft = sft   # cfg: one_shape(...)
+        self.model_config = setup.execution_config(cfg, sft.model_config)
+        dataset = D.load_dataset(cfg)
+        enc = setup.encode_split(cfg, sft.tokenizer, dataset, "valid")
+        self.rows = len(enc)
+        self.it = D.BatchIterator(enc, 32, buckets=tuple(cfg.data.buckets),
+                                  target_buckets=setup.target_buckets(cfg),
+                                  pad_id=sft.tokenizer.pad_id, seed=0, shuffle=False,
+                                  drop_last=False, process_index=0, process_count=1)
+        mc, nt, lm = self.model_config, sft.num_thoughts, sft.latent_mode
+
+        def rewards(params, b):
+            kw = dict(num_thoughts=nt, latent_mode=lm, dtype=jnp.float32)
+            logits, lat = latent_lib.latent_forward(mc, params, b["prompt_ids"], b["prompt_mask"],
+                                                    b["target_ids"], b["target_mask"], **kw)
+            own = gl.negative_perplexity(latent_lib.target_logprobs(logits, b["target_ids"]),
+                                         b["target_mask"])
+            r = lat[:, -1]
+            # another user's latent: the batch's latents rotated by one (fillers copy row 0,
+            # so a real row never gets its own latent back unless the batch has one real row)
+            swap = jnp.roll(r, 1, axis=0) - r
+            logits2, _ = latent_lib.latent_forward(mc, params, b["prompt_ids"], b["prompt_mask"],
+                                                   b["target_ids"], b["target_mask"],
+                                                   latent_noise=swap, **kw)
+            other = gl.negative_perplexity(latent_lib.target_logprobs(logits2, b["target_ids"]),
+                                           b["target_mask"])
+            return own, other, r
+
+        self._fn = jax.jit(rewards)
+
+    def __call__(self, params) -> dict:
+        own = np.full(self.rows, np.nan)
+        other = np.full(self.rows, np.nan)
+        lat = np.full((self.rows, self.model_config.hidden_size), np.nan)
+        for b in self.it.epoch(0, start=0):
+            dev = {k: jnp.asarray(b[k]) for k in ("prompt_ids", "prompt_mask", "target_ids",
+                                                   "target_mask")}
+            o, s, r = jax.device_get(self._fn(params, dev))
+            real = np.asarray(b["valid"], bool) & (np.asarray(b["row"]) >= 0)
+            idx = np.asarray(b["row"])[real]
+            own[idx], other[idx], lat[idx] = o[real], s[real], r[real]
+        assert not np.isnan(own).any(), "valid rows missing from the reward pass"
+        norm = np.linalg.norm(lat, axis=-1)
+        # how much the latent differs between users: RMS distance to the mean latent,
+        # relative to the mean norm (0: one latent for everybody)
+        user_rms = float(np.sqrt(np.mean(np.sum((lat - lat.mean(0)) ** 2, axis=-1))))
+        return {"reward": float(own.mean()), "reward_other_latent": float(other.mean()),
+                "latent_norm": float(norm.mean()), "latent_user_rms": user_rms,
+                "latent_user_rel": user_rms / float(norm.mean()), "per_row": own.tolist()}
+
+
+def checkpoint_params(run_dir: str) -> dict:
+    """{step: params} of every kept checkpoint of a run's latest/ manager."""
+    root = os.path.join(run_dir, runs.CHECKPOINTS, "latest")
+    mngr = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(
+        read_only=True, create=False, save_interval_steps=0))
+    try:
+        out = {}
+        for step in sorted(mngr.all_steps()):
+            got = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
+            out[int(step)] = jax.tree.map(jnp.asarray, got["params"])
+        return out
+    finally:
+        mngr.close()
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def train_sft_stage(cfg) -> str:
+    """Base (N=0) then LatentR³ (N=1) SFT, evaluated on valid by the pipeline; resumable."""
+    sft_dir = os.path.join(os.path.abspath(cfg.workdir), "sft_latentr3")
+    done = os.path.join(sft_dir, "eval_valid_constrained", "metrics.json")
+    if os.path.exists(os.path.join(sft_dir, "train_summary.json")) and os.path.exists(done):
+        print(f"[sft] done ({sft_dir}); skipping", flush=True)
+        return sft_dir
+    pipeline.run_pipeline(cfg, variants=["sft_latentr3"])
+    return sft_dir
+
+
+def run_variant(vcfg, reward: ValidReward) -> dict:
+    """Train one LR-GRPO run (resumable), then its valid-reward curve from its checkpoints."""
+    out = os.path.join(vcfg.workdir, "study_curve.json")
+    if os.path.exists(out):
+        return read_json(out)
+    marker = os.path.join(vcfg.workdir, "train_summary.json")
+    if not os.path.exists(marker):
+        t0 = time.perf_counter()
+        summary = train_grpo(vcfg, progress=False)
+        summary = {k: v for k, v in summary.items() if k != "curve"}
+        summary["wall_s"] = time.perf_counter() - t0
+        write_json(marker, summary)
+    summary = read_json(marker)
+    curve = []
+    for step, params in checkpoint_params(vcfg.workdir).items():
+        r = reward(params)
+        curve.append({"step": step, **{k: v for k, v in r.items() if k != "per_row"}})
+        last_rows = r["per_row"]
+    steps = [rec for rec in runs.read_metrics(vcfg.workdir) if rec.get("split") == "train"]
+    diag = {k: [rec.get(k) for rec in steps] for k in DIAG_KEYS}
+    result = {"workdir": vcfg.workdir, "grpo": vcfg.grpo.to_dict(), "curve": curve,
+              "train_steps": [rec["batch"] for rec in steps], "diagnostics": diag,
+              "final_valid_reward": curve[-1]["reward"], "final_per_row": last_rows,
+              "train_wall_s": summary.get("wall_s"), "steps": summary.get("steps")}
+    write_json(out, result)
+    return result
+
+
+def decode(cfg, run_dir: str, split: str) -> dict:
+    """Constrained beam search of a run's final weights on `split` (resumable)."""
+    out_dir = os.path.join(run_dir, f"eval_{split}_constrained")
+    metrics = os.path.join(out_dir, "metrics.json")
+    cfg = copy.deepcopy(cfg)
+    cfg.eval.data_from_run = False   # every model decoded on the same rows, buckets and beams
+    if os.path.exists(metrics):
+        m = read_json(metrics)
+    else:
+        print(f"  decoding {os.path.basename(run_dir)} on {split} ...", flush=True)
+        m = evaluate_run(cfg, run_dir, split=split, out_dir=out_dir, print_table=False)
+    return {"metrics": {k: m.get(k) for k in ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10",
+                                              "HR@10_id", "NDCG@10_id", "users")},
+            "predictions": os.path.join(out_dir, "predictions.jsonl")}
+
+
+def paired(a_pred: str, b_pred: str, rows: int, resamples: int) -> dict:
+    """Per-user NDCG@10 and HR@10 (title rule) of a minus b on the same rows."""
+    ra = study.per_user(study.prediction_ranks(a_pred, rows)["title"])
+    rb = study.per_user(study.prediction_ranks(b_pred, rows)["title"])
+    return {m: study.paired_difference(ra[m][None], rb[m][None], resamples=resamples)
+            for m in ("NDCG@10", "HR@10")}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def plot(res: dict, path: str) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(14, 9))
+    lrs = res["learning_rates"]
+    names = [v[0] for v in VARIANTS]
+    colors = {n: plt.cm.tab10(i) for i, n in enumerate(names)}
+    styles = {lr: s for lr, s in zip(lrs, ("-", "--", ":"))}
+    sft_r = res["sft"]["valid_reward"]["reward"]
+    reward_axes = {lr: ax for lr, ax in zip(lrs, axes[0])}   # one panel per learning rate
+    ax_s, ax_n = axes[1]
+    for key, run in res["runs"].items():
+        c, ls = colors[run["variant"]], styles[run["lr"]]
+        steps = [p["step"] for p in run["curve"]]
+        ax_r = reward_axes.get(run["lr"])
+        if ax_r is not None:
+            ax_r.plot(steps, [p["reward"] - sft_r for p in run["curve"]], "-", color=c,
+                      marker="o", ms=3, label=run["label"])
+        x = run["train_steps"]
+        lab = f"{run['label']}, lr {run['lr']:g}"
+        ax_s.plot(x, run["diagnostics"]["reward_spread"], ls, color=c, lw=1, label=lab)
+        ax_n.plot(x, run["diagnostics"]["latent_drift"], ls, color=c, lw=1)
+    for lr, ax_r in reward_axes.items():
+        ax_r.axhline(0.0, color="grey", lw=1)
+        ax_r.set_title(f"lr {lr:g}: valid reward minus the SFT model's ({sft_r:.3f}), "
+                       f"{res['valid_rows']} valid rows", fontsize=9)
+        ax_r.set_xlabel("LR-GRPO batch")
+        ax_r.legend(fontsize=7)
+    ax_s.set_title("reward_spread: within-group std of the train rewards "
+                   "(solid / dashed: first / second lr)", fontsize=9)
+    ax_s.legend(fontsize=6, ncol=2)
+    ax_n.set_title(f"latent_drift ||r - r_sft|| on the train batch (SFT latent norm "
+                   f"{res['sft']['valid_reward']['latent_norm']:.2f})", fontsize=9)
+    for ax in (ax_s, ax_n):
+        ax.set_xlabel("LR-GRPO batch")
+    fig.suptitle(res["title"], fontsize=10)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def markdown(res: dict) -> str:
+    sft = res["sft"]
+    lines = [f"SFT: valid reward {sft['valid_reward']['reward']:.4f} (another user's latent: "
+             f"{sft['valid_reward']['reward_other_latent']:.4f}; latent norm "
+             f"{sft['valid_reward']['latent_norm']:.3f}, RMS between users "
+             f"{sft['valid_reward'].get('latent_user_rms', float('nan')):.3f}), valid NDCG@10 "
+             f"{sft['valid']['NDCG@10']:.4f}" + (f", test NDCG@10 {sft['test']['NDCG@10']:.4f}"
+                                                 if sft.get("test") else ""), "",
+             "| run | final valid reward | Δ vs SFT [95%] | other-latent reward | spread | "
+             "noise_rel | drift | valid NDCG@10 | test NDCG@10 | test Δ NDCG@10 vs SFT [95%], p |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for key, run in sorted(res["runs"].items(), key=lambda kv: -kv[1]["final_valid_reward"]):
+        d = run["valid_reward_vs_sft"]
+        dg = run["diagnostics"]
+        mean = lambda xs: float(np.nanmean([x for x in xs if x is not None])) if any(
+            x is not None for x in xs) else float("nan")
+        vn = run.get("valid", {}).get("NDCG@10")
+        tn = run.get("test", {}).get("NDCG@10")
+        td = run.get("test_vs_sft", {}).get("NDCG@10")
+        lines.append(
+            f"| {key} | {run['final_valid_reward']:.4f} | {d['diff']:+.4f} [{d['lo']:+.4f}, "
+            f"{d['hi']:+.4f}] | {run.get('final_latent', run['curve'][-1])['reward_other_latent']:.4f} | "
+            f"{mean(dg['reward_spread']):.4f} | {mean(dg['noise_rel']):.2f} | "
+            f"{dg['latent_drift'][-1] if dg['latent_drift'][-1] is not None else float('nan'):.3f} | "
+            + (f"{vn:.4f}" if vn is not None else "-") + " | "
+            + (f"{tn:.4f}" if tn is not None else "-") + " | "
+            + (f"{td['diff']:+.4f} [{td['lo']:+.4f}, {td['hi']:+.4f}], p {td['p']:.3g}"
+               if td else "-") + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default=DATASET)
+    p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "grpo_study"))
+    p.add_argument("--name", default="industrial_scratch_cpu-2core")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-rows", type=int, default=3500)
+    p.add_argument("--eval-rows", type=int, default=400)
+    p.add_argument("--cutoff", type=int, default=256)
+    p.add_argument("--buckets", default="(128,192,256)")
+    p.add_argument("--max-target-len", type=int, default=48)
+    p.add_argument("--target-buckets", default="(32,48)")
+    p.add_argument("--base-epochs", type=int, default=2)
+    p.add_argument("--sft-epochs", type=int, default=2)
+    p.add_argument("--eval-batch", type=int, default=32)
+    p.add_argument("--prompts", type=int, default=8, help="prompts per LR-GRPO batch")
+    p.add_argument("--batches", type=int, default=36, help="LR-GRPO batches per run")
+    p.add_argument("--every", type=int, default=6, help="batches between valid-reward points")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--lrs", default="5e-5,1e-3", help="LR-GRPO learning rates (first: default)")
+    p.add_argument("--variants", default=",".join(v[0] for v in VARIANTS))
+    p.add_argument("--top", type=int, default=3, help="variants decoded on valid")
+    p.add_argument("--test", type=int, default=2, help="of those, decoded on test")
+    p.add_argument("--bootstrap", type=int, default=2000)
+    p.add_argument("--until", choices=("sft", "grpo", "valid", "all"), default="all")
+    args = p.parse_args(argv)
+    t_start = time.perf_counter()
+
+    cfg, overrides = base_cfg(args)
+    sft_dir = train_sft_stage(cfg)
+    if args.until == "sft":
+        calls_path = os.path.join(os.path.abspath(cfg.workdir), "calls.json")
+        calls = read_json(calls_path) if os.path.exists(calls_path) else []
+        calls.append({"until": "sft", "wall_s": time.perf_counter() - t_start, "end": time.time()})
+        write_json(calls_path, calls)
+        return
+    sft = runs.load_run(sft_dir)
+    gcfg = one_shape(cfg, args)
+    reward = ValidReward(gcfg, sft)
+    sft_reward = reward(sft.params)
+    print(f"[sft] valid reward {sft_reward['reward']:.4f}, another user's latent "
+          f"{sft_reward['reward_other_latent']:.4f}, latent norm {sft_reward['latent_norm']:.2f}, "
+          f"between users (RMS to the mean latent) {sft_reward['latent_user_rms']:.3f}",
+          flush=True)
+
+    lrs = [float(x) for x in args.lrs.split(",") if x]
+    wanted = [v for v in VARIANTS if v[0] in args.variants.split(",")]
+    res_runs = {}
+    for lr in lrs:
+        for name, label, over in wanted:
+            vcfg = grpo_cfg(gcfg, sft_dir, name, over, lr)
+            t0 = time.perf_counter()
+            r = run_variant(vcfg, reward)
+            key = f"{name} lr {lr:g}"
+            r.update(variant=name, label=label, lr=lr)
+            if r["curve"][0]["step"] != 0:   # the starting point: the SFT model itself
+                r["curve"].insert(0, {"step": 0, **{k: v for k, v in sft_reward.items()
+                                                    if k != "per_row"}})
+            fin = reward(runs.load_run(vcfg.workdir, which="latest").params)
+            r["final_latent"] = {k: fin[k] for k in ("reward", "reward_other_latent",
+                                                     "latent_norm", "latent_user_rms",
+                                                     "latent_user_rel")}
+            r["valid_reward_vs_sft"] = study.paired_difference(
+                np.asarray(r["final_per_row"])[None], np.asarray(sft_reward["per_row"])[None],
+                resamples=args.bootstrap)
+            res_runs[key] = r
+            print(f"[{key}] final valid reward {r['final_valid_reward']:.4f} "
+                  f"(SFT {sft_reward['reward']:.4f}; diff {r['valid_reward_vs_sft']['diff']:+.5f} "
+                  f"[{r['valid_reward_vs_sft']['lo']:+.5f}, {r['valid_reward_vs_sft']['hi']:+.5f}]) "
+                  f"curve {[round(c['reward'], 4) for c in r['curve']]}  "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    if args.until == "grpo":
+        return
+
+    rows = {}
+    for split in ("valid", "test"):
+        ds_rows = D.load_dataset(cfg).splits[split]
+        rows[split] = len(ds_rows)
+    sft_valid = decode(cfg, sft_dir, "valid")
+    ranked = sorted(res_runs, key=lambda k: -res_runs[k]["final_valid_reward"])
+    top = ranked[:args.top]
+    for key in top:
+        r = res_runs[key]
+        dv = decode(cfg, r["workdir"], "valid")
+        r["valid"] = dv["metrics"]
+        r["valid_predictions"] = dv["predictions"]
+        r["valid_vs_sft"] = paired(dv["predictions"], sft_valid["predictions"], rows["valid"],
+                                   args.bootstrap)
+        print(f"[{key}] valid NDCG@10 {dv['metrics']['NDCG@10']:.4f} (SFT "
+              f"{sft_valid['metrics']['NDCG@10']:.4f})", flush=True)
+    res = {"title": f"LR-GRPO estimators, {os.path.basename(os.path.normpath(args.dataset))} "
+                    f"({args.train_rows} train rows), demo decoder from scratch, seed {args.seed}",
+           "dataset": os.path.basename(os.path.normpath(args.dataset)),
+           "command": "nice -n 5 .venv/bin/python bench/grpo_study.py " + " ".join(argv or sys.argv[1:]),
+           "config_overrides": overrides, "args": vars(args), "learning_rates": lrs,
+           "valid_rows": rows["valid"], "test_rows": rows["test"],
+           "sft": {"run": sft_dir, "valid_reward": {k: v for k, v in sft_reward.items()
+                                                    if k != "per_row"},
+                   "valid": sft_valid["metrics"],
+                   "train_summary": read_json(os.path.join(sft_dir, "train_summary.json"))},
+           "ranked_by_valid_reward": ranked, "decoded_on_valid": top, "runs": res_runs}
+    base_summary = os.path.join(os.path.abspath(cfg.workdir), "base", "train_summary.json")
+    if os.path.exists(base_summary):
+        res["base_summary"] = read_json(base_summary)
+    if args.until != "valid":
+        chosen = sorted(top, key=lambda k: -res_runs[k]["valid"]["NDCG@10"])[:args.test]
+        res["decoded_on_test"] = chosen
+        sft_test = decode(cfg, sft_dir, "test")
+        res["sft"]["test"] = sft_test["metrics"]
+        for key in chosen:
+            r = res_runs[key]
+            dt = decode(cfg, r["workdir"], "test")
+            r["test"] = dt["metrics"]
+            r["test_vs_sft"] = paired(dt["predictions"], sft_test["predictions"], rows["test"],
+                                      args.bootstrap)
+    for r in res_runs.values():
+        r.pop("final_per_row", None)
+    res["wall_s_this_call"] = time.perf_counter() - t_start
+    # every call of the script on this workdir (the SFT-only call, the main one, reruns)
+    calls_path = os.path.join(os.path.abspath(cfg.workdir), "calls.json")
+    calls = read_json(calls_path) if os.path.exists(calls_path) else []
+    calls.append({"until": args.until, "wall_s": res["wall_s_this_call"], "end": time.time()})
+    write_json(calls_path, calls)
+    res["calls"] = calls
+    os.makedirs(os.path.join(ROOT, "results"), exist_ok=True)
+    stem = os.path.join(ROOT, "results", f"grpo_study_{args.name}")
+    write_json(stem + ".json", res)
+    plot(res, stem + ".png")
+    md = markdown(res)
+    print("\n" + md)
+    print(f"\nwrote {stem}.json, {stem}.png ({res['wall_s_this_call']:.0f} s this call)")
+
+
+if __name__ == "__main__":
+    main()
