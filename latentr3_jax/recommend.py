@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import types
 from typing import NamedTuple, Optional, Sequence
 
 import jax
@@ -155,16 +154,16 @@ class Recommender:
         return int(k)
 
     def encode(self, histories) -> tuple:
-        """(encoded prompts, truncated flags) of checked histories."""
+        """(encoded prompts, truncated flags) of checked histories: the prompt ids
+        `data.encode_split` gives (one tokenizer pass), with a placeholder target."""
         histories = self._check(histories)
-        samples = [types.SimpleNamespace(history_titles=h, target_title="", target_id=-1, line=n)
-                   for n, h in enumerate(histories)]
         full = self.tokenizer.encode_batch([D.build_prompt(h, self.category_word, self.template)
                                             for h in histories])
         limit = min(self.cutoff if self.cutoff > 0 else 1 << 30, self.buckets[-1])
         truncated = [len(p) > limit for p in full]
-        encoded = D.encode_split(self.tokenizer, samples, self.category_word, self.template,
-                                 self.cutoff)
+        encoded = [D.Encoded(prompt_ids=p[-self.cutoff:] if self.cutoff > 0 else p,
+                             target_ids=[self.tokenizer.eos_id], line=n)
+                   for n, p in enumerate(full)]
         return encoded, truncated
 
     # ------------------------------------------------------------------ ranking
