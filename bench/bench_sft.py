@@ -209,10 +209,15 @@ def worker_jax(args) -> dict:
         mixed.einsum = plain
 
     batches, vocab, thought = load_batches(args.batches)
-    config = common.shape_config(args.shape, vocab)
-    # what `latentr3 sft` runs for this model (model.scan_layers=auto), unless forced
-    scan = args.variant == "scan_layers" or setup.scan_layers_option("auto", config.num_layers)
-    config = config.with_execution(scan_layers=scan)
+    shape_config = common.shape_config(args.shape, vocab)
+
+    def config_for(dname):
+        # what `latentr3 sft` runs for this model and dtype (model.scan_layers=auto), unless
+        # a variant forces the layer scan on or off
+        if args.variant in ("scan_layers", "unrolled_layers"):
+            return shape_config.with_execution(scan_layers=args.variant == "scan_layers")
+        return shape_config.with_execution(scan_layers=setup.scan_layers_option(
+            "auto", shape_config.num_layers, dtype=dname))
     mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     res = {"peak": {}}
 
@@ -220,10 +225,11 @@ def worker_jax(args) -> dict:
         res["peak"][dname] = common.peak("jax", dname)
     for kind in args.kinds.split(","):
         for dname in args.dtypes.split(","):
+            config = config_for(dname)
             with common.jax_precision(dname):
                 st, step = make_train_step(config, mesh, kind, common.jax_dtype(dname))
                 r = time_train_step(step, st, batches, args.steps)
-            r.update(precision=common.precision_note("jax", dname),
+            r.update(precision=common.precision_note("jax", dname), scan_layers=config.scan_layers,
                      **common.flop_fields(step_flops(config, batches, kind, "jax"), r["step_s"],
                                           res["peak"][dname]))
             res[f"{kind}/{dname}"] = r
@@ -310,6 +316,7 @@ MALLOC = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
                             "glibc.malloc.trim_threshold=2147483647"}
 VARIANTS = [
     ("scan_layers", "jax", "", "scan_layers", "float32,bfloat16", {}),
+    ("unrolled_layers", "jax", "", "unrolled_layers", "float32,bfloat16", {}),
     ("plain_bf16_einsum", "jax", "", "plain_bf16_einsum", "bfloat16", {}),
     ("naive_einsum_projections", "jax", "", "naive_einsum", "float32", {}),
     ("no_thunk_runtime", "jax", "--xla_cpu_use_thunk_runtime=false", "default", "float32", {}),

@@ -139,8 +139,11 @@ class ValidReward:
     """Per-row noise-free reward on the valid split, and the slot test (another user's
     latent in the thought slot), for any params of the SFT run's model."""
 
-    def __init__(self, cfg, sft):
+    def __init__(self, cfg, sft, probes: bool = False, sigma: float = 1.5):
+        """`probes`: also the reward with a zero latent and with one N(0, sigma^2) draw added
+        to it (how far the slot's content and the exploration noise move the reward)."""
         self.sft = sft   # cfg: one_shape(...)
+        self.probes = bool(probes)
         self.model_config = setup.execution_config(cfg, sft.model_config)
         dataset = D.load_dataset(cfg)
         enc = setup.encode_split(cfg, sft.tokenizer, dataset, "valid")
@@ -166,29 +169,45 @@ class ValidReward:
                                                    latent_noise=swap, **kw)
             other = gl.negative_perplexity(latent_lib.target_logprobs(logits2, b["target_ids"]),
                                            b["target_mask"])
-            return own, other, r
+            if not probes:
+                return own, other, r, own, own
+            extra = []
+            for noise in (-r, sigma * jax.random.normal(jax.random.PRNGKey(0), r.shape)):
+                lg, _ = latent_lib.latent_forward(mc, params, b["prompt_ids"], b["prompt_mask"],
+                                                  b["target_ids"], b["target_mask"],
+                                                  latent_noise=noise, **kw)
+                extra.append(gl.negative_perplexity(
+                    latent_lib.target_logprobs(lg, b["target_ids"]), b["target_mask"]))
+            return (own, other, r, *extra)
 
         self._fn = jax.jit(rewards)
 
     def __call__(self, params) -> dict:
         own = np.full(self.rows, np.nan)
         other = np.full(self.rows, np.nan)
+        zero = np.full(self.rows, np.nan)
+        noisy = np.full(self.rows, np.nan)
         lat = np.full((self.rows, self.model_config.hidden_size), np.nan)
         for b in self.it.epoch(0, start=0):
             dev = {k: jnp.asarray(b[k]) for k in ("prompt_ids", "prompt_mask", "target_ids",
                                                    "target_mask")}
-            o, s, r = jax.device_get(self._fn(params, dev))
+            o, s, r, z, n = jax.device_get(self._fn(params, dev))
             real = np.asarray(b["valid"], bool) & (np.asarray(b["row"]) >= 0)
             idx = np.asarray(b["row"])[real]
             own[idx], other[idx], lat[idx] = o[real], s[real], r[real]
+            zero[idx], noisy[idx] = z[real], n[real]
         assert not np.isnan(own).any(), "valid rows missing from the reward pass"
         norm = np.linalg.norm(lat, axis=-1)
         # how much the latent differs between users: RMS distance to the mean latent,
         # relative to the mean norm (0: one latent for everybody)
         user_rms = float(np.sqrt(np.mean(np.sum((lat - lat.mean(0)) ** 2, axis=-1))))
-        return {"reward": float(own.mean()), "reward_other_latent": float(other.mean()),
-                "latent_norm": float(norm.mean()), "latent_user_rms": user_rms,
-                "latent_user_rel": user_rms / float(norm.mean()), "per_row": own.tolist()}
+        out = {"reward": float(own.mean()), "reward_other_latent": float(other.mean()),
+               "latent_norm": float(norm.mean()), "latent_user_rms": user_rms,
+               "latent_user_rel": user_rms / float(norm.mean()), "per_row": own.tolist()}
+        if self.probes:
+            out.update(reward_zero_latent=float(zero.mean()), reward_noisy_latent=float(noisy.mean()),
+                       per_row_other=other.tolist(), per_row_zero=zero.tolist())
+        return out
 
 
 def checkpoint_params(run_dir: str) -> dict:

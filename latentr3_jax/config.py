@@ -28,11 +28,12 @@ from ml_collections import config_flags
 
 from latentr3_jax.errors import InputError, one_line
 
-# The model package imports JAX on import, which the command line defers, so its two sets
+# The model package imports JAX on import, which the command line defers, so its three sets
 # are repeated here; tests/test_config_validate.py holds them equal to
-# model.config.ARCHITECTURES and model.latent.LATENT_MODES.
+# model.config.ARCHITECTURES, model.latent.LATENT_MODES and model.latent.LATENT_INITS.
 MODEL_TYPES = ("qwen2", "llama")
 LATENT_MODES = ("ratt", "hidden")               # LatentRATT | raw hidden state (ablation)
+LATENT_INITS = ("normal", "identity")           # LatentRATT's first weights
 DATASETS = ("synthetic", "d3", "tfds")
 TEMPLATES = ("latentr3", "bigrec")              # D3 template | BIGRec (Alpaca) template
 TOKENIZER_SPLITS = ("qwen", "gpt2")             # trained BPE pre-tokeniser
@@ -93,11 +94,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.tie_word_embeddings = True
     c.model.num_thoughts = 1       # 0 = plain BIGRec/D3 SFT baseline
     c.model.latent_mode = "ratt"   # ratt | hidden (ablation: raw hidden state as latent)
+    c.model.latent_init = "normal"  # LatentRATT's first weights: normal (release) | identity
     c.model.dtype = "float32"      # compute dtype: float32 | bfloat16 (params stay float32)
     c.model.remat = False          # recompute each layer's activations in the backward pass
     # auto: run the layers under lax.scan when there are more than 8 (one layer compiled;
     # deep models, TPUs), unrolled otherwise (faster for shallow models: no stacked
-    # residual copies); or true / false
+    # residual copies) and for bfloat16 on a CPU (faster there at any depth); or true / false
     c.model.scan_layers = "auto"
 
     # ---- device mesh (-1 = all remaining devices)
@@ -117,6 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sft.init_from = ""            # run directory whose best weights start this run ('' = model.*)
     c.sft.learning_rate = 3e-4
     c.sft.warmup_steps = 20
+    c.sft.latent_lr_scale = 1.0     # LatentRATT's learning rate = this x sft.learning_rate
     c.sft.batch_size = 128          # global batch (sequences)
     c.sft.micro_batch_size = 0      # 0 = no gradient accumulation
     c.sft.epochs = 3
@@ -305,6 +308,7 @@ RULES = {
     "model.tie_word_embeddings": _boolean,
     "model.num_thoughts": _integer(0),
     "model.latent_mode": _choice(LATENT_MODES),
+    "model.latent_init": _choice(LATENT_INITS),
     "model.dtype": _choice(DTYPES),
     "model.remat": _boolean,
     "model.scan_layers": _scan_layers,
@@ -317,6 +321,7 @@ RULES = {
     "sft.init_from": _string,
     "sft.learning_rate": _number(gt=0),
     "sft.warmup_steps": _integer(0),
+    "sft.latent_lr_scale": _number(gt=0),
     "sft.batch_size": _integer(1),
     "sft.micro_batch_size": _integer(0),
     "sft.epochs": _integer(0),
@@ -427,9 +432,13 @@ DOCS = {
     "model.tie_word_embeddings": "from scratch: the output layer reuses the embedding table",
     "model.num_thoughts": "latent thought tokens before the answer; 0 = plain SFT baseline",
     "model.latent_mode": "ratt (LatentRATT) | hidden (raw last hidden state, an ablation)",
+    "model.latent_init": "new LatentRATT weights: normal (N(0, 0.02), the release's) | identity "
+                         "(V = identity: the latent starts as an attention-weighted mean of "
+                         "the prompt's last hidden states)",
     "model.dtype": "compute dtype float32 | bfloat16 (params stay float32)",
     "model.remat": "recompute each layer's activations in the backward pass (less memory)",
-    "model.scan_layers": "run the layers under lax.scan: auto (9 or more layers) | true | false",
+    "model.scan_layers": "run the layers under lax.scan: auto (9 or more layers, except "
+                         "bfloat16 on a CPU) | true | false",
     "mesh.data": "data-parallel axis size; -1 = the remaining devices",
     "mesh.fsdp": "fully sharded (params and batch) axis size; -1 = the remaining devices",
     "mesh.tensor": "tensor-parallel axis size; -1 = the remaining devices",
@@ -439,6 +448,8 @@ DOCS = {
     "sft.init_from": "run directory whose best weights and tokenizer start this run; '' = model.*",
     "sft.learning_rate": "peak AdamW learning rate (linear warmup, then linear decay to 0)",
     "sft.warmup_steps": "optimizer steps of linear warmup",
+    "sft.latent_lr_scale": "LatentRATT's learning rate relative to sft.learning_rate (1 = the "
+                           "release's single rate)",
     "sft.batch_size": "global batch in sequences (over all devices and micro-batches)",
     "sft.micro_batch_size": "sequences per gradient-accumulation micro-batch; 0 = whole batch",
     "sft.epochs": "passes over the train split; 0 = max_steps alone sets the length",

@@ -111,6 +111,7 @@ def test_constant_sets_match_the_modules_that_use_them():
     from latentr3_jax.train import grpo
     assert C.MODEL_TYPES == tuple(model_config.ARCHITECTURES)
     assert C.LATENT_MODES == tuple(latent.LATENT_MODES)
+    assert C.LATENT_INITS == tuple(latent.LATENT_INITS)
     assert C.DATASETS == tuple(data.DATASETS)
     assert C.TEMPLATES == tuple(prompts.TEMPLATES)
     assert C.ADVANTAGES == tuple(grpo.ADVANTAGES) and C.ESTIMATORS == tuple(grpo.ESTIMATORS)

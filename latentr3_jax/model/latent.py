@@ -24,6 +24,7 @@ from latentr3_jax.model import decoder, mixed
 from latentr3_jax.model.config import DecoderConfig
 
 LATENT_MODES = ("ratt", "hidden")  # LatentRATT, or the ablation "raw hidden state as latent"
+LATENT_INITS = ("normal", "identity")  # LatentRATT's first weights (model.latent_init)
 
 
 def latent_param_shapes(config: DecoderConfig) -> dict:
@@ -37,13 +38,25 @@ def latent_param_axes() -> dict:
     return {"q": dict(lin), "k": dict(lin), "v": dict(lin)}
 
 
-def init_latent_params(config: DecoderConfig, rng: jax.Array, std: float = 0.02) -> dict:
-    """Q, K, V: d x d with bias; weights N(0, std), biases zero."""
+def init_latent_params(config: DecoderConfig, rng: jax.Array, std: float = 0.02,
+                       init: str = "normal") -> dict:
+    """Q, K, V: d x d with bias; weights N(0, std), biases zero (the release's).
+
+    `init="identity"` makes V the identity instead (Q and K as before), so the first
+    latent is an attention-weighted mean of the prompt's last hidden states: a vector on
+    the scale and in the basis the decoder already reads, rather than a random projection
+    of them (the same random draws are used for Q and K either way).
+    """
+    if init not in LATENT_INITS:
+        raise ValueError(f"latent init must be one of {LATENT_INITS}, got {init!r}")
     d = config.hidden_size
     keys = jax.random.split(rng, 3)
-    return {name: {"kernel": std * jax.random.normal(k, (d, d), jnp.float32),
-                   "bias": jnp.zeros((d,), jnp.float32)}
-            for name, k in zip(("q", "k", "v"), keys)}
+    out = {name: {"kernel": std * jax.random.normal(k, (d, d), jnp.float32),
+                  "bias": jnp.zeros((d,), jnp.float32)}
+           for name, k in zip(("q", "k", "v"), keys)}
+    if init == "identity":
+        out["v"]["kernel"] = jnp.eye(d, dtype=jnp.float32)
+    return out
 
 
 def latent_ratt(config: DecoderConfig, lparams: dict, hidden: jax.Array, key_mask: jax.Array,

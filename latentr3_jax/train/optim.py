@@ -39,19 +39,46 @@ def latent_only(params) -> Any:
     return {k: jax.tree.map(lambda _: k == "latent", v) for k, v in params.items()}
 
 
+def latent_lr_scales(scale: float) -> Callable[[Any], Any]:
+    """params -> float tree: `scale` on params['latent'] (LatentRATT), 1 elsewhere."""
+    def scales(params):
+        return {k: jax.tree.map(lambda _: float(scale) if k == "latent" else 1.0, v)
+                for k, v in params.items()}
+    return scales
+
+
+def scale_updates(scales: Callable[[Any], Any]) -> optax.GradientTransformation:
+    """Multiply each leaf's update by a constant from `scales(updates)` (a float tree of the
+    same structure): a per-group learning-rate multiplier after any optimizer."""
+    def init(params):
+        del params
+        return optax.EmptyState()
+
+    def update(updates, state, params=None):
+        del params
+        s = scales(updates)
+        return jax.tree.map(lambda u, c: u if c == 1.0 else u * c, updates, s), state
+
+    return optax.GradientTransformation(init, update)
+
+
 def adamw(schedule: optax.Schedule, *, weight_decay: float = 0.0, grad_clip: float = 1.0,
           b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-          trainable: Optional[Callable[[Any], Any]] = None) -> optax.GradientTransformation:
+          trainable: Optional[Callable[[Any], Any]] = None,
+          lr_scales: Optional[Callable[[Any], Any]] = None) -> optax.GradientTransformation:
     """Global-norm clipping then AdamW.
 
     `trainable(params) -> bool tree` freezes the False leaves: they get zero updates and no
-    optimizer moments, and do not count in the clipping norm.
+    optimizer moments, and do not count in the clipping norm. `lr_scales(params) -> float
+    tree` multiplies each leaf's learning rate (and so its decoupled weight decay).
     """
     parts = []
     if grad_clip and grad_clip > 0:
         parts.append(optax.clip_by_global_norm(grad_clip))
     parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
                              mask=decay_mask))
+    if lr_scales is not None:
+        parts.append(scale_updates(lr_scales))
     tx = optax.chain(*parts)
     if trainable is None:
         return tx

@@ -76,7 +76,9 @@ def train_sft(cfg, *, progress: bool = True, resume_hint: Optional[str] = None,
     key = jax.random.PRNGKey(int(cfg.seed))
     model_key, state_key = jax.random.split(key)
     schedule = optim.linear_warmup_decay(float(s.learning_rate), int(s.warmup_steps), inputs.total)
-    tx = optim.adamw(schedule, weight_decay=float(s.weight_decay), grad_clip=float(s.grad_clip))
+    lr_scale = float(s.latent_lr_scale)
+    tx = optim.adamw(schedule, weight_decay=float(s.weight_decay), grad_clip=float(s.grad_clip),
+                     lr_scales=optim.latent_lr_scales(lr_scale) if lr_scale != 1.0 else None)
     if cfg.model.hf_path or cfg.sft.init_from:
         model_config, params = setup.build_model(cfg, inputs.tokenizer, model_key)
         axes = setup.params_axes(model_config, params)

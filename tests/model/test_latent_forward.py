@@ -70,3 +70,34 @@ def test_padding_rows_do_not_change_other_rows():
     alone, _ = latent.latent_forward(config, params, p_ids[2:, -n_p:], p_mask[2:, -n_p:],
                                      t_ids[2:, :n_t], t_mask[2:, :n_t], num_thoughts=1)
     np.testing.assert_allclose(full[2, :n_t], alone[0], rtol=1e-4, atol=1e-4)
+
+
+def test_identity_init_latent_is_an_attention_mean_of_the_hidden_states():
+    """latent_init='identity': V = I, so the latent is softmax(q k^T / sqrt(d)) @ H over the
+    prompt, computed here by hand with numpy from the same Q and K draws."""
+    config = tiny_config(vocab_size=61, hidden_size=16, num_layers=1)
+    key = jax.random.PRNGKey(3)
+    normal = latent.init_latent_params(config, key)
+    ident = latent.init_latent_params(config, key, init="identity")
+    np.testing.assert_array_equal(ident["q"]["kernel"], normal["q"]["kernel"])
+    np.testing.assert_array_equal(ident["k"]["kernel"], normal["k"]["kernel"])
+    np.testing.assert_array_equal(ident["v"]["kernel"], np.eye(16))
+    r = np.random.default_rng(0)
+    H = r.normal(size=(2, 5, 16)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]], bool)
+    pos = np.asarray(latent.prompt_positions(jnp.asarray(mask)))
+    got = np.asarray(latent.latent_ratt(config, ident, jnp.asarray(H), jnp.asarray(mask),
+                                        jnp.asarray(pos)))
+    inv = 1.0 / config.latent_rope_theta ** (np.arange(0, 16, 2) / 16)
+    for b in range(2):
+        ang = np.concatenate([pos[b][:, None] * inv] * 2, -1)
+        cos, sin = np.cos(ang), np.sin(ang)
+        rot = lambda x: np.concatenate([-x[..., 8:], x[..., :8]], -1)
+        q = H[b, -1] @ ident["q"]["kernel"]
+        k = H[b] @ np.asarray(ident["k"]["kernel"])
+        q, k = q * cos[-1] + rot(q) * sin[-1], k * cos + rot(k) * sin
+        s = np.where(mask[b], k @ q / 4.0, -np.inf)
+        p = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
+        np.testing.assert_allclose(got[b], p @ H[b], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="latent init"):
+        latent.init_latent_params(config, key, init="zeros")

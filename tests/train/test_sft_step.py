@@ -113,3 +113,34 @@ def test_latent_only_optimizer_freezes_the_llm():
         same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before[k]),
                                                          jax.tree.leaves(after[k])))
         assert same == (k != "latent"), k
+
+
+def test_latent_lr_scale_multiplies_only_latentratts_update():
+    """AdamW's first update is lr * m / (sqrt(v) + eps) per leaf; with lr_scales the
+    LatentRATT leaves move `scale` times as far and every other leaf exactly as far."""
+    config = tiny_model()
+    mesh = _mesh()
+    batch = random_batch(0, config.vocab_size)
+    moved = {}
+    for scale in (1.0, 8.0):
+        sched = optim.cosine_warmup(1e-3, 0, 10)
+        tx = optim.adamw(sched, grad_clip=0.0, weight_decay=0.1,
+                         lr_scales=optim.latent_lr_scales(scale) if scale != 1.0 else None)
+        state, sh = new_state(config, tx, mesh)
+        before = jax.device_get(state.params)
+        state, _ = TrainStep(sft_loss(config), tx, mesh, sh)(state, batch)
+        moved[scale] = jax.tree.map(lambda a, b: np.asarray(b, np.float64) - a, before,
+                                    jax.device_get(state.params))
+    for k in moved[1.0]:
+        for a, b in zip(jax.tree.leaves(moved[1.0][k]), jax.tree.leaves(moved[8.0][k])):
+            assert np.abs(a).max() > 0, k
+            np.testing.assert_allclose(b, a * (8.0 if k == "latent" else 1.0), rtol=2e-3,
+                                       atol=1e-9, err_msg=k)
+
+
+def test_scale_updates_on_hand_made_numbers():
+    tx = optim.scale_updates(lambda u: {"a": 3.0, "b": {"c": 1.0}})
+    upd = {"a": jnp.array([1.0, -2.0]), "b": {"c": jnp.array([0.5])}}
+    out, _ = tx.update(upd, tx.init(upd))
+    np.testing.assert_array_equal(out["a"], [3.0, -6.0])
+    np.testing.assert_array_equal(out["b"]["c"], [0.5])
