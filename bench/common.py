@@ -213,11 +213,31 @@ def batch_tokens(batches: Sequence[dict]) -> float:
     return float(np.mean([b["prompt_mask"].sum() + b["target_mask"].sum() for b in batches]))
 
 
+def cpu_model() -> dict:
+    """The host CPU's model name and the matrix-relevant ISA flags (Linux; {} elsewhere):
+    the same VM type has been drawn on different CPUs, and AMX or AVX512-BF16 decide the
+    bf16 peak."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return {}
+    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines()
+                 if ln.startswith("model name")), "")
+    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines()
+                  if ln.startswith("flags")), [])
+    keep = [f for f in flags if f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16",
+                                      "avx512_vnni", "amx_bf16", "amx_tile", "amx_int8")]
+    return {"cpu_model": name, "cpu_flags": keep}
+
+
 def machine() -> dict:
-    """What ran the JAX side: CPU count, load average now, JAX version, backend, device."""
+    """What ran the JAX side: CPU count and model, load average now, JAX version, backend,
+    device."""
     import jax  # not at the top: see the module docstring
-    return {"cpus": os.cpu_count(), "load_avg": list(os.getloadavg()), "jax": jax.__version__,
-            "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind)}
+    return {"cpus": os.cpu_count(), **cpu_model(), "load_avg": list(os.getloadavg()),
+            "jax": jax.__version__, "backend": jax.default_backend(),
+            "device": str(jax.devices()[0].device_kind)}
 
 
 # --------------------------------------------------------------------------- FLOP count

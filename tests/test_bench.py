@@ -3,6 +3,7 @@ computations (that it computes what the release computes, and what our JAX code 
 
 Tiny shapes only; the benchmarks themselves are run by hand (bench/*.py)."""
 
+import os
 import pathlib
 import sys
 
@@ -258,3 +259,15 @@ def test_release_generate_matches_our_beam_search(num_thoughts):
         seq = seq[:seq.index(2) + 1]
         theirs.append(int(trie.leaf_index[trie.walk(seq)]))
     assert ours.tolist() == np.array(theirs).reshape(2, 4).tolist()
+
+
+def test_cpu_model_reads_proc_cpuinfo():
+    got = common.cpu_model()
+    if not os.path.exists("/proc/cpuinfo"):
+        assert got == {}
+        return
+    assert isinstance(got["cpu_model"], str) and isinstance(got["cpu_flags"], list)
+    with open("/proc/cpuinfo") as f:
+        flags = next(ln for ln in f if ln.startswith("flags")).split()
+    assert set(got["cpu_flags"]) <= set(flags)
+    assert ("avx2" in flags) == ("avx2" in got["cpu_flags"])
