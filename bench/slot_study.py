@@ -23,14 +23,18 @@ and records for each, on the valid split only:
     how far the users' latents are from their mean;
   * trie-constrained beam search (HR/NDCG) with the paired difference to n0 over users.
 
-The N >= 1 arm with the best valid NDCG@10, the release's arm (ratt) and n0 are then
-decoded on test once, and compared with n0 user by user (95% bootstrap interval,
-sign-flip p-value). Nothing is chosen on test.
+With several seeds (each its own base stage, initialisation and batch order) every
+number is averaged over seeds and the paired differences average each user's difference
+over seeds before the bootstrap over users. The N >= 1 arm with the best mean valid
+NDCG@10, the release's arm (ratt) and n0 are then decoded on test once per seed, and
+compared with n0 user by user (95% bootstrap interval, sign-flip p-value). Nothing is
+chosen on test.
 
-    nice -n 5 .venv/bin/python bench/slot_study.py            # resumable; reruns skip what finished
+    nice -n 5 .venv/bin/python bench/slot_study.py --seeds 0,1,2   # resumable; reruns skip what finished
     nice -n 5 .venv/bin/python bench/slot_study.py --arms n0,ratt,ratt_lr10
 
-Writes runs/slot_study/ (every run) and results/slot_study_<name>.json and .md.
+Writes runs/slot_study/ (seed 0; seed s: runs/slot_study_seed<s>/) and
+results/slot_study_<name>.json and .md.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import grpo_study as gs  # noqa: E402  (the base config, the slot probes, decoding, pairing)
 
-from latentr3_jax import pipeline  # noqa: E402
+from latentr3_jax import pipeline, study  # noqa: E402
 from latentr3_jax.train import runs  # noqa: E402
 from latentr3_jax.utils.jsonio import read_json, write_json  # noqa: E402
 
@@ -79,42 +83,124 @@ def fmt(d: dict) -> str:
     return f"{d['diff']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}] p={d['p']:.3f}"
 
 
+def seed_workdir(root: str, seed: int) -> str:
+    """Seed 0 trains in `root`, seed s in `root`_seed<s> (each with its own base stage)."""
+    return root if seed == 0 else f"{root}_seed{seed}"
+
+
+def user_metrics(pred_path: str, rows: int) -> dict:
+    """Per-user NDCG@10 and HR@10 (title rule) from a predictions file."""
+    u = study.per_user(study.prediction_ranks(pred_path, rows)["title"])
+    return {m: u[m] for m in ("NDCG@10", "HR@10")}
+
+
+def pooled(a: list, b: list, resamples: int) -> dict:
+    """Paired difference a − b per user, averaged over seeds, for NDCG@10 and HR@10; a, b:
+    one user_metrics dict per seed (the same users in every seed)."""
+    return {m: study.paired_difference(np.stack([x[m] for x in a]), np.stack([x[m] for x in b]),
+                                       resamples=resamples)
+            for m in ("NDCG@10", "HR@10")}
+
+
+def train_seed(args, seed: int):
+    """Base stage and every arm's SFT for one seed (resumable); returns (cfg, overrides,
+    dataset, arms)."""
+    a = argparse.Namespace(**vars(args))
+    a.seed, a.workdir = seed, seed_workdir(os.path.abspath(args.workdir), seed)
+    # grpo_study.base_cfg also sets the LR-GRPO keys; none of them is used here
+    a.prompts, a.batches, a.every, a.warmup = 8, 6, 6, 1
+    cfg, overrides = gs.base_cfg(a)
+    workdir = os.path.abspath(cfg.workdir)
+    os.makedirs(workdir, exist_ok=True)
+    dataset = pipeline._shared_inputs(cfg, workdir)   # the tokenizer, trained once per seed
+    base = pipeline._base_config(cfg, workdir)
+    pipeline._timed_stage(pipeline.BASE, "sft", base)
+    arms = {}
+    for name, label, over in ARMS:
+        if name not in args.arms.split(","):
+            continue
+        vcfg = arm_config(cfg, base, workdir, name, over)
+        summary = pipeline._timed_stage(f"{name} seed {seed}", "sft", vcfg)
+        arms[name] = {"label": label, "overrides": over, "workdir": vcfg.workdir,
+                      "best_valid_loss": float(summary["best_valid_loss"]),
+                      "train_time_s": summary.get("train_time_s"),
+                      "steps": summary.get("optimizer_steps")}
+    return cfg, overrides, dataset, arms
+
+
+def probe_and_decode(cfg, args, arms: dict) -> None:
+    """Slot probes (latent arms) and constrained beam search on valid, for one seed."""
+    gcfg = gs.one_shape(cfg, args)
+    for name, a in arms.items():
+        run = runs.load_run(a["workdir"])
+        if run.num_thoughts:
+            probe_path = os.path.join(a["workdir"], "slot_probes.json")
+            if not os.path.exists(probe_path):
+                r = gs.ValidReward(gcfg, run, probes=True)(run.params)
+                write_json(probe_path, {k: v for k, v in r.items() if not k.startswith("per_row")})
+            a["probes"] = read_json(probe_path)
+        dv = gs.decode(cfg, a["workdir"], "valid")
+        a["valid"], a["valid_predictions"] = dv["metrics"], dv["predictions"]
+
+
+def mean_over(per_seed: list, path: tuple):
+    vals = []
+    for arms in per_seed:
+        x = arms
+        for k in path:
+            x = x.get(k) if isinstance(x, dict) else None
+            if x is None:
+                break
+        if isinstance(x, (int, float)):
+            vals.append(float(x))
+    return float(np.mean(vals)) if len(vals) == len(per_seed) else None
+
+
 def markdown(res: dict) -> str:
+    seeds = res["seeds"]
     out = [f"# {res['title']}", "", f"Command: `{res['command']}`", "",
            f"Valid: {res['valid_rows']} users; test: {res['test_rows']} users; "
-           f"{res['items']} items; seed {res['args']['seed']}.", "",
+           f"{res['items']} items; seeds {seeds}. Every number is the mean over seeds; the "
+           "intervals are paired over users (per-user differences averaged over seeds, "
+           "95% bootstrap, sign-flip p).", "",
            "## Valid split (every arm)", "",
            "| arm | best valid loss | reward own latent | other user's | zero latent | "
            "sigma 1.5 noise | latent norm | between users | NDCG@10 | HR@10 | "
            "NDCG@10 − N=0 [95%] |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, a in res["arms"].items():
-        p = a.get("probes") or {}
-        cell = lambda k, f="{:.4f}": f.format(p[k]) if k in p else ""
-        vs = a.get("valid_vs_n0", {}).get("NDCG@10")
-        out.append(f"| {a['label']} | {a['best_valid_loss']:.4f} | {cell('reward')} | "
+    for name, s in res["summary"].items():
+        cell = lambda k, f="{:.4f}": f.format(s[k]) if s.get(k) is not None else ""
+        vs = s.get("valid_vs_n0", {}).get("NDCG@10")
+        out.append(f"| {s['label']} | {cell('best_valid_loss')} | {cell('reward')} | "
                    f"{cell('reward_other_latent')} | {cell('reward_zero_latent')} | "
                    f"{cell('reward_noisy_latent')} | {cell('latent_norm', '{:.2f}')} | "
-                   f"{cell('latent_user_rel', '{:.2f}')} | {a['valid']['NDCG@10']:.4f} | "
-                   f"{a['valid']['HR@10']:.4f} | {fmt(vs) if vs else ''} |")
-    out += ["", "Reward: mean over valid users of −exp(mean NLL of the true title); "
-            "'between users': RMS distance of the users' latents to their mean, over the "
-            "mean latent norm.", "", "## Test split (read once)", "",
+                   f"{cell('latent_user_rel', '{:.2f}')} | {cell('valid_NDCG@10')} | "
+                   f"{cell('valid_HR@10')} | {fmt(vs) if vs else ''} |")
+    out += ["", "Reward: mean over valid users of −exp(mean NLL of the true title), the "
+            "quantity LR-GRPO maximises; 'other user's': each user's latent replaced by "
+            "another user's of the same batch; 'between users': RMS distance of the users' "
+            "latents to their mean, over the mean latent norm.", "",
+            f"## Test split (read once; chosen on valid: {res.get('chosen_on_valid')})", "",
             "| arm | NDCG@10 | HR@10 | NDCG@10 − N=0 [95%] | HR@10 − N=0 [95%] |",
             "|---|---|---|---|---|"]
     for name in res.get("decoded_on_test", []):
-        a = res["arms"][name]
-        vs = a.get("test_vs_n0")
-        out.append(f"| {a['label']} | {a['test']['NDCG@10']:.4f} | {a['test']['HR@10']:.4f} | "
+        s = res["summary"][name]
+        vs = s.get("test_vs_n0")
+        out.append(f"| {s['label']} | {s['test_NDCG@10']:.4f} | {s['test_HR@10']:.4f} | "
                    f"{fmt(vs['NDCG@10']) if vs else ''} | {fmt(vs['HR@10']) if vs else ''} |")
     return "\n".join(out) + "\n"
+
+
+PROBE_KEYS = ("reward", "reward_other_latent", "reward_zero_latent", "reward_noisy_latent",
+              "latent_norm", "latent_user_rel")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default=gs.DATASET)
-    p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "slot_study"))
+    p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "slot_study"),
+                   help="seed 0's runs; seed s goes to WORKDIR_seed<s>")
     p.add_argument("--name", default="industrial_scratch_cpu-2core")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0", help="comma list")
     p.add_argument("--train-rows", type=int, default=3500)
     p.add_argument("--eval-rows", type=int, default=400)
     p.add_argument("--cutoff", type=int, default=256)
@@ -128,78 +214,69 @@ def main(argv=None):
     p.add_argument("--bootstrap", type=int, default=2000)
     p.add_argument("--until", choices=("train", "valid", "all"), default="all")
     args = p.parse_args(argv)
-    # grpo_study.base_cfg also sets the LR-GRPO keys; none of them is used here
-    args.prompts, args.batches, args.every, args.warmup = 8, 6, 6, 1
+    if "n0" not in args.arms.split(","):
+        raise SystemExit("--arms must include n0 (every arm is compared with it)")
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     t_start = time.perf_counter()
 
-    cfg, overrides = gs.base_cfg(args)
-    workdir = os.path.abspath(cfg.workdir)
-    os.makedirs(workdir, exist_ok=True)
-    dataset = pipeline._shared_inputs(cfg, workdir)   # the tokenizer, trained once
-    base = pipeline._base_config(cfg, workdir)
-    pipeline._timed_stage(pipeline.BASE, "sft", base)
-
-    wanted = [a for a in ARMS if a[0] in args.arms.split(",")]
-    if "n0" not in [a[0] for a in wanted]:
-        raise SystemExit("--arms must include n0 (every arm is compared with it)")
-    arms = {}
-    for name, label, over in wanted:
-        vcfg = arm_config(cfg, base, workdir, name, over)
-        summary = pipeline._timed_stage(name, "sft", vcfg)
-        arms[name] = {"label": label, "overrides": over, "workdir": vcfg.workdir,
-                      "best_valid_loss": float(summary["best_valid_loss"]),
-                      "train_time_s": summary.get("train_time_s"),
-                      "steps": summary.get("optimizer_steps")}
+    per_seed, cfgs = [], []
+    for seed in seeds:
+        cfg, overrides, dataset, arms = train_seed(args, seed)
+        per_seed.append(arms)
+        cfgs.append(cfg)
     if args.until == "train":
         return
-
     rows = {s: len(dataset.splits[s]) for s in ("valid", "test")}
-    if int(cfg.data.max_eval_rows) >= 0:
-        rows = {s: min(n, int(cfg.data.max_eval_rows)) for s, n in rows.items()}
-    gcfg = gs.one_shape(cfg, args)
-    for name, a in arms.items():
-        run = runs.load_run(a["workdir"])
-        if run.num_thoughts:
-            probe_path = os.path.join(a["workdir"], "slot_probes.json")
-            if not os.path.exists(probe_path):
-                r = gs.ValidReward(gcfg, run, probes=True)(run.params)
-                write_json(probe_path, {k: v for k, v in r.items() if not k.startswith("per_row")})
-            a["probes"] = read_json(probe_path)
-        dv = gs.decode(cfg, a["workdir"], "valid")
-        a["valid"], a["valid_predictions"] = dv["metrics"], dv["predictions"]
-    for name, a in arms.items():
-        if name != "n0":
-            a["valid_vs_n0"] = gs.paired(a["valid_predictions"], arms["n0"]["valid_predictions"],
-                                         rows["valid"], args.bootstrap)
-        pr = a.get("probes", {})
-        print(f"[{name}] valid loss {a['best_valid_loss']:.4f}  NDCG@10 {a['valid']['NDCG@10']:.4f}"
-              + (f"  reward own {pr['reward']:.4f} other {pr['reward_other_latent']:.4f} "
-                 f"zero {pr['reward_zero_latent']:.4f} noisy {pr['reward_noisy_latent']:.4f}"
-                 if pr else ""), flush=True)
+    for cfg, arms in zip(cfgs, per_seed):
+        probe_and_decode(cfg, args, arms)
+    names = list(per_seed[0])
+    valid_users = {n: [user_metrics(arms[n]["valid_predictions"], rows["valid"])
+                       for arms in per_seed] for n in names}
+    summary = {}
+    for n in names:
+        s = {"label": per_seed[0][n]["label"], "overrides": per_seed[0][n]["overrides"],
+             "best_valid_loss": mean_over(per_seed, (n, "best_valid_loss")),
+             "valid_NDCG@10": mean_over(per_seed, (n, "valid", "NDCG@10")),
+             "valid_HR@10": mean_over(per_seed, (n, "valid", "HR@10")),
+             "valid_NDCG@10_per_seed": [arms[n]["valid"]["NDCG@10"] for arms in per_seed]}
+        for k in PROBE_KEYS:
+            s[k] = mean_over(per_seed, (n, "probes", k))
+        if n != "n0":
+            s["valid_vs_n0"] = pooled(valid_users[n], valid_users["n0"], args.bootstrap)
+        summary[n] = s
+        print(f"[{n}] valid loss {s['best_valid_loss']:.4f}  NDCG@10 {s['valid_NDCG@10']:.4f}"
+              + (f"  reward own {s['reward']:.4f} other {s['reward_other_latent']:.4f} "
+                 f"zero {s['reward_zero_latent']:.4f} noisy {s['reward_noisy_latent']:.4f}"
+                 if s.get("reward") is not None else "")
+              + (f"  vs N=0 {fmt(s['valid_vs_n0']['NDCG@10'])}" if n != "n0" else ""), flush=True)
 
     res = {"title": f"Thought-slot ablations, {dataset.name} ({args.train_rows} train rows), "
-                    f"demo decoder from scratch, seed {args.seed}",
-           "dataset": dataset.name, "items": len(dataset.catalog),
+                    f"demo decoder from scratch, seeds {seeds}",
+           "dataset": dataset.name, "items": len(dataset.catalog), "seeds": seeds,
            "command": "nice -n 5 .venv/bin/python bench/slot_study.py " + " ".join(argv or sys.argv[1:]),
            "config_overrides": overrides, "args": vars(args),
-           "valid_rows": rows["valid"], "test_rows": rows["test"], "arms": arms,
-           "base_summary": read_json(os.path.join(base.workdir, "train_summary.json"))}
+           "valid_rows": rows["valid"], "test_rows": rows["test"], "summary": summary,
+           "per_seed": {str(sd): arms for sd, arms in zip(seeds, per_seed)}}
     if args.until == "all":
-        latent_arms = [n for n in arms if n != "n0"]
-        best = max(latent_arms, key=lambda n: arms[n]["valid"]["NDCG@10"])
-        chosen = ["n0"] + [n for n in ("ratt",) if n in arms] + ([best] if best != "ratt" else [])
+        latent_arms = [n for n in names if n != "n0"]
+        best = max(latent_arms, key=lambda n: summary[n]["valid_NDCG@10"])
+        chosen = ["n0"] + [n for n in ("ratt",) if n in names] + ([best] if best != "ratt" else [])
         res["chosen_on_valid"] = best
         res["decoded_on_test"] = chosen
-        for name in chosen:
-            dt = gs.decode(cfg, arms[name]["workdir"], "test")
-            arms[name]["test"], arms[name]["test_predictions"] = dt["metrics"], dt["predictions"]
-        for name in chosen[1:]:
-            arms[name]["test_vs_n0"] = gs.paired(arms[name]["test_predictions"],
-                                                 arms["n0"]["test_predictions"], rows["test"],
-                                                 args.bootstrap)
-            t = arms[name]["test_vs_n0"]["NDCG@10"]
-            print(f"[{name}] test NDCG@10 {arms[name]['test']['NDCG@10']:.4f} − N=0 {fmt(t)}",
-                  flush=True)
+        test_users = {}
+        for n in chosen:
+            ms = []
+            for cfg, arms in zip(cfgs, per_seed):
+                dt = gs.decode(cfg, arms[n]["workdir"], "test")
+                arms[n]["test"], arms[n]["test_predictions"] = dt["metrics"], dt["predictions"]
+                ms.append(user_metrics(dt["predictions"], rows["test"]))
+            test_users[n] = ms
+            summary[n]["test_NDCG@10"] = mean_over(per_seed, (n, "test", "NDCG@10"))
+            summary[n]["test_HR@10"] = mean_over(per_seed, (n, "test", "HR@10"))
+        for n in chosen[1:]:
+            summary[n]["test_vs_n0"] = pooled(test_users[n], test_users["n0"], args.bootstrap)
+            print(f"[{n}] test NDCG@10 {summary[n]['test_NDCG@10']:.4f} − N=0 "
+                  f"{fmt(summary[n]['test_vs_n0']['NDCG@10'])}", flush=True)
     res["wall_s_this_call"] = time.perf_counter() - t_start
     os.makedirs(os.path.join(ROOT, "results"), exist_ok=True)
     stem = os.path.join(ROOT, "results", f"slot_study_{args.name}")
