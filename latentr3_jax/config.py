@@ -35,6 +35,7 @@ MODEL_TYPES = ("qwen2", "llama")
 LATENT_MODES = ("ratt", "hidden")               # LatentRATT | raw hidden state (ablation)
 LATENT_INITS = ("normal", "identity")           # LatentRATT's first weights
 DATASETS = ("synthetic", "d3", "tfds")
+LATENT_COMBINES = ("logmeanexp", "max")          # decode.beam.LATENT_COMBINES
 TEMPLATES = ("latentr3", "bigrec")              # D3 template | BIGRec (Alpaca) template
 TOKENIZER_SPLITS = ("qwen", "gpt2")             # trained BPE pre-tokeniser
 BPE_MIN_VOCAB = 260                             # 256 bytes + <|endoftext|> + <|Thought|> + merges
@@ -188,6 +189,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.data_from_run = True     # dataset/data settings from the run's config.json
     c.eval.grounding_beams = 4      # bigrec: beams of the free generation
     c.eval.max_new_tokens = 32      # bigrec: longest generated title (tokens, EOS included)
+    c.eval.latent_samples = 1       # test-time latent ensemble: M latents per user; 1 = off
+    c.eval.latent_sigma = 0.5       # its noise: latents 2..M are r + latent_sigma * N(0, I)
+    c.eval.latent_combine = "logmeanexp"  # a title's score over the M: logmeanexp | max
     c.eval.resume = True            # continue from an existing predictions.jsonl
     c.eval.progress = True          # tqdm progress bar
     return c
@@ -377,6 +381,9 @@ RULES = {
     "eval.data_from_run": _boolean,
     "eval.grounding_beams": _integer(1),
     "eval.max_new_tokens": _integer(1),
+    "eval.latent_samples": _integer(1),
+    "eval.latent_sigma": _number(ge=0),
+    "eval.latent_combine": _choice(LATENT_COMBINES),
     "eval.resume": _boolean,
     "eval.progress": _boolean,
 }
@@ -513,6 +520,11 @@ DOCS = {
     "eval.data_from_run": "take dataset, dataset_dir and data.* from the evaluated run's config",
     "eval.grounding_beams": "bigrec: beams of the free generation",
     "eval.max_new_tokens": "bigrec: longest generated title in tokens, EOS included",
+    "eval.latent_samples": "constrained mode, a model with thoughts: M latents per user (its own "
+                           "and M - 1 noisy ones) searched side by side, scores merged per title",
+    "eval.latent_sigma": "noise of the extra latents of eval.latent_samples (choose on valid)",
+    "eval.latent_combine": "a title's score over the M searches: logmeanexp (a search that missed "
+                           "it adds 0 to the mean) | max",
     "eval.resume": "continue from an existing predictions.jsonl",
     "eval.progress": "show a progress bar",
 }

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from latentr3_jax import config as config_lib
 from latentr3_jax import data as D
 from latentr3_jax.errors import InputError
-from latentr3_jax.eval.ranker import Ranker
+from latentr3_jax.eval.ranker import Ranker, ensemble_options
 from latentr3_jax.train import checkpoint as ckpt_lib
 from latentr3_jax.train import runs
 from latentr3_jax.train.setup import compute_dtype, execution_config
@@ -98,7 +98,7 @@ class Recommender:
                              length_penalty=float(cfg.eval.length_penalty),
                              grounding_beams=int(cfg.eval.grounding_beams),
                              max_new_tokens=int(cfg.eval.max_new_tokens), top=max(cfg.eval.ks),
-                             dtype=compute_dtype(cfg), mesh=mesh)
+                             dtype=compute_dtype(cfg), mesh=mesh, **ensemble_options(cfg))
 
     # ------------------------------------------------------------------ construction
 

@@ -22,6 +22,7 @@ from typing import Optional
 from tqdm import tqdm
 
 from latentr3_jax.errors import InputError
+from latentr3_jax.eval.ranker import ensemble_meta
 from latentr3_jax.recommend import Ranked, Recommender
 from latentr3_jax.utils.atomic import atomic_write_text
 from latentr3_jax.utils.jsonio import read_json
@@ -107,7 +108,8 @@ def _meta(rec: Recommender, input_path: str, k: int) -> dict:
             "step": rec.artifacts.step, "input": os.path.abspath(input_path), "k": int(k),
             "mode": rec.mode, "num_beams": int(e.num_beams),
             "length_penalty": float(e.length_penalty), "grounding_beams": int(e.grounding_beams),
-            "dtype": rec.config.model.dtype, "catalog_items": len(rec.catalog)}
+            "dtype": rec.config.model.dtype, "catalog_items": len(rec.catalog),
+            **ensemble_meta(rec.config)}
 
 
 def recommend_file(rec: Recommender, input_path: str, output_path: str, *,

@@ -50,20 +50,72 @@ class BeamResult(NamedTuple):
     length: jax.Array   # int32 generated tokens, EOS included
 
 
+LATENT_COMBINES = ("logmeanexp", "max")
+
+
+def latent_sample_noise(hidden_size: int, samples: int, sigma: float, seed: int = 0) -> jax.Array:
+    """[samples, d] offsets of a test-time latent ensemble: row 0 is zero (the model's own
+    latent), rows 1.. are sigma * N(0, I) from a fixed key, the same for every user, so a
+    user's ranking does not depend on the batch it is decoded in."""
+    eps = jax.random.normal(jax.random.PRNGKey(seed), (samples, hidden_size), jnp.float32)
+    return (sigma * eps).at[0].set(0.0)
+
+
 def prefill_first_logits(config: DecoderConfig, params: dict, prompt_ids, prompt_mask, *,
-                         num_thoughts: int, latent_mode: str, dtype):
+                         num_thoughts: int, latent_mode: str, dtype, latent_noise=None):
     """Prompt (+ thoughts) into a cache of exactly P + N slots.
 
-    Returns (logits [B, V] for the first generated token, cache).
+    Returns (logits [B, V] for the first generated token, cache). `latent_noise` [M, d]
+    (a latent ensemble): the prompt runs once, then each user's cache is repeated M times
+    and sample m puts latent + latent_noise[m] in the last thought slot; the rows come out
+    user-major ([B * M, V], user i's samples at rows i*M .. i*M + M-1).
     """
     latents, cache, last_hidden = latent.prefill_and_latents(
         config, params, prompt_ids, prompt_mask, num_thoughts=num_thoughts,
         latent_mode=latent_mode, suffix_len=1 if num_thoughts else 0, dtype=dtype)
     if num_thoughts:
-        logits, _, cache = decoder.apply(config, params, inputs_embeds=latents[:, -1:], cache=cache,
+        last = latents[:, -1:]
+        if latent_noise is not None:
+            M = latent_noise.shape[0]
+            cache = {k: v if k == "index" else jnp.repeat(v, M, axis=1 if k in ("k", "v") else 0)
+                     for k, v in cache.items()}
+            last = (jnp.repeat(last, M, axis=0)
+                    + jnp.tile(latent_noise, (latents.shape[0], 1))[:, None].astype(last.dtype))
+        logits, _, cache = decoder.apply(config, params, inputs_embeds=last, cache=cache,
                                          dtype=dtype)
         return logits[:, 0], cache
     return decoder.lm_head(config, params, last_hidden[:, None].astype(dtype))[:, 0], cache
+
+
+def combine_samples(res: "BeamResult", samples: int, combine: str) -> "BeamResult":
+    """Merge the M sample searches of each user ([b*M, B] user-major) into one list of B
+    distinct titles: a title's score is the log of its mean exp-score over the M samples
+    (a sample that did not return it adds 0 to the mean) or its best score ('max')."""
+    if combine not in LATENT_COMBINES:
+        raise ValueError(f"latent ensemble combine must be one of {LATENT_COMBINES}, got {combine!r}")
+    bM, B = res.scores.shape
+    b, M = bM // samples, samples
+    sc = res.scores.reshape(b, M * B)
+    ok = res.valid.reshape(b, M * B)
+    leaf = res.leaf.reshape(b, M * B)
+    same = (leaf[:, :, None] == leaf[:, None, :]) & ok[:, :, None] & ok[:, None, :]  # [b, MB, MB]
+    sample_of = jnp.arange(M * B) // B
+    # score of candidate c's title in each sample m (-inf where m did not return it)
+    in_m = same[:, :, :, None] & (sample_of[None, None, :, None] == jnp.arange(M)[None, None, None, :])
+    per_sample = jnp.max(jnp.where(in_m, sc[:, None, :, None], -jnp.inf), axis=2)        # [b, MB, M]
+    if combine == "max":
+        merged = per_sample.max(-1)
+    else:
+        merged = jax.scipy.special.logsumexp(per_sample, axis=-1) - math.log(M)
+    first = ~jnp.any(same & (jnp.arange(M * B)[None, None, :] < jnp.arange(M * B)[None, :, None]),
+                     axis=2)                       # the first copy of each title stands for it
+    merged = jnp.where(ok & first, merged, _MASKED)
+    top = jax.lax.top_k(merged, B)[1]
+    scores = _gather_beams(merged, top)
+    valid = scores > _VALID
+    pick = lambda x: _gather_beams(x.reshape((b, M * B) + x.shape[2:]), top)
+    return BeamResult(scores=scores, valid=valid, leaf=jnp.where(valid, pick(res.leaf), -1),
+                      tokens=pick(res.tokens), length=jnp.where(valid, pick(res.length), 0))
 
 
 def decode_step(config: DecoderConfig, params: dict, tokens, positions, prefix: dict, dec: dict,
@@ -119,21 +171,32 @@ def _gather_beams(x, idx):
 
 @functools.partial(jax.jit, static_argnames=(
     "config", "num_beams", "max_len", "length_penalty", "num_thoughts", "latent_mode", "eos_id",
-    "dtype"))
+    "dtype", "latent_samples", "latent_combine"))
 def beam_search(config: DecoderConfig, params: dict, trie: Optional[TrieArrays], prompt_ids,
                 prompt_mask, *, num_beams: int = 10, max_len: int, length_penalty: float = 1.0,
                 num_thoughts: int = 0, latent_mode: str = "ratt", eos_id: int = -1,
-                dtype=jnp.float32) -> BeamResult:
+                dtype=jnp.float32, latent_noise=None, latent_samples: int = 1,
+                latent_combine: str = "logmeanexp") -> BeamResult:
     """Beam search for a batch of left-padded prompts [b, P].
 
     With a trie, `max_len` is the trie's longest title (`ItemTrie.max_len`) and `eos_id` is
     unused (a hypothesis ends at a leaf); without one, it ends at `eos_id` or `max_len`.
+
+    A test-time latent ensemble (`latent_samples` = M > 1, `latent_noise` [M, d] from
+    `latent_sample_noise`, a model with thoughts): each user's prompt runs once, M latents
+    go in the thought slot, M independent searches of `num_beams` run side by side as
+    M x num_beams rows, and `combine_samples` merges them per user.
     """
-    b = prompt_ids.shape[0]
-    B, V = num_beams, config.vocab_size
+    ensemble = int(latent_samples) > 1
+    if ensemble and (not num_thoughts or trie is None or latent_noise is None
+                     or latent_noise.shape[0] != latent_samples):
+        raise ValueError("a latent ensemble needs a model with thoughts, a trie (titles are "
+                         "merged by leaf) and latent_noise [latent_samples, hidden]")
     first_logits, prefix = prefill_first_logits(
         config, params, prompt_ids, prompt_mask, num_thoughts=num_thoughts,
-        latent_mode=latent_mode, dtype=dtype)
+        latent_mode=latent_mode, dtype=dtype, latent_noise=latent_noise if ensemble else None)
+    b = first_logits.shape[0]     # users x samples
+    B, V = num_beams, config.vocab_size
     positions0 = jnp.repeat(prefix["next_pos"], B)                        # [b*B]
     dec_shape = (config.num_layers, b * B, max_len, config.num_kv_heads, config.head_dim)
     dec = {"k": jnp.zeros(dec_shape, prefix["k"].dtype), "v": jnp.zeros(dec_shape, prefix["v"].dtype)}
@@ -219,18 +282,33 @@ def beam_search(config: DecoderConfig, params: dict, trie: Optional[TrieArrays],
 
     s = jax.lax.while_loop(cond, body, state)
     valid = s["fin_scores"] > _VALID
-    return BeamResult(scores=s["fin_scores"], valid=valid, leaf=jnp.where(valid, s["fin_leaf"], -1),
-                      tokens=s["fin_tokens"], length=jnp.where(valid, s["fin_len"], 0))
+    res = BeamResult(scores=s["fin_scores"], valid=valid, leaf=jnp.where(valid, s["fin_leaf"], -1),
+                     tokens=s["fin_tokens"], length=jnp.where(valid, s["fin_len"], 0))
+    return combine_samples(res, int(latent_samples), latent_combine) if ensemble else res
 
 
 def constrained_beam_search(config, params, trie: TrieArrays, prompt_ids, prompt_mask, *,
                             max_len: int, num_beams: int = 10, length_penalty: float = 1.0,
                             num_thoughts: int = 0, latent_mode: str = "ratt",
-                            dtype=jnp.float32) -> BeamResult:
-    """Top-`num_beams` distinct catalog titles (trie leaves) per user, best first."""
+                            dtype=jnp.float32, latent_samples: int = 1,
+                            latent_sigma: float = 0.0, latent_combine: str = "logmeanexp",
+                            latent_seed: int = 0) -> BeamResult:
+    """Top-`num_beams` distinct catalog titles (trie leaves) per user, best first.
+
+    `latent_samples` = M > 1 (a model with thoughts): a test-time latent ensemble of the
+    model's latent and M - 1 latents with sigma * N(0, I) added (`latent_sample_noise`),
+    scores combined per title by `latent_combine` (logmeanexp | max).
+    """
+    M = int(latent_samples)
+    noise = None
+    if M > 1:
+        if not num_thoughts:
+            raise ValueError("eval.latent_samples > 1 needs a model with latent thoughts")
+        noise = latent_sample_noise(config.hidden_size, M, float(latent_sigma), int(latent_seed))
     return beam_search(config, params, trie, prompt_ids, prompt_mask, num_beams=num_beams,
                        max_len=max_len, length_penalty=float(length_penalty),
-                       num_thoughts=num_thoughts, latent_mode=latent_mode, dtype=dtype)
+                       num_thoughts=num_thoughts, latent_mode=latent_mode, dtype=dtype,
+                       latent_noise=noise, latent_samples=M, latent_combine=latent_combine)
 
 
 def free_generate(config, params, prompt_ids, prompt_mask, *, max_len: int, eos_id: int,

@@ -26,7 +26,7 @@ from latentr3_jax import data as D
 from latentr3_jax.decode.grounding import params_fingerprint
 from latentr3_jax.errors import InputError
 from latentr3_jax.eval import metrics as M
-from latentr3_jax.eval.ranker import MODES, ROW_FIELDS, Ranker
+from latentr3_jax.eval.ranker import MODES, ROW_FIELDS, Ranker, ensemble_meta, ensemble_options
 from latentr3_jax.parallel.mesh import batch_size_multiple, make_mesh
 from latentr3_jax.train.runs import load_run
 from latentr3_jax.train.setup import compute_dtype, execution_config
@@ -64,7 +64,7 @@ def _eval_meta(cfg, split, mode, fingerprint, num_rows, num_thoughts, latent_mod
             "grounding_beams": int(e.grounding_beams), "max_new_tokens": int(e.max_new_tokens),
             "num_thoughts": int(num_thoughts), "latent_mode": latent_mode,
             "template": cfg.data.template, "cutoff": int(cfg.data.cutoff),
-            "dtype": cfg.model.dtype}
+            "dtype": cfg.model.dtype, **ensemble_meta(cfg)}
 
 
 def _prepare_output(out_dir: str, meta: dict, resume: bool) -> list:
@@ -171,7 +171,7 @@ def evaluate_run(cfg, run_dir: Optional[str] = None, *, model_config=None, param
                     num_thoughts=num_thoughts, latent_mode=latent_mode, mode=mode,
                     num_beams=int(e.num_beams), length_penalty=float(e.length_penalty),
                     grounding_beams=int(e.grounding_beams), max_new_tokens=int(e.max_new_tokens),
-                    top=max(e.ks), dtype=dtype, mesh=mesh)
+                    top=max(e.ks), dtype=dtype, mesh=mesh, **ensemble_options(cfg))
 
     t0 = time.time()
     # steady-state speed: a batch whose prompt shape is new pays a compile and is not counted
@@ -224,7 +224,7 @@ def evaluate_run(cfg, run_dir: Optional[str] = None, *, model_config=None, param
                    "complete": complete, "split": split, "mode": mode,
                    "num_beams": int(e.num_beams if mode == "constrained" else e.grounding_beams),
                    "length_penalty": float(e.length_penalty), "num_thoughts": num_thoughts,
-                   "evaluated_now": evaluated, "output_dir": out_dir})
+                   "evaluated_now": evaluated, "output_dir": out_dir, **ensemble_meta(cfg)})
     if is_primary:
         atomic_write_text(os.path.join(out_dir, METRICS), json.dumps(result, indent=2) + "\n")
         if print_table:

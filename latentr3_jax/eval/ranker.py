@@ -56,6 +56,21 @@ def place_params(mesh, model_config, params):
 ROW_FIELDS = ("ranked_titles", "ranked_ids", "scores", "generated", "oov")
 
 
+def ensemble_options(cfg) -> dict:
+    """The Ranker's test-time latent ensemble settings from cfg.eval."""
+    e = cfg.eval
+    return {"latent_samples": int(e.get("latent_samples", 1)),
+            "latent_sigma": float(e.get("latent_sigma", 0.5)),
+            "latent_combine": str(e.get("latent_combine", "logmeanexp"))}
+
+
+def ensemble_meta(cfg) -> dict:
+    """The ensemble settings where they change rankings ({} without one, so outputs
+    written before the option existed still resume)."""
+    opts = ensemble_options(cfg)
+    return opts if opts["latent_samples"] > 1 else {}
+
+
 class Ranker:
     """Constrained beam search over the catalog's title trie (`mode='constrained'`) or
     free generation grounded to the nearest catalog titles (`mode='bigrec'`).
@@ -71,9 +86,15 @@ class Ranker:
                  num_thoughts: int, latent_mode: str, mode: str = "constrained",
                  num_beams: int = 10, length_penalty: float = 1.0, grounding_beams: int = 4,
                  max_new_tokens: int = 32, top: int = 20, dtype=jnp.float32, mesh=None,
-                 catalog_embeddings: Optional[CatalogEmbeddings] = None):
+                 catalog_embeddings: Optional[CatalogEmbeddings] = None,
+                 latent_samples: int = 1, latent_sigma: float = 0.5,
+                 latent_combine: str = "logmeanexp"):
         if mode not in MODES:
             raise InputError(f"eval.mode={mode!r}: expected one of {', '.join(MODES)}")
+        if int(latent_samples) > 1 and (mode != "constrained" or not num_thoughts):
+            raise InputError(f"eval.latent_samples={latent_samples}: a latent ensemble needs "
+                             f"constrained mode and a model with latent thoughts (mode {mode!r}, "
+                             f"num_thoughts {num_thoughts})")
         if num_thoughts and latent_mode == "ratt" and "latent" not in params:
             raise InputError(f"model has num_thoughts={num_thoughts} in 'ratt' mode but no "
                              "latent weights")
@@ -89,6 +110,9 @@ class Ranker:
         self.grounding_beams = int(grounding_beams)
         self.max_new_tokens = int(max_new_tokens)
         self.top = int(top)
+        self.latent_samples = int(latent_samples)
+        self.latent_sigma = float(latent_sigma)
+        self.latent_combine = str(latent_combine)
         self.dtype = dtype
         self.mesh = mesh
         self.params = place_params(mesh, model_config, params)
@@ -115,7 +139,9 @@ class Ranker:
                 self.model_config, self.params, self.trie_arrays, prompt["ids"], prompt["mask"],
                 max_len=self.trie.max_len, num_beams=self.num_beams,
                 length_penalty=self.length_penalty, num_thoughts=self.num_thoughts,
-                latent_mode=self.latent_mode, dtype=self.dtype)
+                latent_mode=self.latent_mode, dtype=self.dtype,
+                latent_samples=self.latent_samples, latent_sigma=self.latent_sigma,
+                latent_combine=self.latent_combine)
             leaf, scores = to_host(res.leaf), to_host(res.scores)
             out = []
             for r in range(leaf.shape[0]):

@@ -221,3 +221,77 @@ def test_matches_transformers_generate_with_prefix_trie(tmp_path):
                                   num_beams=B, length_penalty=1.0)
     np.testing.assert_array_equal(np.asarray(res.leaf), hf_leaves)
     np.testing.assert_allclose(np.asarray(res.scores), hf_scores, atol=1e-4)
+
+
+def _shifted(params, offset):
+    """LatentRATT's output moved by `offset`: softmax weights sum to 1, so adding it to V's
+    bias adds it to the latent exactly (an independent way to perturb the thought slot)."""
+    p = jax.tree.map(lambda x: x, params)
+    p["latent"] = dict(p["latent"])
+    p["latent"]["v"] = dict(p["latent"]["v"], bias=p["latent"]["v"]["bias"] + offset)
+    return p
+
+
+def _combine_reference(per_sample, B, combine):
+    """per_sample: one list of (score, leaf) per sample -> the B best (score, leaf)."""
+    M = len(per_sample)
+    leaves = {j for res in per_sample for _, j in res}
+    merged = []
+    for j in leaves:
+        got = [s for res in per_sample for s, jj in res if jj == j]
+        if combine == "max":
+            merged.append((max(got), j))
+        else:
+            merged.append((float(np.log(np.sum(np.exp(np.array(got, np.float64))) / M)), j))
+    return sorted(merged, key=lambda x: -x[0])[:B]
+
+
+@pytest.mark.parametrize("combine", ["logmeanexp", "max"])
+def test_latent_ensemble_equals_separate_searches_combined(combine):
+    """M latents r + noise_m in one search equal M separate searches (the noise put in
+    LatentRATT's V bias instead), each checked against the HF-rule reference search on
+    brute-force edge log-probs, merged per title by the same rule in plain Python."""
+    from latentr3_jax.decode.beam import latent_sample_noise
+    config, params = _model(seed=2)
+    trie = ItemTrie(_catalog(seed=2), V)
+    ids, mask = _prompts(seed=2, lengths=(7, 3, 5, 6))
+    B, M, sigma, lp = 4, 3, 0.8, 1.0
+    res = constrained_beam_search(config, params, trie.arrays(), ids, mask, max_len=trie.max_len,
+                                  num_beams=B, length_penalty=lp, num_thoughts=1,
+                                  latent_samples=M, latent_sigma=sigma, latent_combine=combine)
+    noise = np.asarray(latent_sample_noise(config.hidden_size, M, sigma))
+    assert np.all(noise[0] == 0) and np.abs(noise[1:]).mean() > 0.3
+    per_sample = []
+    for m in range(M):
+        _, edges = _brute_force(config, _shifted(params, noise[m]), trie, ids, mask, 1, lp)
+        per_sample.append([_reference_beam(trie, edges[u], B, lp) for u in range(ids.shape[0])])
+    # the noise matters: some user's sample searches return different titles or orders
+    assert any([j for _, j in per_sample[0][u]] != [j for _, j in per_sample[m][u]]
+               for u in range(ids.shape[0]) for m in range(1, M))
+    leaf, scores, valid = map(np.asarray, (res.leaf, res.scores, res.valid))
+    for u in range(ids.shape[0]):
+        ref = _combine_reference([per_sample[m][u] for m in range(M)], B, combine)
+        assert valid[u].sum() == len(ref) and len(set(leaf[u][valid[u]])) == len(ref)
+        ref_scores = np.array([s for s, _ in ref])
+        np.testing.assert_allclose(scores[u][valid[u]], ref_scores, atol=2e-4, rtol=1e-5)
+        clear = np.concatenate([[True], -np.diff(ref_scores) > 1e-3])
+        clear &= np.concatenate([-np.diff(ref_scores) > 1e-3, [True]])
+        np.testing.assert_array_equal(leaf[u][valid[u]][clear], np.array([j for _, j in ref])[clear])
+        for k in np.flatnonzero(valid[u]):   # returned tokens spell the title
+            n = int(res.length[u, k])
+            assert tuple(np.asarray(res.tokens[u, k, :n])) == trie.leaf_tokens[leaf[u, k]]
+
+
+def test_latent_ensemble_without_noise_is_the_plain_search():
+    config, params = _model(seed=3)
+    trie = ItemTrie(_catalog(seed=3), V)
+    ids, mask = _prompts(seed=3)
+    kw = dict(max_len=trie.max_len, num_beams=5, num_thoughts=1)
+    one = constrained_beam_search(config, params, trie.arrays(), ids, mask, **kw)
+    same = constrained_beam_search(config, params, trie.arrays(), ids, mask, latent_samples=4,
+                                   latent_sigma=0.0, **kw)
+    np.testing.assert_array_equal(np.asarray(one.leaf), np.asarray(same.leaf))
+    np.testing.assert_allclose(np.asarray(one.scores), np.asarray(same.scores), atol=1e-5)
+    with pytest.raises(ValueError, match="latent thoughts"):
+        constrained_beam_search(config, params, trie.arrays(), ids, mask, max_len=trie.max_len,
+                                num_beams=5, num_thoughts=0, latent_samples=2, latent_sigma=1.0)

@@ -207,3 +207,38 @@ def test_sharded_over_four_devices_matches_single_device(setup, tmp_path):
             assert x["ranked_ids"] == y["ranked_ids"], (x, y)
         else:
             assert sorted(x["ranked_ids"]) == sorted(y["ranked_ids"]), (x, y)
+
+
+def test_latent_ensemble_through_evaluate(setup, tmp_path):
+    """eval.latent_samples reaches the search: rows equal constrained_beam_search with the
+    same ensemble, the settings are in metrics.json, changing them starts the output over,
+    and an ensemble on a model without thoughts (or in bigrec mode) is refused."""
+    ds, tok, config, params, cfg = setup
+    cfg2 = cfg.copy_and_resolve_references()
+    cfg2.eval.latent_samples, cfg2.eval.latent_sigma = 3, 0.7
+    res = E.evaluate_run(cfg2, model_config=config, params=params, tokenizer=tok, num_thoughts=1,
+                         latent_mode="ratt", dataset=ds, out_dir=str(tmp_path),
+                         print_table=False)
+    assert res["complete"] and res["latent_samples"] == 3 and res["latent_sigma"] == 0.7
+    rows = sorted(_rows(tmp_path), key=lambda r: r["row"])
+    trie = ItemTrie(D.catalog_target_ids(tok, ds.catalog, "latentr3"), config.vocab_size)
+    samples = ds.splits["test"]
+    e = D.encode_sample(tok, samples[rows[0]["row"]], ds.category_word)
+    ids = jnp.asarray([e.prompt_ids], jnp.int32)
+    sep = constrained_beam_search(config, params, trie.arrays(), ids, jnp.ones_like(ids),
+                                  max_len=trie.max_len, num_beams=5, num_thoughts=1,
+                                  latent_samples=3, latent_sigma=0.7)
+    leaves = [int(j) for j in np.asarray(sep.leaf[0]) if j >= 0]
+    assert rows[0]["ranked_ids"] == [i for j in leaves for i in trie.leaf_items[j]]
+    plain = _run(setup, tmp_path / "plain")
+    assert "latent_samples" not in plain
+    cfg2.eval.latent_sigma = 0.9
+    again = E.evaluate_run(cfg2, model_config=config, params=params, tokenizer=tok, num_thoughts=1,
+                           latent_mode="ratt", dataset=ds, out_dir=str(tmp_path),
+                           print_table=False)
+    assert again["evaluated_now"] == 10
+    from latentr3_jax.errors import InputError
+    with pytest.raises(InputError, match="latent_samples"):
+        E.evaluate_run(cfg2, model_config=config, params=params, tokenizer=tok, num_thoughts=0,
+                       latent_mode="ratt", dataset=ds, out_dir=str(tmp_path / "n0"),
+                       print_table=False)
