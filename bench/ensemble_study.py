@@ -77,13 +77,9 @@ def main(argv=None):
             raise SystemExit(f"{run_dir}: not trained; run bench/slot_study.py --seeds {seed} first")
         # the slot study's own config for this seed (its defaults; decoding reads the
         # model and tokenizer from the run)
-        a = argparse.Namespace(dataset=args.dataset, workdir=os.path.dirname(run_dir), seed=seed,
-                               train_rows=3500, eval_rows=args.eval_rows, cutoff=256,
-                               buckets="(128,192,256)", max_target_len=48,
-                               target_buckets="(32,48)", base_epochs=2, sft_epochs=2,
-                               eval_batch=args.eval_batch, prompts=8, batches=6, every=6,
-                               warmup=1)
-        c, _ = gs.base_cfg(a)
+        c, _ = gs.base_cfg(gs.setup_defaults(
+            dataset=args.dataset, workdir=os.path.dirname(run_dir), seed=seed,
+            eval_rows=args.eval_rows, eval_batch=args.eval_batch))
         cfgs.append(c)
         dirs.append(run_dir)
     rows = {s: min(len(D.load_dataset(cfgs[0]).splits[s]), int(args.eval_rows))

@@ -78,6 +78,33 @@ DIAG_KEYS = ("reward_eps0", "reward_noisy", "reward_spread", "adv_pos_frac", "la
 # --------------------------------------------------------------------------- config
 
 
+def add_setup_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of `base_cfg` (data subsample, stage lengths, LR-GRPO batches), shared
+    by the studies built on this one (slot_study, ensemble_study)."""
+    p.add_argument("--train-rows", type=int, default=3500)
+    p.add_argument("--eval-rows", type=int, default=400)
+    p.add_argument("--cutoff", type=int, default=256)
+    p.add_argument("--buckets", default="(128,192,256)")
+    p.add_argument("--max-target-len", type=int, default=48)
+    p.add_argument("--target-buckets", default="(32,48)")
+    p.add_argument("--base-epochs", type=int, default=2)
+    p.add_argument("--sft-epochs", type=int, default=2)
+    p.add_argument("--eval-batch", type=int, default=32)
+    p.add_argument("--prompts", type=int, default=8, help="prompts per LR-GRPO batch")
+    p.add_argument("--batches", type=int, default=36, help="LR-GRPO batches per run")
+    p.add_argument("--every", type=int, default=6, help="batches between valid-reward points")
+    p.add_argument("--warmup", type=int, default=3)
+    return p
+
+
+def setup_defaults(**over) -> argparse.Namespace:
+    """`add_setup_args`' defaults, with `over` (e.g. dataset, workdir, seed) on top."""
+    ns = add_setup_args(argparse.ArgumentParser()).parse_args([])
+    for k, v in over.items():
+        setattr(ns, k, v)
+    return ns
+
+
 def base_cfg(args):
     """The demo's config pointed at the real folder, subsampled and with short prompts."""
     over = [
@@ -380,19 +407,7 @@ def main(argv=None):
     p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "grpo_study"))
     p.add_argument("--name", default="industrial_scratch_cpu-2core")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-rows", type=int, default=3500)
-    p.add_argument("--eval-rows", type=int, default=400)
-    p.add_argument("--cutoff", type=int, default=256)
-    p.add_argument("--buckets", default="(128,192,256)")
-    p.add_argument("--max-target-len", type=int, default=48)
-    p.add_argument("--target-buckets", default="(32,48)")
-    p.add_argument("--base-epochs", type=int, default=2)
-    p.add_argument("--sft-epochs", type=int, default=2)
-    p.add_argument("--eval-batch", type=int, default=32)
-    p.add_argument("--prompts", type=int, default=8, help="prompts per LR-GRPO batch")
-    p.add_argument("--batches", type=int, default=36, help="LR-GRPO batches per run")
-    p.add_argument("--every", type=int, default=6, help="batches between valid-reward points")
-    p.add_argument("--warmup", type=int, default=3)
+    add_setup_args(p)
     p.add_argument("--lrs", default="5e-5,1e-3", help="LR-GRPO learning rates (first: default)")
     p.add_argument("--variants", default=",".join(v[0] for v in VARIANTS))
     p.add_argument("--top", type=int, default=3, help="variants decoded on valid")

@@ -107,8 +107,6 @@ def train_seed(args, seed: int):
     dataset, arms)."""
     a = argparse.Namespace(**vars(args))
     a.seed, a.workdir = seed, seed_workdir(os.path.abspath(args.workdir), seed)
-    # grpo_study.base_cfg also sets the LR-GRPO keys; none of them is used here
-    a.prompts, a.batches, a.every, a.warmup = 8, 6, 6, 1
     cfg, overrides = gs.base_cfg(a)
     workdir = os.path.abspath(cfg.workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -201,15 +199,7 @@ def main(argv=None):
                    help="seed 0's runs; seed s goes to WORKDIR_seed<s>")
     p.add_argument("--name", default="industrial_scratch_cpu-2core")
     p.add_argument("--seeds", default="0", help="comma list")
-    p.add_argument("--train-rows", type=int, default=3500)
-    p.add_argument("--eval-rows", type=int, default=400)
-    p.add_argument("--cutoff", type=int, default=256)
-    p.add_argument("--buckets", default="(128,192,256)")
-    p.add_argument("--max-target-len", type=int, default=48)
-    p.add_argument("--target-buckets", default="(32,48)")
-    p.add_argument("--base-epochs", type=int, default=2)
-    p.add_argument("--sft-epochs", type=int, default=2)
-    p.add_argument("--eval-batch", type=int, default=32)
+    gs.add_setup_args(p)   # (its LR-GRPO options are unused here)
     p.add_argument("--arms", default=",".join(a[0] for a in ARMS))
     p.add_argument("--bootstrap", type=int, default=2000)
     p.add_argument("--until", choices=("train", "valid", "all"), default="all")

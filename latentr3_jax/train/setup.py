@@ -107,8 +107,13 @@ def build_model(cfg, tokenizer, rng: jax.Array) -> Tuple[DecoderConfig, dict]:
     params = dict(params)
     if wants_latent_params(cfg):
         params["latent"] = carried_latent if carried_latent is not None else \
-            latent.init_latent_params(config, lat_rng, init=str(cfg.model.latent_init))
+            latent.init_latent_params(config, lat_rng, init=latent_init(cfg))
     return execution_config(cfg, config), params
+
+
+def latent_init(cfg) -> str:
+    """cfg.model.latent_init ('normal' for configs written before the option existed)."""
+    return str(cfg.model.get("latent_init", "normal"))
 
 
 SCAN_AUTO_MIN_LAYERS = 9
@@ -164,8 +169,7 @@ def init_fn(cfg, config: DecoderConfig):
         dec_rng, lat_rng = jax.random.split(rng)
         params = dict(decoder.init_params(config, dec_rng))
         if with_latent:
-            params["latent"] = latent.init_latent_params(config, lat_rng,
-                                                           init=str(cfg.model.latent_init))
+            params["latent"] = latent.init_latent_params(config, lat_rng, init=latent_init(cfg))
         return params
     return init
 
