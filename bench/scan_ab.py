@@ -1,0 +1,72 @@
+"""Layer scan or not, at the SmolLM2-135M shape: the plain SFT step (fwd + bwd + AdamW) in
+float32 and bfloat16, scanned and unrolled, all four compiled in one process and then run
+alternately step by step, so that machine noise hits every variant alike.
+
+    python bench/scan_ab.py --rounds 2       # writes bench/results/scan_ab_smollm2-135m.json
+
+The batches are bench_sft's (real CDs prompts, SmolLM2's tokenizer, batch 8, P=200, T=24).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import common
+import bench_sft
+from latentr3_jax.utils import cpu_alloc
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--out", default=os.path.join(common.RESULTS, "scan_ab_smollm2-135m.json"))
+    args = ap.parse_args()
+    if not common.have_smollm2():
+        print(f"skipped: {common.smollm2_missing()}")
+        return
+    cpu_alloc.configure()
+    import jax
+    from latentr3_jax.parallel import make_mesh
+
+    path = os.path.join(tempfile.mkdtemp(), "batches.npz")
+    info = bench_sft.make_batches(path, tokenizer="smollm2")
+    batches, vocab, _ = bench_sft.load_batches(path)
+    shape = common.shape_config("smollm2-135m", vocab)
+    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    specs = [(d, s) for d in ("float32", "bfloat16") for s in (True, False)]
+    runs = {}
+    for dname, scan in specs:
+        with common.jax_precision(dname):
+            st, step = bench_sft.make_train_step(shape.with_execution(scan_layers=scan), mesh,
+                                                 "plain", common.jax_dtype(dname))
+            t = time.perf_counter()
+            st, m = step(st, batches[0])
+            jax.block_until_ready(m["loss"])
+        runs[(dname, scan)] = {"state": st, "step": step, "times": [],
+                               "compile_s": time.perf_counter() - t}
+    for r in range(args.rounds + 1):          # round 0: one untimed warm step each
+        for dname, scan in specs:
+            run = runs[(dname, scan)]
+            with common.jax_precision(dname):
+                t = time.perf_counter()
+                run["state"], m = run["step"](run["state"], batches[(r + 1) % len(batches)])
+                jax.block_until_ready(m["loss"])
+            if r:
+                run["times"].append(time.perf_counter() - t)
+        print(f"round {r}: " + "  ".join(f"{d}/{'scan' if s else 'unrolled'} "
+                                          f"{runs[(d, s)]['times'][-1]:.2f} s" for d, s in specs
+                                          if runs[(d, s)]["times"]), flush=True)
+    res = {"info": info, "rounds": args.rounds, "machine": common.machine(),
+           "rows": [{"dtype": d, "scan_layers": s, "step_s": r["times"],
+                     "median_s": statistics.median(r["times"]), "compile_s": r["compile_s"]}
+                    for (d, s), r in runs.items()]}
+    common.write_result(args.out, res)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
