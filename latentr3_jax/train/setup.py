@@ -125,10 +125,10 @@ def scan_layers_option(value, num_layers: int, *, dtype: str = "float32",
     dtype and backend (default: JAX's default backend).
 
     auto scans models of SCAN_AUTO_MIN_LAYERS layers or more (one compiled layer: shorter
-    compiles on TPUs and GPUs; on a CPU in float32 the faster choice has depended on the
-    CPU: scanned on an AMD EPYC draw of the VM, unrolled on an earlier Intel one), except
-    bfloat16 on a CPU: there the 30-layer SmolLM2 step took 17-18 s scanned against 11 s
-    unrolled (README, "Benchmarks"), so it unrolls.
+    compiles on TPUs and GPUs; on a CPU in float32 the faster choice has differed between
+    runs and CPUs), except bfloat16 on a CPU: there the 30-layer SmolLM2 step took 12.9-20.8
+    s scanned against 8.1-9.0 s unrolled (bench/results/scan_ab_smollm2-135m.json), so it
+    unrolls.
     """
     v = str(value).strip().lower()
     if v == "auto":
