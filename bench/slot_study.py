@@ -33,6 +33,13 @@ chosen on test.
     nice -n 5 .venv/bin/python bench/slot_study.py --seeds 0,1,2   # resumable; reruns skip what finished
     nice -n 5 .venv/bin/python bench/slot_study.py --arms n0,ratt,ratt_lr10
 
+With `--model smollm2` the arms start from the pretrained SmolLM2-135M of
+configs/smollm2.py (its `cpu` variant; no base stage) instead:
+
+    nice -n 5 .venv/bin/python bench/slot_study.py --model smollm2 --arms n0,ratt \
+        --train-rows 1024 --eval-rows 200 --max-target-len 32 --target-buckets "(16,32)" \
+        --workdir runs/slot_study_smollm2 --name industrial_smollm2-135m_cpu-2core
+
 Writes runs/slot_study/ (seed 0; seed s: runs/slot_study_seed<s>/) and
 results/slot_study_<name>.json and .md.
 """
@@ -102,21 +109,61 @@ def pooled(a: list, b: list, resamples: int) -> dict:
             for m in ("NDCG@10", "HR@10")}
 
 
+def smollm2_cfg(args):
+    """configs/smollm2.py:<dataset>,cpu from the pretrained checkpoint (no base stage), with
+    this study's subsample, prompt cut and stage length; SFT evaluated on valid only."""
+    from latentr3_jax import config as config_lib
+    dataset = os.path.basename(os.path.normpath(args.dataset))
+    short = {v: k for k, v in SMOLLM2_DATASETS.items()}.get(dataset)
+    if short is None:
+        raise SystemExit(f"--model smollm2: --dataset must be one of {sorted(SMOLLM2_DATASETS.values())}")
+    over = [
+        f"--config.dataset_dir={os.path.abspath(args.dataset)}",
+        f"--config.workdir={os.path.abspath(args.workdir)}",
+        f"--config.seed={args.seed}",
+        f"--config.model.dtype={args.dtype}",
+        f"--config.data.max_train_rows={args.train_rows}",
+        f"--config.data.max_eval_rows={args.eval_rows}",
+        f"--config.data.cutoff={args.cutoff}",
+        f"--config.data.buckets={args.buckets}",
+        f"--config.data.max_target_len={args.max_target_len}",
+        f"--config.data.target_buckets={args.target_buckets}",
+        f"--config.sft.epochs={args.sft_epochs}",
+        f"--config.sft.batch_size={args.sft_batch}",
+        "--config.sft.log_every=4",
+        "--config.eval.split=valid",
+        "--config.eval.progress=False",
+        f"--config.eval.batch_size={args.eval_batch}",
+    ]
+    cfg, _ = config_lib.parse_config(
+        ["--config", os.path.join(ROOT, "configs", f"smollm2.py:{short},cpu")] + over)
+    return cfg, over
+
+
+SMOLLM2_GGUF = os.path.normpath(os.path.join(ROOT, "..", "shared", "models",
+                                             "SmolLM2-135M-Instruct.Q4_1.gguf"))
+SMOLLM2_DATASETS = {"cds": "CDs_and_Vinyl", "industrial": "Industrial_and_Scientific",
+                    "office": "Office_Products"}
+
+
 def train_seed(args, seed: int):
     """Base stage and every arm's SFT for one seed (resumable); returns (cfg, overrides,
     dataset, arms)."""
     a = argparse.Namespace(**vars(args))
     a.seed, a.workdir = seed, seed_workdir(os.path.abspath(args.workdir), seed)
-    cfg, overrides = gs.base_cfg(a)
+    cfg, overrides = smollm2_cfg(a) if args.model == "smollm2" else gs.base_cfg(a)
     workdir = os.path.abspath(cfg.workdir)
     os.makedirs(workdir, exist_ok=True)
     dataset = pipeline._shared_inputs(cfg, workdir)   # the tokenizer, trained once per seed
     base = pipeline._base_config(cfg, workdir)
-    pipeline._timed_stage(pipeline.BASE, "sft", base)
+    if base is not None:
+        pipeline._timed_stage(pipeline.BASE, "sft", base)
     arms = {}
-    for name, label, over in ARMS:
-        if name not in args.arms.split(","):
-            continue
+    by_name = {a[0]: a for a in ARMS}
+    for name in args.arms.split(","):          # in the order given
+        if name not in by_name:
+            raise SystemExit(f"--arms: unknown arm {name!r}; known: {', '.join(by_name)}")
+        _, label, over = by_name[name]
         vcfg = arm_config(cfg, base, workdir, name, over)
         summary = pipeline._timed_stage(f"{name} seed {seed}", "sft", vcfg)
         arms[name] = {"label": label, "overrides": over, "workdir": vcfg.workdir,
@@ -203,7 +250,15 @@ def main(argv=None):
     p.add_argument("--arms", default=",".join(a[0] for a in ARMS))
     p.add_argument("--bootstrap", type=int, default=2000)
     p.add_argument("--until", choices=("train", "valid", "all"), default="all")
+    p.add_argument("--model", choices=("scratch", "smollm2"), default="scratch",
+                   help="scratch: the demo decoder after an N=0 base stage; smollm2: the "
+                        "pretrained SmolLM2-135M of configs/smollm2.py (its cpu variant), no "
+                        "base stage")
+    p.add_argument("--dtype", default="float32", help="compute dtype (--model smollm2)")
+    p.add_argument("--sft-batch", type=int, default=16, help="SFT batch (--model smollm2)")
     args = p.parse_args(argv)
+    if args.model == "smollm2" and not os.path.exists(SMOLLM2_GGUF):
+        raise SystemExit(f"--model smollm2 needs {SMOLLM2_GGUF} (../shared/models); not found")
     if "n0" not in args.arms.split(","):
         raise SystemExit("--arms must include n0 (every arm is compared with it)")
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
@@ -240,8 +295,10 @@ def main(argv=None):
                  if s.get("reward") is not None else "")
               + (f"  vs N=0 {fmt(s['valid_vs_n0']['NDCG@10'])}" if n != "n0" else ""), flush=True)
 
+    model = ("SmolLM2-135M-Instruct (pretrained), no base stage" if args.model == "smollm2"
+             else "demo decoder from scratch")
     res = {"title": f"Thought-slot ablations, {dataset.name} ({args.train_rows} train rows), "
-                    f"demo decoder from scratch, seeds {seeds}",
+                    f"{model}, seeds {seeds}",
            "dataset": dataset.name, "items": len(dataset.catalog), "seeds": seeds,
            "command": "nice -n 5 .venv/bin/python bench/slot_study.py " + " ".join(argv or sys.argv[1:]),
            "config_overrides": overrides, "args": vars(args),

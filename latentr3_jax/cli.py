@@ -150,8 +150,10 @@ def _export_run(src: str, out: str) -> str:
             stored = (None, None)
     runs.export_hf(run, out, catalog=stored[0], category_word=stored[1])
     extra = f", catalog of {len(stored[0])} items" if stored[0] is not None else ""
+    k = _lazy("latentr3_jax.model.latent").num_factors(run.params)
+    factors = f", {k} latent factors" if k > 1 else ""
     return (f"({run.model_config.model_type}, {run.model_config.num_params() / 1e6:.2f}M "
-            f"params, num_thoughts={run.num_thoughts} {run.latent_mode}{extra})")
+            f"params, num_thoughts={run.num_thoughts} {run.latent_mode}{factors}{extra})")
 
 
 def cmd_convert(argv: Sequence[str]) -> int:

@@ -96,6 +96,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.num_thoughts = 1       # 0 = plain BIGRec/D3 SFT baseline
     c.model.latent_mode = "ratt"   # ratt | hidden (ablation: raw hidden state as latent)
     c.model.latent_init = "normal"  # LatentRATT's first weights: normal (release) | identity
+    c.model.latent_factors = 1     # K > 1: K LatentRATT heads write K thought slots (N = 1)
     c.model.dtype = "float32"      # compute dtype: float32 | bfloat16 (params stay float32)
     c.model.remat = False          # recompute each layer's activations in the backward pass
     # auto: run the layers under lax.scan when there are more than 8 (one layer compiled;
@@ -121,6 +122,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sft.learning_rate = 3e-4
     c.sft.warmup_steps = 20
     c.sft.latent_lr_scale = 1.0     # LatentRATT's learning rate = this x sft.learning_rate
+    c.sft.latent_diversity = 0.1    # K > 1: weight of the factors' mean squared cosine
     c.sft.batch_size = 128          # global batch (sequences)
     c.sft.micro_batch_size = 0      # 0 = no gradient accumulation
     c.sft.epochs = 3
@@ -313,6 +315,7 @@ RULES = {
     "model.num_thoughts": _integer(0),
     "model.latent_mode": _choice(LATENT_MODES),
     "model.latent_init": _choice(LATENT_INITS),
+    "model.latent_factors": _integer(1),
     "model.dtype": _choice(DTYPES),
     "model.remat": _boolean,
     "model.scan_layers": _scan_layers,
@@ -326,6 +329,7 @@ RULES = {
     "sft.learning_rate": _number(gt=0),
     "sft.warmup_steps": _integer(0),
     "sft.latent_lr_scale": _number(gt=0),
+    "sft.latent_diversity": _number(ge=0),
     "sft.batch_size": _integer(1),
     "sft.micro_batch_size": _integer(0),
     "sft.epochs": _integer(0),
@@ -442,6 +446,9 @@ DOCS = {
     "model.latent_init": "new LatentRATT weights: normal (N(0, 0.02), the release's) | identity "
                          "(V = identity: the latent starts as an attention-weighted mean of "
                          "the prompt's last hidden states)",
+    "model.latent_factors": "factorised latents: K LatentRATT heads write K thought slots in "
+                            "parallel from the prompt (needs num_thoughts = 1, latent_mode ratt); "
+                            "1 = the paper's single latent",
     "model.dtype": "compute dtype float32 | bfloat16 (params stay float32)",
     "model.remat": "recompute each layer's activations in the backward pass (less memory)",
     "model.scan_layers": "run the layers under lax.scan: auto (9 or more layers, except "
@@ -457,6 +464,8 @@ DOCS = {
     "sft.warmup_steps": "optimizer steps of linear warmup",
     "sft.latent_lr_scale": "LatentRATT's learning rate relative to sft.learning_rate (1 = the "
                            "release's single rate)",
+    "sft.latent_diversity": "with latent_factors > 1: weight of the factors' mean squared "
+                            "cosine (0 = orthogonal, 1 = parallel) added to the token-mean loss",
     "sft.batch_size": "global batch in sequences (over all devices and micro-batches)",
     "sft.micro_batch_size": "sequences per gradient-accumulation micro-batch; 0 = whole batch",
     "sft.epochs": "passes over the train split; 0 = max_steps alone sets the length",
@@ -578,6 +587,11 @@ def _check_relations(cfg) -> None:
     if m.num_heads % m.num_kv_heads:
         raise InputError(f"config model.num_heads must be a multiple of model.num_kv_heads "
                          f"{m.num_kv_heads}, got {m.num_heads}")
+    if int(m.latent_factors) > 1 and (m.num_thoughts > 1 or m.latent_mode != "ratt"):
+        raise InputError(f"config model.latent_factors={m.latent_factors} needs "
+                         f"model.num_thoughts <= 1 and model.latent_mode=ratt (the factors are "
+                         f"parallel LatentRATT heads), got num_thoughts={m.num_thoughts}, "
+                         f"latent_mode={m.latent_mode}")
     if cfg.sft.init_from and m.hf_path:
         raise InputError("config sft.init_from and model.hf_path are both set: the weights come "
                          "from one or the other (the run named by init_from records its own "

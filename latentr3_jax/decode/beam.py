@@ -56,14 +56,15 @@ LATENT_COMBINES = ("logmeanexp", "max")
 def latent_sample_noise(hidden_size: int, samples: int, sigma: float, seed: int = 0) -> jax.Array:
     """[samples, d] offsets of a test-time latent ensemble: row 0 is zero (the model's own
     latent), rows 1.. are sigma * N(0, I) from a fixed key, the same for every user, so a
-    user's ranking does not depend on the batch it is decoded in."""
+    user's ranking does not depend on the batch it is decoded in. (d: the latent width,
+    `latent.latent_width`: K * hidden with K latent factors, every factor perturbed.)"""
     eps = jax.random.normal(jax.random.PRNGKey(seed), (samples, hidden_size), jnp.float32)
     return (sigma * eps).at[0].set(0.0)
 
 
 def prefill_first_logits(config: DecoderConfig, params: dict, prompt_ids, prompt_mask, *,
                          num_thoughts: int, latent_mode: str, dtype, latent_noise=None):
-    """Prompt (+ thoughts) into a cache of exactly P + N slots.
+    """Prompt (+ thoughts) into a cache of exactly P + N slots (P + K with K latent factors).
 
     Returns (logits [B, V] for the first generated token, cache). `latent_noise` [M, d]
     (a latent ensemble): the prompt runs once, then each user's cache is repeated M times
@@ -74,16 +75,21 @@ def prefill_first_logits(config: DecoderConfig, params: dict, prompt_ids, prompt
         config, params, prompt_ids, prompt_mask, num_thoughts=num_thoughts,
         latent_mode=latent_mode, suffix_len=1 if num_thoughts else 0, dtype=dtype)
     if num_thoughts:
-        last = latents[:, -1:]
+        last = latents[:, -1]                                  # [B, d] ([B, K * d]: K factors)
         if latent_noise is not None:
             M = latent_noise.shape[0]
             cache = {k: v if k == "index" else jnp.repeat(v, M, axis=1 if k in ("k", "v") else 0)
                      for k, v in cache.items()}
             last = (jnp.repeat(last, M, axis=0)
-                    + jnp.tile(latent_noise, (latents.shape[0], 1))[:, None].astype(last.dtype))
-        logits, _, cache = decoder.apply(config, params, inputs_embeds=last, cache=cache,
-                                         dtype=dtype)
-        return logits[:, 0], cache
+                    + jnp.tile(latent_noise, (latents.shape[0], 1)).astype(last.dtype))
+        slots = latent.factor_slots(config, last)              # [B(*M), K, d]
+        if slots.shape[1] == 1:
+            logits, _, cache = decoder.apply(config, params, inputs_embeds=slots, cache=cache,
+                                             dtype=dtype)
+            return logits[:, 0], cache
+        _, hidden, cache = decoder.apply(config, params, inputs_embeds=slots, cache=cache,
+                                         dtype=dtype, return_logits=False)
+        return decoder.lm_head(config, params, hidden[:, -1:])[:, 0], cache
     return decoder.lm_head(config, params, last_hidden[:, None].astype(dtype))[:, 0], cache
 
 
@@ -304,7 +310,8 @@ def constrained_beam_search(config, params, trie: TrieArrays, prompt_ids, prompt
     if M > 1:
         if not num_thoughts:
             raise ValueError("eval.latent_samples > 1 needs a model with latent thoughts")
-        noise = latent_sample_noise(config.hidden_size, M, float(latent_sigma), int(latent_seed))
+        noise = latent_sample_noise(latent.latent_width(config, params), M, float(latent_sigma),
+                                    int(latent_seed))
     return beam_search(config, params, trie, prompt_ids, prompt_mask, num_beams=num_beams,
                        max_len=max_len, length_penalty=float(length_penalty),
                        num_thoughts=num_thoughts, latent_mode=latent_mode, dtype=dtype,

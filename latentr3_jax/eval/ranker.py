@@ -49,7 +49,7 @@ def place_params(mesh, model_config, params):
         return params
     axes = decoder.param_axes(model_config)
     if "latent" in params:
-        axes["latent"] = latent.latent_param_axes()
+        axes["latent"] = latent.latent_param_axes(latent.num_factors(params))
     return jax.device_put(params, logical_sharding(axes, mesh, params))
 
 

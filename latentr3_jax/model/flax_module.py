@@ -38,11 +38,13 @@ def _set_in(tree: dict, keys, value) -> None:
 
 
 class LatentR3LM(nn.Module):
-    """Qwen2 / Llama decoder (+ LatentRATT when `with_latent`) as a Linen module."""
+    """Qwen2 / Llama decoder (+ LatentRATT when `with_latent`; `latent_factors` K > 1 heads
+    for factorised latents) as a Linen module."""
 
     config: DecoderConfig
     with_latent: bool = True
     dtype: Any = jnp.float32
+    latent_factors: int = 1
 
     def _declare(self, shapes: dict, axes: dict, init_tree_fn, prefix: str = "") -> dict:
         values = None
@@ -72,8 +74,10 @@ class LatentR3LM(nn.Module):
                                lambda rng: decoder.init_params(c, rng))
         if self.with_latent:
             params["latent"] = self._declare(
-                latent.latent_param_shapes(c), latent.latent_param_axes(),
-                lambda rng: latent.init_latent_params(c, rng), prefix="latent/")
+                latent.latent_param_shapes(c, self.latent_factors),
+                latent.latent_param_axes(self.latent_factors),
+                lambda rng: latent.init_latent_params(c, rng, factors=self.latent_factors),
+                prefix="latent/")
         return params
 
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):

@@ -218,8 +218,9 @@ def config_estimates(cfg, num_devices: Optional[int] = None,
     batch_ways = mesh[0] * mesh[1]
     config = decoder_config or decoder_config_from_cfg(cfg)
     thoughts = int(cfg.model.num_thoughts)
+    slots = thoughts + (int(cfg.model.get("latent_factors", 1)) - 1 if thoughts else 0)
     prompt = max(int(cfg.data.cutoff), 1)
-    target = int(cfg.data.max_target_len) + thoughts
+    target = int(cfg.data.max_target_len) + slots
     with_latent = thoughts > 0 and cfg.model.latent_mode == "ratt"
     common = dict(mesh_shape=mesh, dtype=cfg.model.dtype, remat=bool(cfg.model.remat),
                   with_latent=with_latent, seq_len=prompt + target, target_len=target)

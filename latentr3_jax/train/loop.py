@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from latentr3_jax import data
 from latentr3_jax.errors import InputError
+from latentr3_jax.model import latent as latent_lib
 from latentr3_jax.parallel import distributed, mesh as mesh_lib
 from latentr3_jax.train import checkpoint as ckpt_lib
 from latentr3_jax.train import runs, setup
@@ -196,11 +197,14 @@ def train(cfg, inputs: Inputs, stage: Stage, state, shardings, *, model_config,
     run_dir, tok = inputs.run_dir, inputs.tokenizer
     train_it, valid_it, total, spe = inputs.train_it, inputs.valid_it, inputs.total, inputs.steps_per_epoch
     evaluate = stage.evaluate if valid_it is not None else None
+    factors = latent_lib.num_factors(state.params) if num_thoughts else 1
+    # K is recorded only when > 1, so the fingerprints of single-latent runs are unchanged
     fingerprint = make_fingerprint(model_config, tok, num_thoughts=num_thoughts,
-                                   latent_mode=latent_mode)
+                                   latent_mode=latent_mode,
+                                   **({"latent_factors": factors} if factors > 1 else {}))
     runs.prepare_run_dir(run_dir, cfg, model_config, tok, num_thoughts=num_thoughts,
                          latent_mode=latent_mode, fingerprint=fingerprint,
-                         is_primary=inputs.primary)
+                         is_primary=inputs.primary, latent_factors=factors)
     ckpt = ckpt_lib.Checkpointer(os.path.join(run_dir, runs.CHECKPOINTS), fingerprint=fingerprint,
                                  keep=int(sec.keep_checkpoints))
     trainer = {"batches": 0, "valid": [], "valid_start": None, "best": None, "best_step": None,
@@ -343,4 +347,4 @@ def train(cfg, inputs: Inputs, stage: Stage, state, shardings, *, model_config,
         "bad_steps_total": int(jax.device_get(state.total_bad_steps)),
         "tokens_per_s": tokens_seen / elapsed if stage.tokens and ran and elapsed > 0 else None,
         "steps_per_s": ran / elapsed if ran and elapsed > 0 else None,
-        "num_thoughts": num_thoughts, "latent_mode": latent_mode}
+        "num_thoughts": num_thoughts, "latent_mode": latent_mode, "latent_factors": factors}

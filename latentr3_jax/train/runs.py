@@ -2,8 +2,8 @@
 which gives a finished (or running) run to the next stage.
 
   config.json         the full ConfigDict the run started with
-  model_config.json   {"decoder": DecoderConfig, "num_thoughts", "latent_mode", "thought_id",
-                       "fingerprint"}
+  model_config.json   {"decoder": DecoderConfig, "num_thoughts", "latent_mode",
+                       "latent_factors", "thought_id", "fingerprint"}
   tokenizer/          the tokenizer (loadable with data.load_tokenizer)
   metrics.jsonl       one JSON object per line, appended and flushed line by line
   tensorboard/        the same records' numbers as TensorBoard event files (one file per
@@ -14,9 +14,11 @@ which gives a finished (or running) run to the next stage.
 the model, and `load_run` reads such a folder back as a run:
 
   config.json, generation_config.json, model.safetensors   the decoder (transformers loads it)
-  latent.safetensors  LatentRATT's Q, K, V (when the run has them)
+  latent.safetensors  LatentRATT's Q, K, V (when the run has them; with K latent factors,
+                      each stacked on a leading axis of size K)
   tokenizer.json ...  the run's tokenizer, <|Thought|> included
-  latentr3.json       num_thoughts, latent_mode, thought_id, fingerprint, step, and the
+  latentr3.json       num_thoughts, latent_mode, latent_factors, thought_id, fingerprint,
+                      step, and the
                       run's full config (data settings: template, cutoff, buckets)
   catalog.json        the item catalog (id -> title) and the prompt's category word, so the
                       folder recommends without the dataset
@@ -37,6 +39,7 @@ from latentr3_jax import hf
 from latentr3_jax.data.d3 import Catalog
 from latentr3_jax.data.tokenizer import load_tokenizer
 from latentr3_jax.errors import InputError
+from latentr3_jax.model import latent as latent_lib
 from latentr3_jax.model.config import DecoderConfig
 from latentr3_jax.train import checkpoint as ckpt_lib
 from latentr3_jax.train.fingerprint import check_fingerprint
@@ -60,7 +63,8 @@ def read_run_json(run_dir: str, name: str) -> dict:
 
 
 def prepare_run_dir(run_dir: str, cfg, model_config, tokenizer, *, num_thoughts: int,
-                    latent_mode: str, fingerprint: dict, is_primary: bool = True) -> None:
+                    latent_mode: str, fingerprint: dict, is_primary: bool = True,
+                    latent_factors: int = 1) -> None:
     """Write config, model config and tokenizer. A run directory that already holds a
     different model is refused (resuming needs the same one)."""
     os.makedirs(run_dir, exist_ok=True)
@@ -71,7 +75,7 @@ def prepare_run_dir(run_dir: str, cfg, model_config, tokenizer, *, num_thoughts:
         return
     write_json(os.path.join(run_dir, CONFIG), cfg.to_dict())
     write_json(existing, {"decoder": model_config.to_dict(), "num_thoughts": int(num_thoughts),
-                          "latent_mode": str(latent_mode),
+                          "latent_mode": str(latent_mode), "latent_factors": int(latent_factors),
                           "thought_id": int(tokenizer.thought_id), "fingerprint": fingerprint})
     save_tokenizer(tokenizer, os.path.join(run_dir, TOKENIZER))
 
@@ -236,6 +240,7 @@ def export_hf(run: RunArtifacts, out: str, *, catalog: Optional[Catalog] = None,
         write_json(os.path.join(tmp, EXPORT), {
             "format": EXPORT_FORMAT, "num_thoughts": int(run.num_thoughts),
             "latent_mode": str(run.latent_mode), "thought_id": int(run.thought_id),
+            "latent_factors": latent_lib.num_factors(run.params),
             "fingerprint": run.meta.get("fingerprint"), "step": int(run.step),
             "source": run.run_dir, "config": run.config.to_dict()})
         if catalog is not None:
@@ -262,6 +267,11 @@ def load_export(path: str) -> RunArtifacts:
     if facts["num_thoughts"] and facts["latent_mode"] == "ratt" and "latent" not in params:
         raise InputError(f"{path}: {where} says num_thoughts={facts['num_thoughts']} in 'ratt' "
                          f"mode but {hf.LATENT_FILE} is missing")
+    factors = facts.get("latent_factors", 1)
+    if "latent" in params and latent_lib.num_factors(params) != factors:
+        raise InputError(f"{where}: field 'latent_factors' is {factors!r} but "
+                         f"{hf.LATENT_FILE} holds {latent_lib.num_factors(params)} LatentRATT "
+                         f"head(s)")
     params = jax.tree.map(jax.numpy.asarray, params)
     tokenizer = load_tokenizer(path)
     if tokenizer.vocab_size != model_config.vocab_size:

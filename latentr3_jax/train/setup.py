@@ -99,7 +99,8 @@ def build_model(cfg, tokenizer, rng: jax.Array) -> Tuple[DecoderConfig, dict]:
         base = load_init_run(cfg, tokenizer)
         config = base.model_config
         params = {k: v for k, v in base.params.items() if k != "latent"}
-        if "latent" in base.params and base.latent_mode == cfg.model.latent_mode:
+        if ("latent" in base.params and base.latent_mode == cfg.model.latent_mode
+                and latent.num_factors(base.params) == latent_factors(cfg)):
             carried_latent = base.params["latent"]   # continuing a LatentR³ run
     else:
         config = scratch_config(cfg, tokenizer)
@@ -107,13 +108,19 @@ def build_model(cfg, tokenizer, rng: jax.Array) -> Tuple[DecoderConfig, dict]:
     params = dict(params)
     if wants_latent_params(cfg):
         params["latent"] = carried_latent if carried_latent is not None else \
-            latent.init_latent_params(config, lat_rng, init=latent_init(cfg))
+            latent.init_latent_params(config, lat_rng, init=latent_init(cfg),
+                                      factors=latent_factors(cfg))
     return execution_config(cfg, config), params
 
 
 def latent_init(cfg) -> str:
     """cfg.model.latent_init ('normal' for configs written before the option existed)."""
     return str(cfg.model.get("latent_init", "normal"))
+
+
+def latent_factors(cfg) -> int:
+    """cfg.model.latent_factors (1 for configs written before the option existed)."""
+    return int(cfg.model.get("latent_factors", 1))
 
 
 SCAN_AUTO_MIN_LAYERS = 9
@@ -156,7 +163,7 @@ def params_axes(config: DecoderConfig, params: dict) -> dict:
     """Logical axes for `params` (decoder weights plus the latent module if present)."""
     axes = decoder.param_axes(config)
     if "latent" in params:
-        axes["latent"] = latent.latent_param_axes()
+        axes["latent"] = latent.latent_param_axes(latent.num_factors(params))
     return axes
 
 
@@ -169,7 +176,8 @@ def init_fn(cfg, config: DecoderConfig):
         dec_rng, lat_rng = jax.random.split(rng)
         params = dict(decoder.init_params(config, dec_rng))
         if with_latent:
-            params["latent"] = latent.init_latent_params(config, lat_rng, init=latent_init(cfg))
+            params["latent"] = latent.init_latent_params(config, lat_rng, init=latent_init(cfg),
+                                                         factors=latent_factors(cfg))
         return params
     return init
 

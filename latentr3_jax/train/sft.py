@@ -22,21 +22,31 @@ from latentr3_jax.train.state import create_sharded_state
 from latentr3_jax.train.step import TrainStep
 
 
-def make_sft_loss(model_config, *, num_thoughts: int, latent_mode: str = "ratt", dtype=jnp.float32):
-    """loss_fn(params, batch, rng) -> (sum of target-token NLL, number of target tokens, {}).
+def make_sft_loss(model_config, *, num_thoughts: int, latent_mode: str = "ratt", dtype=jnp.float32,
+                  diversity: float = 0.0):
+    """loss_fn(params, batch, rng) -> (sum of target-token NLL, number of target tokens, aux).
 
     Only target tokens (`"Title"\\n` + EOS) count; prompt, thought slots, padding and
-    filler rows (valid = False) are masked.
+    filler rows (valid = False) are masked. With K > 1 latent factors (read from the
+    weights), `diversity` times the factors' mean squared cosine
+    (`latent.factor_diversity`) is added to the token-mean loss (as `diversity * cos2 *
+    tokens` to the sum), and aux carries `diversity_sum` (cos2 * tokens, summed like the
+    loss) for the step record.
     """
     def loss_fn(params, batch, rng):
         del rng
-        logits, _ = latent.latent_forward(
+        logits, lat = latent.latent_forward(
             model_config, params, batch["prompt_ids"], batch["prompt_mask"], batch["target_ids"],
             batch["target_mask"], num_thoughts=num_thoughts, latent_mode=latent_mode, dtype=dtype)
         mask = batch["target_mask"].astype(jnp.float32)
         if "valid" in batch:
             mask = mask * batch["valid"].astype(jnp.float32)[:, None]
         loss_sum, count = latent.target_cross_entropy(logits, batch["target_ids"], mask)
+        if num_thoughts and latent_mode == "ratt" and latent.num_factors(params) > 1:
+            cos2 = latent.factor_diversity(model_config, lat, batch.get("valid"))
+            if diversity:
+                loss_sum = loss_sum + diversity * cos2 * count
+            return loss_sum, count, {"diversity_sum": cos2 * count}
         return loss_sum, count, {}
     return loss_fn
 
@@ -92,13 +102,25 @@ def train_sft(cfg, *, progress: bool = True, resume_hint: Optional[str] = None,
                                                 inputs.mesh)
 
     loss_fn = make_sft_loss(model_config, num_thoughts=num_thoughts, latent_mode=latent_mode,
-                            dtype=setup.compute_dtype(cfg))
+                            dtype=setup.compute_dtype(cfg),
+                            diversity=float(s.get("latent_diversity", 0.0)))
     train_step = TrainStep(loss_fn, tx, inputs.mesh, shardings, num_micro_batches=inputs.num_micro,
                            schedule=schedule)
-    evaluator = loop.Evaluator(lambda p, b: loss_fn(p, b, None)[:2], inputs.mesh, shardings.params)
+    # the valid loss is the target NLL alone, comparable across diversity weights
+    valid_loss = make_sft_loss(model_config, num_thoughts=num_thoughts, latent_mode=latent_mode,
+                               dtype=setup.compute_dtype(cfg))
+    evaluator = loop.Evaluator(lambda p, b: valid_loss(p, b, None)[:2], inputs.mesh,
+                               shardings.params)
+
+    def record(h):
+        out = {"target_tokens": float(h["tokens"])}
+        if "diversity_sum" in h:   # K > 1: the factors' mean squared cosine this step
+            out["factor_cos2"] = float(h["diversity_sum"]) / max(float(h["tokens"]), 1.0)
+        return out
+
     stage = loop.Stage(
         name="sft", step=lambda st, b: train_step(st, loop.device_batch(b)),
-        record=lambda h: {"target_tokens": float(h["tokens"])}, train_step=train_step,
+        record=record, train_step=train_step,
         evaluate=evaluator, valid_key="loss", keep_best=True, tokens=loop.count_tokens)
     _, summary = loop.train(cfg, inputs, stage, state, shardings, model_config=model_config,
                             num_thoughts=num_thoughts, latent_mode=latent_mode,

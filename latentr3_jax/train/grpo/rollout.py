@@ -31,7 +31,8 @@ ROLLOUT_SALT = 0x5EED  # the rollout's noise key: fold_in(fold_in(state.rng, ste
 def sample_noise(rng: jax.Array, num_prompts: int, group_size: int, dim: int,
                  sigma) -> jax.Array:
     """Exploration noise [P, G, d]: N(0, sigma^2 I), sample 0 of every group exactly zero.
-    `sigma` is a number or one value per prompt [P] (a decaying noise)."""
+    `sigma` is a number or one value per prompt [P] (a decaying noise). With K latent
+    factors `dim` is K * d (`latent.latent_width`): every factor is perturbed."""
     z = jax.random.normal(rng, (num_prompts, group_size, dim), jnp.float32)
     if isinstance(sigma, (int, float)):
         eps = sigma * z
@@ -246,7 +247,7 @@ def make_rollout_fn(model_config, s: gl.GRPOSettings):
         P, T = batch["target_ids"].shape
         valid = batch.get("valid", jnp.ones((P,), bool))
         sigma = batch_sigma(s, batch)
-        noise = sample_noise(rng, P, G, model_config.hidden_size, sigma)
+        noise = sample_noise(rng, P, G, latent_lib.latent_width(model_config, params), sigma)
         ref = ref_params if wants_reference(s, ref_params) else None
 
         def one(mb):

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from latentr3_jax.model import latent as latent_lib
 from latentr3_jax.parallel import mesh as mesh_lib
 from latentr3_jax.train.grpo import loss as gl
 from latentr3_jax.train.grpo import rollout
@@ -73,11 +74,13 @@ def make_grpo_loss(model_config, s: gl.GRPOSettings):
     return loss_fn
 
 
-def _fused_noise(model_config, s: gl.GRPOSettings, batch: dict, rng):
-    """The fused step's noise [P, G, d], drawn from the step's key as the rollout does."""
+def _fused_noise(model_config, s: gl.GRPOSettings, params: dict, batch: dict, rng):
+    """The fused step's noise [P, G, d] (d: the latent width, K * hidden with K factors),
+    drawn from the step's key as the rollout does."""
     P = batch["target_ids"].shape[0]
     return rollout.sample_noise(jax.random.fold_in(rng, rollout.ROLLOUT_SALT), P, s.group_size,
-                                model_config.hidden_size, rollout.batch_sigma(s, batch))
+                                latent_lib.latent_width(model_config, params),
+                                rollout.batch_sigma(s, batch))
 
 
 def make_fused_loss(model_config, s: gl.GRPOSettings):
@@ -98,7 +101,7 @@ def make_fused_loss(model_config, s: gl.GRPOSettings):
         P, T = batch["target_ids"].shape
         valid = batch.get("valid", jnp.ones((P,), bool))
         sigma = rollout.batch_sigma(s, batch)
-        noise = _fused_noise(model_config, s, batch, rng)
+        noise = _fused_noise(model_config, s, params, batch, rng)
         logp, r, r_ref = rollout.group_logprobs_with_reference(
             model_config, params, ref if rollout.wants_reference(s, ref) else None,
             batch["prompt_ids"], batch["prompt_mask"], batch["target_ids"],
@@ -140,7 +143,7 @@ def make_pathwise_probe(model_config, s: gl.GRPOSettings):
     def probe(params, batch, rng):
         P = batch["target_ids"].shape[0]
         valid = batch.get("valid", jnp.ones((P,), bool))
-        noise = batch["noise"] if "noise" in batch else _fused_noise(model_config, s, batch, rng)
+        noise = batch["noise"] if "noise" in batch else _fused_noise(model_config, s, params, batch, rng)
         logp, _ = rollout.group_logprobs(model_config, params, batch["prompt_ids"],
                                          batch["prompt_mask"], batch["target_ids"],
                                          batch["target_mask"], noise, **s.forward_kw)
