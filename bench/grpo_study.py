@@ -214,7 +214,8 @@ class ValidReward:
         other = np.full(self.rows, np.nan)
         zero = np.full(self.rows, np.nan)
         noisy = np.full(self.rows, np.nan)
-        lat = np.full((self.rows, self.model_config.hidden_size), np.nan)
+        # K * d with K latent factors (the probes swap, zero or perturb all K together)
+        lat = np.full((self.rows, latent_lib.latent_width(self.model_config, params)), np.nan)
         for b in self.it.epoch(0, start=0):
             dev = {k: jnp.asarray(b[k]) for k in ("prompt_ids", "prompt_mask", "target_ids",
                                                    "target_mask")}
@@ -231,6 +232,9 @@ class ValidReward:
         out = {"reward": float(own.mean()), "reward_other_latent": float(other.mean()),
                "latent_norm": float(norm.mean()), "latent_user_rms": user_rms,
                "latent_user_rel": user_rms / float(norm.mean()), "per_row": own.tolist()}
+        if latent_lib.num_factors(params) > 1:   # how alike the K factors are (0: orthogonal)
+            out["factor_cos2"] = float(latent_lib.factor_diversity(self.model_config,
+                                                                   jnp.asarray(lat)))
         if self.probes:
             out.update(reward_zero_latent=float(zero.mean()), reward_noisy_latent=float(noisy.mean()),
                        per_row_other=other.tolist(), per_row_zero=zero.tolist())
@@ -306,7 +310,8 @@ def decode(cfg, run_dir: str, split: str) -> dict:
         print(f"  decoding {os.path.basename(run_dir)} on {split} ...", flush=True)
         m = evaluate_run(cfg, run_dir, split=split, out_dir=out_dir, print_table=False)
     return {"metrics": {k: m.get(k) for k in ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10",
-                                              "HR@10_id", "NDCG@10_id", "users")},
+                                              "HR@10_id", "NDCG@10_id", "users",
+                                              "users_per_s_after_compile")},
             "predictions": os.path.join(out_dir, "predictions.jsonl")}
 
 

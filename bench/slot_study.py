@@ -13,6 +13,7 @@ run per arm:
                  mean of the prompt's last hidden states)
   hidden         model.latent_mode = hidden (the last hidden state itself, no LatentRATT)
   ratt_n2        N = 2
+  ratt_k2..k4    K = 2, 3, 4 latent factors (model.latent_factors; not in the default arms)
 
 and records for each, on the valid split only:
 
@@ -72,7 +73,12 @@ ARMS = (
     ("ratt_identity", "N = 1, LatentRATT V = identity", {"model.latent_init": "identity"}),
     ("hidden", "N = 1, raw last hidden state", {"model.latent_mode": "hidden"}),
     ("ratt_n2", "N = 2, LatentRATT", {"model.num_thoughts": 2}),
+    # factorised latents: K LatentRATT heads, K slots (sft.latent_diversity at its default)
+    ("ratt_k2", "K = 2 latent factors", {"model.latent_factors": 2}),
+    ("ratt_k3", "K = 3 latent factors", {"model.latent_factors": 3}),
+    ("ratt_k4", "K = 4 latent factors", {"model.latent_factors": 4}),
 )
+DEFAULT_ARMS = ("n0", "ratt", "ratt_lr10", "ratt_identity", "hidden", "ratt_n2")
 
 
 def arm_config(cfg, base, workdir: str, name: str, over: dict):
@@ -211,32 +217,40 @@ def markdown(res: dict) -> str:
            "## Valid split (every arm)", "",
            "| arm | best valid loss | reward own latent | other user's | zero latent | "
            "sigma 1.5 noise | latent norm | between users | NDCG@10 | HR@10 | "
-           "NDCG@10 − N=0 [95%] |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "NDCG@10 − N=0 [95%] | NDCG@10 − N=1 [95%] | factor cos² | train s | "
+           "decode ms/user |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in res["summary"].items():
         cell = lambda k, f="{:.4f}": f.format(s[k]) if s.get(k) is not None else ""
         vs = s.get("valid_vs_n0", {}).get("NDCG@10")
+        vr = s.get("valid_vs_ratt", {}).get("NDCG@10")
         out.append(f"| {s['label']} | {cell('best_valid_loss')} | {cell('reward')} | "
                    f"{cell('reward_other_latent')} | {cell('reward_zero_latent')} | "
                    f"{cell('reward_noisy_latent')} | {cell('latent_norm', '{:.2f}')} | "
                    f"{cell('latent_user_rel', '{:.2f}')} | {cell('valid_NDCG@10')} | "
-                   f"{cell('valid_HR@10')} | {fmt(vs) if vs else ''} |")
+                   f"{cell('valid_HR@10')} | {fmt(vs) if vs else ''} | "
+                   f"{fmt(vr) if vr else ''} | {cell('factor_cos2', '{:.3f}')} | "
+                   f"{cell('train_time_s', '{:.0f}')} | {cell('decode_ms_per_user', '{:.0f}')} |")
     out += ["", "Reward: mean over valid users of −exp(mean NLL of the true title), the "
             "quantity LR-GRPO maximises; 'other user's': each user's latent replaced by "
             "another user's of the same batch; 'between users': RMS distance of the users' "
-            "latents to their mean, over the mean latent norm.", "",
+            "latents to their mean, over the mean latent norm; 'factor cos²': the mean "
+            "squared cosine between a user's K factors (0: orthogonal); 'train s': the arm's "
+            "SFT wall time; 'decode ms/user': valid beam search after compiling (CPU timings "
+            "with whatever else ran on the machine).", "",
             f"## Test split (read once; chosen on valid: {res.get('chosen_on_valid')})", "",
-            "| arm | NDCG@10 | HR@10 | NDCG@10 − N=0 [95%] | HR@10 − N=0 [95%] |",
-            "|---|---|---|---|---|"]
+            "| arm | NDCG@10 | HR@10 | NDCG@10 − N=0 [95%] | HR@10 − N=0 [95%] | "
+            "NDCG@10 − N=1 [95%] |", "|---|---|---|---|---|---|"]
     for name in res.get("decoded_on_test", []):
         s = res["summary"][name]
-        vs = s.get("test_vs_n0")
+        vs, vr = s.get("test_vs_n0"), s.get("test_vs_ratt")
         out.append(f"| {s['label']} | {s['test_NDCG@10']:.4f} | {s['test_HR@10']:.4f} | "
-                   f"{fmt(vs['NDCG@10']) if vs else ''} | {fmt(vs['HR@10']) if vs else ''} |")
+                   f"{fmt(vs['NDCG@10']) if vs else ''} | {fmt(vs['HR@10']) if vs else ''} | "
+                   f"{fmt(vr['NDCG@10']) if vr else ''} |")
     return "\n".join(out) + "\n"
 
 
 PROBE_KEYS = ("reward", "reward_other_latent", "reward_zero_latent", "reward_noisy_latent",
-              "latent_norm", "latent_user_rel")
+              "latent_norm", "latent_user_rel", "factor_cos2")
 
 
 def main(argv=None):
@@ -247,7 +261,8 @@ def main(argv=None):
     p.add_argument("--name", default="industrial_scratch_cpu-2core")
     p.add_argument("--seeds", default="0", help="comma list")
     gs.add_setup_args(p)   # (its LR-GRPO options are unused here)
-    p.add_argument("--arms", default=",".join(a[0] for a in ARMS))
+    p.add_argument("--arms", default=",".join(DEFAULT_ARMS),
+                   help=f"comma list of {', '.join(a[0] for a in ARMS)}")
     p.add_argument("--bootstrap", type=int, default=2000)
     p.add_argument("--until", choices=("train", "valid", "all"), default="all")
     p.add_argument("--model", choices=("scratch", "smollm2"), default="scratch",
@@ -286,8 +301,13 @@ def main(argv=None):
              "valid_NDCG@10_per_seed": [arms[n]["valid"]["NDCG@10"] for arms in per_seed]}
         for k in PROBE_KEYS:
             s[k] = mean_over(per_seed, (n, "probes", k))
+        s["train_time_s"] = mean_over(per_seed, (n, "train_time_s"))
+        ups = mean_over(per_seed, (n, "valid", "users_per_s_after_compile"))
+        s["decode_ms_per_user"] = 1000.0 / ups if ups else None
         if n != "n0":
             s["valid_vs_n0"] = pooled(valid_users[n], valid_users["n0"], args.bootstrap)
+        if n not in ("n0", "ratt") and "ratt" in per_seed[0]:
+            s["valid_vs_ratt"] = pooled(valid_users[n], valid_users["ratt"], args.bootstrap)
         summary[n] = s
         print(f"[{n}] valid loss {s['best_valid_loss']:.4f}  NDCG@10 {s['valid_NDCG@10']:.4f}"
               + (f"  reward own {s['reward']:.4f} other {s['reward_other_latent']:.4f} "
@@ -322,6 +342,9 @@ def main(argv=None):
             summary[n]["test_HR@10"] = mean_over(per_seed, (n, "test", "HR@10"))
         for n in chosen[1:]:
             summary[n]["test_vs_n0"] = pooled(test_users[n], test_users["n0"], args.bootstrap)
+            if n != "ratt" and "ratt" in test_users:
+                summary[n]["test_vs_ratt"] = pooled(test_users[n], test_users["ratt"],
+                                                    args.bootstrap)
             print(f"[{n}] test NDCG@10 {summary[n]['test_NDCG@10']:.4f} − N=0 "
                   f"{fmt(summary[n]['test_vs_n0']['NDCG@10'])}", flush=True)
     res["wall_s_this_call"] = time.perf_counter() - t_start

@@ -34,6 +34,11 @@ def test_arm_configs_start_from_the_base_and_change_only_their_keys(tmp_path):
     assert got["ratt_identity"].model.latent_init == "identity"
     assert got["hidden"].model.latent_mode == "hidden"
     assert got["ratt_n2"].model.num_thoughts == 2
+    for k in (2, 3, 4):
+        assert got[f"ratt_k{k}"].model.latent_factors == k
+        assert got[f"ratt_k{k}"].model.num_thoughts == 1
+    assert got["ratt"].model.latent_factors == 1
+    assert set(slot_study.DEFAULT_ARMS) <= set(got)
     for v in got.values():
         config_lib.validate(v, stage="sft")
 
@@ -52,3 +57,26 @@ def test_seed_dirs_and_pooled_differences():
     per_seed = [{"x": {"v": 1.0}}, {"x": {"v": 3.0}}]
     assert slot_study.mean_over(per_seed, ("x", "v")) == 2.0
     assert slot_study.mean_over(per_seed + [{"x": {}}], ("x", "v")) is None
+
+
+def test_smollm2_config_has_no_base_stage_and_the_study_subsample(tmp_path):
+    """--model smollm2: configs/smollm2.py's cpu variant, this study's rows and lengths."""
+    args = slot_study.gs.setup_defaults(
+        dataset=os.path.join(str(tmp_path), "Industrial_and_Scientific"), workdir=str(tmp_path),
+        seed=1, train_rows=640, eval_rows=200, sft_epochs=1, max_target_len=32,
+        target_buckets="(16,32)")
+    args.dtype, args.sft_batch = "bfloat16", 16
+    cfg, _ = slot_study.smollm2_cfg(args)
+    assert cfg.model.hf_path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert pipeline._base_config(cfg, str(tmp_path)) is None
+    assert (cfg.seed, cfg.data.max_train_rows, cfg.data.max_eval_rows) == (1, 640, 200)
+    assert (cfg.sft.epochs, cfg.sft.batch_size, cfg.model.dtype) == (1, 16, "bfloat16")
+    assert cfg.eval.split == "valid"
+    config_lib.validate(cfg, stage="sft")
+    args.dataset = str(tmp_path / "Elsewhere")
+    try:
+        slot_study.smollm2_cfg(args)
+    except SystemExit as e:
+        assert "--dataset must be one of" in str(e)
+    else:
+        raise AssertionError("an unknown dataset folder must be refused")
