@@ -237,9 +237,12 @@ def markdown(res: dict) -> str:
             "squared cosine between a user's K factors (0: orthogonal); 'train s': the arm's "
             "SFT wall time; 'decode ms/user': valid beam search after compiling (CPU timings "
             "with whatever else ran on the machine).", "",
-            f"## Test split (read once; chosen on valid: {res.get('chosen_on_valid')})", "",
+            f"## Test split (read once; chosen on valid: {res.get('chosen_on_valid')})"
+            if res.get("decoded_on_test") else "## Test split: not decoded (--until valid)", "",
             "| arm | NDCG@10 | HR@10 | NDCG@10 − N=0 [95%] | HR@10 − N=0 [95%] | "
             "NDCG@10 − N=1 [95%] |", "|---|---|---|---|---|---|"]
+    if not res.get("decoded_on_test"):
+        return "\n".join(out[:-3]) + "\n"
     for name in res.get("decoded_on_test", []):
         s = res["summary"][name]
         vs, vr = s.get("test_vs_n0"), s.get("test_vs_ratt")
