@@ -228,7 +228,7 @@ def markdown(res: dict) -> str:
                    f"{cell('reward_noisy_latent')} | {cell('latent_norm', '{:.2f}')} | "
                    f"{cell('latent_user_rel', '{:.2f}')} | {cell('valid_NDCG@10')} | "
                    f"{cell('valid_HR@10')} | {fmt(vs) if vs else ''} | "
-                   f"{fmt(vr) if vr else ''} | {cell('factor_cos2', '{:.3f}')} | "
+                   f"{fmt(vr) if vr else ''} | {cell('factor_cos2', '{:.1e}')} | "
                    f"{cell('train_time_s', '{:.0f}')} | {cell('decode_ms_per_user', '{:.0f}')} |")
     out += ["", "Reward: mean over valid users of −exp(mean NLL of the true title), the "
             "quantity LR-GRPO maximises; 'other user's': each user's latent replaced by "
