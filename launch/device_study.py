@@ -11,6 +11,12 @@ by the time limit still returns every seed that finished. A seed is started only
 the time left exceeds the last seed's time (the first seed of a dataset always starts
 when at least `--min-start-s` is left). Checkpoints stay in `--workdir`.
 
+After each seed, the slot probes of bench/slot_study.py run on that seed's LatentR³ SFT
+model over the valid split (the reward with the user's own latent, another user's, a zero
+latent and sigma = 1.5 noise): does the pretrained model's thought slot carry anything
+user-specific? They go to slot_probes_<dataset>_smollm2-135m_<where>.json (`--no-probes`
+skips them).
+
 `launch/device_study.sh` shows the calls that bring the GGUF file (94 MB, over one call's
 64 MiB) in two parts. `--config-spec` and `--extra` let the same driver run a tiny
 configuration on a CPU as a check of its own logic.
@@ -44,6 +50,7 @@ def main() -> int:
                     help="config file and argument, {dataset} filled in")
     ap.add_argument("--extra", action="append", default=[], help="one more --config.KEY=VALUE")
     ap.add_argument("--min-start-s", type=float, default=120.0)
+    ap.add_argument("--no-probes", action="store_true", help="skip the slot probes")
     args = ap.parse_args()
     t0 = time.monotonic()
     os.makedirs(args.out, exist_ok=True)
@@ -98,11 +105,53 @@ def main() -> int:
                 if os.path.exists(src):
                     shutil.copyfile(src, os.path.join(args.out, f"{stem}.{ext}"))
             done[dataset] = seeds[:k]
+            if not args.no_probes:
+                probe_seed(cfg, root, seeds[k - 1],
+                           os.path.join(args.out, f"slot_probes_{dataset}_smollm2-135m_{args.where}.json"),
+                           log)
             pair = [p for p in study["pairs"] if p["metric"] == "NDCG@10" and p["rule"] == "title"]
             log(f"{dataset}: seeds {seeds[:k]} done in {last:.0f} s; " + "; ".join(
                 f"{p['pair']} {p['diff']:+.4f} [{p['lo']:+.4f}, {p['hi']:+.4f}]" for p in pair))
     log(f"finished: {done}")
     return 0
+
+
+def probe_seed(cfg, root: str, seed: int, out_path: str, log) -> None:
+    """Slot probes of one finished seed's LatentR³ SFT run on valid, added to `out_path`
+    (a JSON object keyed by seed). A failure is logged, never fatal: the study comes first."""
+    import copy
+    import json
+    import types
+
+    try:
+        sys.path.insert(0, os.path.join(ROOT, "bench"))
+        import grpo_study as gs
+        from latentr3_jax.train import runs
+
+        t = time.monotonic()
+        run_dir = os.path.join(root, f"seed_{seed}", "sft_latentr3")
+        c = copy.deepcopy(cfg)
+        c.eval.split = "valid"
+        shape = types.SimpleNamespace(cutoff=int(c.data.cutoff),
+                                      max_target_len=int(c.data.max_target_len))
+        run = runs.load_run(run_dir)
+        r = gs.ValidReward(gs.one_shape(c, shape), run, probes=True)(run.params)
+        got = {k: v for k, v in r.items() if not k.startswith("per_row")}
+        got["rows"], got["run"] = len(r["per_row"]), run_dir
+        old = {}
+        if os.path.exists(out_path):
+            with open(out_path, encoding="utf-8") as f:
+                old = json.load(f)
+        old[str(seed)] = got
+        tmp = out_path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(old, f, indent=2)
+        os.replace(tmp, out_path)
+        log(f"slot probes seed {seed} ({time.monotonic() - t:.0f} s): reward own "
+            f"{got['reward']:.3f}, another user's {got['reward_other_latent']:.3f}, zero "
+            f"{got['reward_zero_latent']:.3f}, sigma 1.5 {got['reward_noisy_latent']:.3f}")
+    except Exception as e:   # noqa: BLE001  (reported; the study's results are already out)
+        log(f"slot probes seed {seed} failed: {type(e).__name__}: {e}")
 
 
 if __name__ == "__main__":
