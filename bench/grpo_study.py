@@ -105,10 +105,12 @@ def setup_defaults(**over) -> argparse.Namespace:
     return ns
 
 
-def base_cfg(args):
-    """The demo's config pointed at the real folder, subsampled and with short prompts."""
-    over = [
-        "--config.dataset=d3", f"--config.dataset_dir={os.path.abspath(args.dataset)}",
+def shared_overrides(args) -> list:
+    """The config overrides every study built on `add_setup_args` sets: the folder, the
+    run directory and seed, the subsample and lengths, the SFT epochs, and evaluation on
+    valid (never test) during training."""
+    return [
+        f"--config.dataset_dir={os.path.abspath(args.dataset)}",
         f"--config.workdir={os.path.abspath(args.workdir)}",
         f"--config.seed={args.seed}",
         f"--config.data.max_train_rows={args.train_rows}",
@@ -117,12 +119,18 @@ def base_cfg(args):
         f"--config.data.buckets={args.buckets}",
         f"--config.data.max_target_len={args.max_target_len}",
         f"--config.data.target_buckets={args.target_buckets}",
-        f"--config.pipeline.base_epochs={args.base_epochs}",
         f"--config.sft.epochs={args.sft_epochs}",
-        "--config.sft.log_every=20",
-        "--config.eval.split=valid",       # the SFT stage's evaluation: valid, never test
+        "--config.eval.split=valid",
         "--config.eval.progress=False",
         f"--config.eval.batch_size={args.eval_batch}",
+    ]
+
+
+def base_cfg(args):
+    """The demo's config pointed at the real folder, subsampled and with short prompts."""
+    over = ["--config.dataset=d3"] + shared_overrides(args) + [
+        f"--config.pipeline.base_epochs={args.base_epochs}",
+        "--config.sft.log_every=20",
         f"--config.grpo.prompts_per_batch={args.prompts}",
         "--config.grpo.group_size=8",
         "--config.grpo.epochs=1",

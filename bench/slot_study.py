@@ -123,33 +123,28 @@ def smollm2_cfg(args):
     short = {v: k for k, v in SMOLLM2_DATASETS.items()}.get(dataset)
     if short is None:
         raise SystemExit(f"--model smollm2: --dataset must be one of {sorted(SMOLLM2_DATASETS.values())}")
-    over = [
-        f"--config.dataset_dir={os.path.abspath(args.dataset)}",
-        f"--config.workdir={os.path.abspath(args.workdir)}",
-        f"--config.seed={args.seed}",
+    over = gs.shared_overrides(args) + [
         f"--config.model.dtype={args.dtype}",
-        f"--config.data.max_train_rows={args.train_rows}",
-        f"--config.data.max_eval_rows={args.eval_rows}",
-        f"--config.data.cutoff={args.cutoff}",
-        f"--config.data.buckets={args.buckets}",
-        f"--config.data.max_target_len={args.max_target_len}",
-        f"--config.data.target_buckets={args.target_buckets}",
-        f"--config.sft.epochs={args.sft_epochs}",
         f"--config.sft.batch_size={args.sft_batch}",
         "--config.sft.log_every=4",
-        "--config.eval.split=valid",
-        "--config.eval.progress=False",
-        f"--config.eval.batch_size={args.eval_batch}",
     ]
     cfg, _ = config_lib.parse_config(
         ["--config", os.path.join(ROOT, "configs", f"smollm2.py:{short},cpu")] + over)
     return cfg, over
 
 
-SMOLLM2_GGUF = os.path.normpath(os.path.join(ROOT, "..", "shared", "models",
-                                             "SmolLM2-135M-Instruct.Q4_1.gguf"))
-SMOLLM2_DATASETS = {"cds": "CDs_and_Vinyl", "industrial": "Industrial_and_Scientific",
-                    "office": "Office_Products"}
+def _smollm2_config_module():
+    """configs/smollm2.py as a module (its MODEL path and DATASETS names)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "smollm2_config", os.path.join(ROOT, "configs", "smollm2.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_SMOLLM2 = _smollm2_config_module()
+SMOLLM2_GGUF, SMOLLM2_DATASETS = _SMOLLM2.MODEL, _SMOLLM2.DATASETS
 
 
 def train_seed(args, seed: int):

@@ -83,10 +83,6 @@ def prefill_first_logits(config: DecoderConfig, params: dict, prompt_ids, prompt
             last = (jnp.repeat(last, M, axis=0)
                     + jnp.tile(latent_noise, (latents.shape[0], 1)).astype(last.dtype))
         slots = latent.factor_slots(config, last)              # [B(*M), K, d]
-        if slots.shape[1] == 1:
-            logits, _, cache = decoder.apply(config, params, inputs_embeds=slots, cache=cache,
-                                             dtype=dtype)
-            return logits[:, 0], cache
         _, hidden, cache = decoder.apply(config, params, inputs_embeds=slots, cache=cache,
                                          dtype=dtype, return_logits=False)
         return decoder.lm_head(config, params, hidden[:, -1:])[:, 0], cache

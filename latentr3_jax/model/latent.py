@@ -239,15 +239,10 @@ def suffix_logits(config: DecoderConfig, params: dict, cache: dict, last_latent,
         K = slots.shape[1]
         embeds = jnp.concatenate([slots, tgt_in], axis=1)
         mask = jnp.concatenate([jnp.ones((B, K), bool), tmask], axis=1)
-        if K == 1:
-            logits, hidden, _ = decoder.apply(config, params, inputs_embeds=embeds,
-                                              attention_mask=mask, cache=cache, dtype=dtype)
-        else:   # the first K - 1 slots predict nothing: no LM head there
-            _, hidden, _ = decoder.apply(config, params, inputs_embeds=embeds,
-                                         attention_mask=mask, cache=cache, dtype=dtype,
-                                         return_logits=False)
-            hidden = hidden[:, K - 1:]
-            logits = decoder.lm_head(config, params, hidden)
+        _, hidden, _ = decoder.apply(config, params, inputs_embeds=embeds, attention_mask=mask,
+                                     cache=cache, dtype=dtype, return_logits=False)
+        hidden = hidden[:, K - 1:]   # the first K - 1 factor slots predict nothing
+        logits = decoder.lm_head(config, params, hidden)
     else:
         logits, hidden, _ = decoder.apply(config, params, inputs_embeds=tgt_in,
                                           attention_mask=tmask, cache=cache, dtype=dtype)
