@@ -101,7 +101,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.remat = False          # recompute each layer's activations in the backward pass
     # auto: run the layers under lax.scan when there are more than 8 (one layer compiled;
     # deep models, TPUs), unrolled otherwise (faster for shallow models: no stacked
-    # residual copies) and for bfloat16 on a CPU (faster there at any depth); or true / false
+    # residual copies) and on a CPU (faster there at any depth, both dtypes); or true / false
     c.model.scan_layers = "auto"
 
     # ---- device mesh (-1 = all remaining devices)
@@ -452,7 +452,7 @@ DOCS = {
     "model.dtype": "compute dtype float32 | bfloat16 (params stay float32)",
     "model.remat": "recompute each layer's activations in the backward pass (less memory)",
     "model.scan_layers": "run the layers under lax.scan: auto (9 or more layers, except "
-                         "bfloat16 on a CPU) | true | false",
+                         "on a CPU) | true | false",
     "mesh.data": "data-parallel axis size; -1 = the remaining devices",
     "mesh.fsdp": "fully sharded (params and batch) axis size; -1 = the remaining devices",
     "mesh.tensor": "tensor-parallel axis size; -1 = the remaining devices",

@@ -238,6 +238,40 @@ def decoder_layer(config: DecoderConfig, p: dict, x: jax.Array, cos, sin, attend
     return x, extra
 
 
+# Unrolled layers take their weights through `unstack_layers` (False: plain indexing; kept
+# so bench/scan_ab.py can time both in one process).
+UNSTACK_VJP = True
+
+
+@jax.custom_vjp
+def _unstack(a: jax.Array) -> tuple:
+    return tuple(a[i] for i in range(a.shape[0]))
+
+
+def _unstack_fwd(a):
+    return _unstack(a), None
+
+
+def _unstack_bwd(_, grads):
+    return (jnp.stack(grads),)
+
+
+_unstack.defvjp(_unstack_fwd, _unstack_bwd)
+
+
+def unstack_layers(layers: Params, num_layers: int) -> list:
+    """The stacked per-layer weights (leading axis = layer) as a list of per-layer trees.
+
+    Same values as indexing `a[i]`, but the gradient is ONE stack of the per-layer
+    cotangents. Plain indexing transposes to a zero-padded full-size tensor per layer,
+    summed over the layers: on a CPU, XLA fuses that sum into a select per layer for every
+    element of every stacked weight (30x the work at SmolLM2's depth).
+    """
+    leaves, treedef = jax.tree.flatten(layers)
+    split = [_unstack(a) for a in leaves]
+    return [jax.tree.unflatten(treedef, [s[i] for s in split]) for i in range(num_layers)]
+
+
 # --------------------------------------------------------------------------- cache
 
 
@@ -365,8 +399,10 @@ def apply(config: DecoderConfig, params: Params, input_ids: Optional[jax.Array] 
         x, kv_out = jax.lax.scan(body, x, (params["layers"], kv_in))
     else:
         kv_layers = []
+        per_layer = unstack_layers(params["layers"], config.num_layers) if UNSTACK_VJP else None
         for i in range(config.num_layers):
-            x, kv = body(x, jax.tree.map(lambda a: a[i], (params["layers"], kv_in)))
+            lp = per_layer[i] if UNSTACK_VJP else jax.tree.map(lambda a: a[i], params["layers"])
+            x, kv = body(x, (lp, None if kv_in is None else jax.tree.map(lambda a: a[i], kv_in)))
             kv_layers.append(kv)
         kv_out = None if kv_in is None else jax.tree.map(lambda *a: jnp.stack(a), *kv_layers)
     hidden = rms_norm(x, params["final_norm"]["scale"], config.rms_norm_eps)

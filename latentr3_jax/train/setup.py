@@ -132,16 +132,17 @@ def scan_layers_option(value, num_layers: int, *, dtype: str = "float32",
     dtype and backend (default: JAX's default backend).
 
     auto scans models of SCAN_AUTO_MIN_LAYERS layers or more (one compiled layer: shorter
-    compiles on TPUs and GPUs; on a CPU in float32 the faster choice has differed between
-    runs and CPUs), except bfloat16 on a CPU: there the 30-layer SmolLM2 step took 12.9-20.8
-    s scanned against 8.1-9.0 s unrolled (bench/results/scan_ab_smollm2-135m.json), so it
-    unrolls.
+    compiles on TPUs and GPUs), except on a CPU: there the 30-layer SmolLM2 plain step ran
+    faster unrolled in every round of bench/scan_ab.py in both dtypes (float32 12.9-16.9 s
+    against 13.5-19.2 s scanned, bfloat16 8.2-13.6 s against 14.3-20.9 s;
+    bench/results/scan_ab_smollm2-135m.json), so it unrolls. `dtype` is kept for callers
+    and for a backend where the best choice depends on it.
     """
     v = str(value).strip().lower()
     if v == "auto":
         if num_layers < SCAN_AUTO_MIN_LAYERS:
             return False
-        if str(dtype) == "bfloat16" and (backend or jax.default_backend()) == "cpu":
+        if (backend or jax.default_backend()) == "cpu":
             return False
         return True
     if v in ("true", "1", "yes"):

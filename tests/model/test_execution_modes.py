@@ -202,10 +202,11 @@ def test_execution_options_from_run_config():
     cfg = ml_collections.ConfigDict({"model": {"scan_layers": "auto", "remat": True}})
     shallow, deep = _config(), _config().replace(num_layers=12)
     assert setup.execution_config(cfg, shallow).scan_layers is False
-    assert setup.execution_config(cfg, deep).scan_layers is True
+    assert setup.execution_config(cfg, deep).scan_layers is (jax.default_backend() != "cpu")
     assert setup.execution_config(cfg, shallow).remat is True
-    # auto unrolls a deep model in bfloat16 on a CPU only
-    for backend, dtype, want in (("cpu", "bfloat16", False), ("cpu", "float32", True),
+    # auto unrolls a deep model on a CPU only, in either dtype
+    for backend, dtype, want in (("cpu", "bfloat16", False), ("cpu", "float32", False),
+                                 ("tpu", "float32", True),
                                  ("tpu", "bfloat16", True), ("gpu", "bfloat16", True)):
         assert setup.scan_layers_option("auto", 30, dtype=dtype, backend=backend) is want
         assert setup.scan_layers_option("auto", 4, dtype=dtype, backend=backend) is False
@@ -223,3 +224,30 @@ def test_execution_options_from_run_config():
     d = deep.with_execution(scan_layers=False, remat=True).to_dict()
     assert "scan_layers" not in d and "remat" not in d
     assert DecoderConfig.from_dict(d) == deep
+
+
+def test_unstack_layers_values_and_one_stack_gradient():
+    """`decoder.unstack_layers` gives the same per-layer weights as indexing, the same
+    gradient, and that gradient is one stack: no zero-padded full-size copy per layer."""
+    r = np.random.default_rng(3)
+    layers = {"w": jnp.asarray(r.standard_normal((5, 4, 3)), jnp.float32),
+              "b": {"s": jnp.asarray(r.standard_normal((5, 3)), jnp.float32)}}
+    x = jnp.asarray(r.standard_normal((2, 4)), jnp.float32)
+
+    def run(layers, split):
+        per = decoder.unstack_layers(layers, 5) if split else \
+            [jax.tree.map(lambda a: a[i], layers) for i in range(5)]
+        h = x
+        for lp in per:
+            h = jnp.tanh(h @ lp["w"] + lp["b"]["s"]) @ lp["w"].T
+        return (h ** 2).sum()
+
+    for i, lp in enumerate(decoder.unstack_layers(layers, 5)):
+        np.testing.assert_array_equal(lp["w"], layers["w"][i])
+        np.testing.assert_array_equal(lp["b"]["s"], layers["b"]["s"][i])
+    g_new = jax.grad(run)(layers, True)
+    g_ref = jax.grad(run)(layers, False)
+    _assert_trees_close(g_new, g_ref, rtol=1e-6, atol_frac=1e-7)
+    hlo = lambda split: jax.jit(jax.grad(lambda l: run(l, split))).lower(layers).as_text()
+    assert "pad" in hlo(False)          # indexing transposes to pads (the check can fail)
+    assert "pad" not in hlo(True)
