@@ -211,13 +211,12 @@ def worker_jax(args) -> dict:
     batches, vocab, thought = load_batches(args.batches)
     shape_config = common.shape_config(args.shape, vocab)
 
-    def config_for(dname):
-        # what `latentr3 sft` runs for this model and dtype (model.scan_layers=auto), unless
-        # a variant forces the layer scan on or off
-        if args.variant in ("scan_layers", "unrolled_layers"):
-            return shape_config.with_execution(scan_layers=args.variant == "scan_layers")
-        return shape_config.with_execution(scan_layers=setup.scan_layers_option(
-            "auto", shape_config.num_layers, dtype=dname))
+    # what `latentr3 sft` runs for this model (model.scan_layers=auto), unless a variant
+    # forces the layer scan on or off
+    config = shape_config.with_execution(
+        scan_layers=args.variant == "scan_layers"
+        if args.variant in ("scan_layers", "unrolled_layers")
+        else setup.scan_layers_option("auto", shape_config.num_layers))
     mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     res = {"peak": {}}
 
@@ -225,7 +224,6 @@ def worker_jax(args) -> dict:
         res["peak"][dname] = common.peak("jax", dname)
     for kind in args.kinds.split(","):
         for dname in args.dtypes.split(","):
-            config = config_for(dname)
             with common.jax_precision(dname):
                 st, step = make_train_step(config, mesh, kind, common.jax_dtype(dname))
                 r = time_train_step(step, st, batches, args.steps)

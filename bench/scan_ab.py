@@ -4,7 +4,7 @@ whose gradient is one stack) and unrolled by plain indexing (`stack[i]`, whose g
 a zero-padded copy per layer, summed), all six compiled in one process and then run
 alternately step by step, so that machine noise hits every variant alike. Each step also
 records the CPU time the process used and the time the hypervisor stole from this VM
-(/proc/stat), since a shared VM's noise is mostly the latter.
+(/proc/stat), to tell a shared VM's steal from noise inside the process.
 
     python bench/scan_ab.py --rounds 2       # writes bench/results/scan_ab_smollm2-135m.json
 
@@ -39,6 +39,12 @@ def stolen_s() -> float:
         return 0.0
 
 
+def index_layers(layers, num_layers: int) -> list:
+    """What unrolled layers did before `decoder.unstack_layers`: index the stacked weights."""
+    import jax
+    return [jax.tree.map(lambda a: a[i], layers) for i in range(num_layers)]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=2)
@@ -57,10 +63,12 @@ def main():
     shape = common.shape_config("smollm2-135m", vocab)
     mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     from latentr3_jax.model import decoder
+    unstack = decoder.unstack_layers
     specs = [(d, s) for d in ("float32", "bfloat16") for s in MODES]
     runs = {}
     for dname, mode in specs:
-        decoder.UNSTACK_VJP = mode != "unrolled_index"   # read when the step is traced
+        # read when the step is traced (its first call, below)
+        decoder.unstack_layers = index_layers if mode == "unrolled_index" else unstack
         with common.jax_precision(dname):
             st, step = bench_sft.make_train_step(
                 shape.with_execution(scan_layers=mode == "scan"), mesh, "plain",
@@ -70,7 +78,7 @@ def main():
             jax.block_until_ready(m["loss"])
         runs[(dname, mode)] = {"state": st, "step": step, "times": [], "cpu_s": [],
                                "steal_s": [], "compile_s": time.perf_counter() - t}
-    decoder.UNSTACK_VJP = True
+    decoder.unstack_layers = unstack
     for r in range(args.rounds + 1):          # round 0: one untimed warm step each
         for dname, scan in specs:
             run = runs[(dname, scan)]

@@ -238,18 +238,15 @@ def decoder_layer(config: DecoderConfig, p: dict, x: jax.Array, cos, sin, attend
     return x, extra
 
 
-# Unrolled layers take their weights through `unstack_layers` (False: plain indexing; kept
-# so bench/scan_ab.py can time both in one process).
-UNSTACK_VJP = True
-
-
-@jax.custom_vjp
-def _unstack(a: jax.Array) -> tuple:
+def _split(a: jax.Array) -> tuple:
     return tuple(a[i] for i in range(a.shape[0]))
 
 
+_unstack = jax.custom_vjp(_split)
+
+
 def _unstack_fwd(a):
-    return _unstack(a), None
+    return _split(a), None
 
 
 def _unstack_bwd(_, grads):
@@ -399,10 +396,10 @@ def apply(config: DecoderConfig, params: Params, input_ids: Optional[jax.Array] 
         x, kv_out = jax.lax.scan(body, x, (params["layers"], kv_in))
     else:
         kv_layers = []
-        per_layer = unstack_layers(params["layers"], config.num_layers) if UNSTACK_VJP else None
+        per_layer = unstack_layers(params["layers"], config.num_layers)
         for i in range(config.num_layers):
-            lp = per_layer[i] if UNSTACK_VJP else jax.tree.map(lambda a: a[i], params["layers"])
-            x, kv = body(x, (lp, None if kv_in is None else jax.tree.map(lambda a: a[i], kv_in)))
+            kv_i = None if kv_in is None else jax.tree.map(lambda a: a[i], kv_in)
+            x, kv = body(x, (per_layer[i], kv_i))
             kv_layers.append(kv)
         kv_out = None if kv_in is None else jax.tree.map(lambda *a: jnp.stack(a), *kv_layers)
     hidden = rms_norm(x, params["final_norm"]["scale"], config.rms_norm_eps)

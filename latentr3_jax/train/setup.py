@@ -126,17 +126,15 @@ def latent_factors(cfg) -> int:
 SCAN_AUTO_MIN_LAYERS = 9
 
 
-def scan_layers_option(value, num_layers: int, *, dtype: str = "float32",
-                       backend: Optional[str] = None) -> bool:
-    """cfg.model.scan_layers ('auto', 'true', 'false' or a bool) for a model's depth, compute
-    dtype and backend (default: JAX's default backend).
+def scan_layers_option(value, num_layers: int, *, backend: Optional[str] = None) -> bool:
+    """cfg.model.scan_layers ('auto', 'true', 'false' or a bool) for a model's depth and
+    backend (default: JAX's default backend).
 
     auto scans models of SCAN_AUTO_MIN_LAYERS layers or more (one compiled layer: shorter
     compiles on TPUs and GPUs), except on a CPU: there the 30-layer SmolLM2 plain step ran
     faster unrolled in every round of bench/scan_ab.py in both dtypes (float32 12.9-16.9 s
     against 13.5-19.2 s scanned, bfloat16 8.2-13.6 s against 14.3-20.9 s;
-    bench/results/scan_ab_smollm2-135m.json), so it unrolls. `dtype` is kept for callers
-    and for a backend where the best choice depends on it.
+    bench/results/scan_ab_smollm2-135m.json), so it unrolls.
     """
     v = str(value).strip().lower()
     if v == "auto":
@@ -155,8 +153,7 @@ def scan_layers_option(value, num_layers: int, *, dtype: str = "float32",
 def execution_config(cfg, config: DecoderConfig) -> DecoderConfig:
     """`config` with the run's execution options (cfg.model.scan_layers / remat)."""
     return config.with_execution(
-        scan_layers=scan_layers_option(cfg.model.scan_layers, config.num_layers,
-                                       dtype=str(cfg.model.get("dtype", "float32"))),
+        scan_layers=scan_layers_option(cfg.model.scan_layers, config.num_layers),
         remat=bool(cfg.model.remat))
 
 
