@@ -298,14 +298,18 @@ def check_parity(batches_path: str, shape: str = "small") -> dict:
 # --------------------------------------------------------------------------- driver
 
 
-def _run_worker(kind: str, batches: str, *, variant="default", xla_flags="", kinds="latent,plain",
-                dtypes="float32,bfloat16", steps=10, threads=2, env=None, shape="small") -> dict:
+def _worker_spec(kind: str, batches: str, *, variant="default", xla_flags="", kinds="latent,plain",
+                 dtypes="float32,bfloat16", steps=10, threads=2, env=None, shape="small") -> tuple:
     env = dict(os.environ, JAX_PLATFORMS="cpu", **(env or {}))
     env["XLA_FLAGS"] = xla_flags
-    return common.run_worker(__file__, [
+    return (__file__, [
         "--worker", kind, "--batches", batches, "--variant", variant, "--kinds", kinds,
         "--dtypes", dtypes, "--steps", str(steps), "--threads", str(threads),
-        "--shape", shape], env=env)
+        "--shape", shape], env)
+
+
+def _run_worker(kind: str, batches: str, **kw) -> dict:
+    return common.run_worker(*_worker_spec(kind, batches, **kw))
 
 
 # (name, engine, XLA_FLAGS, code variant, dtypes, extra environment)
@@ -344,6 +348,7 @@ def main():
     ap.add_argument("--out", default="", help="default bench/results/sft.json (sft_<shape>.json)")
     args = ap.parse_args()
     if args.worker:
+        common.take_turn()
         common.emit(worker_jax(args) if args.worker == "jax" else worker_torch(args))
         return
     if args.shape == "smollm2-135m" and not common.have_smollm2():
@@ -367,9 +372,12 @@ def main():
     result["parity"] = check_parity(bpath, args.shape)
     print(f"parity: JAX prefix-cached loss {result['parity']['jax_prefix_cached_loss']:.6f} vs "
           f"torch release two-pass {result['parity']['torch_release_loss']:.6f}")
-    result["jax"] = _run_worker("jax", bpath, steps=args.steps, shape=args.shape)
-    result["torch"] = _run_worker("torch", bpath, steps=args.steps, threads=args.threads,
-                                  shape=args.shape)
+    # both engines in turns: their timed steps alternate, so the VM's drift hits both alike
+    result["jax"], result["torch"] = common.run_workers_in_turns([
+        _worker_spec("jax", bpath, steps=args.steps, shape=args.shape),
+        _worker_spec("torch", bpath, steps=args.steps, threads=args.threads, shape=args.shape)])
+    result["timing"] = ("JAX and torch in two processes taking turns: one runs at a time, and "
+                        "their timed steps alternate (bench/common.py, run_workers_in_turns)")
     if args.investigate:
         result["variants"] = {}
         chosen = [v for v in args.variants.split(",") if v]

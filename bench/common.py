@@ -189,7 +189,9 @@ def autocast_dtype(name: str):
 
 def time_steps(fn: Callable[[int], object], steps: int, warmup: int = 0) -> list:
     """Call fn(0..warmup-1) untimed, then fn(0..steps-1) timed one by one; the seconds of
-    each timed call. `fn` must wait for its result (block_until_ready, a host value)."""
+    each timed call. `fn` must wait for its result (block_until_ready, a host value).
+    Under `run_workers_in_turns` the worker hands the machine to the other engine after
+    every timed call (outside the timing) and goes on when it is handed back."""
     for i in range(warmup):
         fn(i)
     times = []
@@ -197,6 +199,7 @@ def time_steps(fn: Callable[[int], object], steps: int, warmup: int = 0) -> list
         t = time.perf_counter()
         fn(i)
         times.append(time.perf_counter() - t)
+        pass_turn()
     return times
 
 
@@ -205,7 +208,7 @@ def step_stats(times: Sequence[float], tokens_per_step: float) -> dict:
     one, and tokens per second at the median."""
     med = float(np.median(times))
     return {"step_s": med, "min_s": float(np.min(times)),
-            "tokens_per_s": float(tokens_per_step / med)}
+            "tokens_per_s": float(tokens_per_step / med), "times_s": [float(t) for t in times]}
 
 
 def batch_tokens(batches: Sequence[dict]) -> float:
@@ -511,12 +514,100 @@ def run_worker(script: str, args: Sequence[str], env: Optional[dict] = None,
     pools are per process) and return what it `emit`ted, or {'error': last stderr line}."""
     out = subprocess.run([sys.executable, os.path.abspath(script), *args], env=env,
                          capture_output=True, text=True)
-    if out.returncode:
-        sys.stderr.write(out.stderr[-stderr_tail:])
-        lines = out.stderr.strip().splitlines()
+    return _worker_answer(out.returncode, out.stdout, out.stderr, stderr_tail)
+
+
+# Engines in turns. On a VM whose speed drifts by up to 1.5x within minutes, an engine
+# timed after the other meets a different machine. `run_workers_in_turns` starts every
+# worker at once but lets one run at a time: a worker waits for its turn before it does
+# anything (`take_turn`, first thing in its main) and hands the turn on after each timed
+# step (`pass_turn`, inside `time_steps`), so set-up, compiles and warm-ups run alone too
+# and the timed steps of the engines alternate, meeting the same drift. The turn travels
+# over two pipes per worker whose descriptors are in $LATENTR3_BENCH_TURNS ("go,done").
+
+TURNS_ENV = "LATENTR3_BENCH_TURNS"
+_turns = {"fds": None, "started": False}
+
+
+def _turn_fds():
+    if _turns["fds"] is None:
+        spec = os.environ.get(TURNS_ENV, "")
+        _turns["fds"] = tuple(int(x) for x in spec.split(",")) if spec else ()
+    return _turns["fds"]
+
+
+def take_turn() -> None:
+    """Block until the coordinator hands this worker the machine (once, at start; a no-op
+    outside `run_workers_in_turns`)."""
+    fds = _turn_fds()
+    if fds and not _turns["started"]:
+        _turns["started"] = True
+        if os.read(fds[0], 1) != b"g":
+            raise SystemExit("bench: the coordinator went away")
+
+
+def pass_turn() -> None:
+    """Hand the machine to the next worker and wait until it comes back (a no-op outside
+    `run_workers_in_turns`)."""
+    fds = _turn_fds()
+    if not fds:
+        return
+    take_turn()  # a worker that never took its first turn takes it now
+    os.write(fds[1], b"y")
+    if os.read(fds[0], 1) != b"g":
+        raise SystemExit("bench: the coordinator went away")
+
+
+def _worker_answer(returncode: int, stdout: str, stderr: str, stderr_tail: int) -> dict:
+    if returncode:
+        sys.stderr.write(stderr[-stderr_tail:])
+        lines = stderr.strip().splitlines()
         return {"error": lines[-1] if lines else "failed"}
-    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT")][-1]
+    line = [x for x in stdout.splitlines() if x.startswith("RESULT")][-1]
     return json.loads(line[len("RESULT"):])
+
+
+def run_workers_in_turns(specs: Sequence[tuple], stderr_tail: int = 600) -> list:
+    """Run each (script, args, env) of `specs` as `run_worker` does, all started at once
+    but taking turns (see above): one step of the first, one of the second, ... until
+    each has exited. Returns their answers in order."""
+    import tempfile
+
+    workers = []
+    for script, args, env in specs:
+        go_r, go_w = os.pipe()
+        done_r, done_w = os.pipe()
+        env = dict(os.environ if env is None else env)
+        env[TURNS_ENV] = f"{go_r},{done_w}"
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        proc = subprocess.Popen([sys.executable, os.path.abspath(script), *args], env=env,
+                                stdout=out, stderr=err, pass_fds=(go_r, done_w), text=True)
+        os.close(go_r)
+        os.close(done_w)
+        workers.append({"proc": proc, "go": go_w, "done": done_r, "out": out, "err": err,
+                        "alive": True, "turns": 0})
+    while any(w["alive"] for w in workers):
+        for w in workers:
+            if not w["alive"]:
+                continue
+            try:
+                os.write(w["go"], b"g")
+                answer = os.read(w["done"], 1)  # b"" once the worker has exited
+            except BrokenPipeError:
+                answer = b""
+            w["turns"] += 1
+            if answer != b"y":
+                w["alive"] = False
+                os.close(w["go"])
+                os.close(w["done"])
+    answers = []
+    for w in workers:
+        rc = w["proc"].wait()
+        w["out"].seek(0)
+        w["err"].seek(0)
+        answers.append({**_worker_answer(rc, w["out"].read(), w["err"].read(), stderr_tail),
+                        "turns": w["turns"]})
+    return answers
 
 
 def write_result(path: str, result: dict, indent: int = 2) -> str:

@@ -271,3 +271,39 @@ def test_cpu_model_reads_proc_cpuinfo():
         flags = next(ln for ln in f if ln.startswith("flags")).split()
     assert set(got["cpu_flags"]) <= set(flags)
     assert ("avx2" in flags) == ("avx2" in got["cpu_flags"])
+
+
+_TURN_WORKER = '''
+import json, sys, time
+sys.path.insert(0, {bench!r})
+import common
+common.take_turn()
+spans = []
+def step(i):
+    t0 = time.monotonic()
+    time.sleep(0.02)
+    spans.append((t0, time.monotonic()))
+common.time_steps(step, 4, warmup=1)
+if sys.argv[1] == "crash":
+    raise RuntimeError("worker failed on purpose")
+common.emit({{"name": sys.argv[1], "spans": spans[1:]}})  # the timed steps, not the warm-up
+'''
+
+
+def test_workers_in_turns_alternate_and_survive_a_crash(tmp_path):
+    script = tmp_path / "turn_worker.py"
+    script.write_text(_TURN_WORKER.format(bench=str(BENCH)))
+    a, b = common.run_workers_in_turns([(str(script), ["a"], None), (str(script), ["b"], None)])
+    assert a["name"] == "a" and b["name"] == "b"
+    spans = sorted([(s, e, "a") for s, e in a["spans"]] + [(s, e, "b") for s, e in b["spans"]])
+    for (s0, e0, n0), (s1, e1, n1) in zip(spans, spans[1:]):
+        assert e0 <= s1  # never two timed steps at once
+        assert n0 != n1  # the engines alternate step by step
+    # a worker that dies hands the machine back: the other one finishes, the dead one
+    # reports its error
+    c, d = common.run_workers_in_turns([(str(script), ["crash"], None), (str(script), ["d"], None)])
+    assert "worker failed on purpose" in c["error"]
+    assert d["name"] == "d" and len(d["spans"]) == 4
+    # outside run_workers_in_turns the turn calls do nothing
+    common.pass_turn()
+    common.take_turn()
