@@ -13,6 +13,7 @@ run per arm:
                  mean of the prompt's last hidden states)
   hidden         model.latent_mode = hidden (the last hidden state itself, no LatentRATT)
   ratt_n2        N = 2
+  ratt_n4        N = 4 (not in the default arms)
   ratt_k2..k4    K = 2, 3, 4 latent factors (model.latent_factors; not in the default arms)
 
 and records for each, on the valid split only:
@@ -73,6 +74,7 @@ ARMS = (
     ("ratt_identity", "N = 1, LatentRATT V = identity", {"model.latent_init": "identity"}),
     ("hidden", "N = 1, raw last hidden state", {"model.latent_mode": "hidden"}),
     ("ratt_n2", "N = 2, LatentRATT", {"model.num_thoughts": 2}),
+    ("ratt_n4", "N = 4, LatentRATT", {"model.num_thoughts": 4}),
     # factorised latents: K LatentRATT heads, K slots (sft.latent_diversity at its default)
     ("ratt_k2", "K = 2 latent factors", {"model.latent_factors": 2}),
     ("ratt_k3", "K = 3 latent factors", {"model.latent_factors": 3}),
