@@ -7,12 +7,13 @@ bfloat16, 2 threads. `--shape smollm2-135m` times SmolLM2-135M's shape instead (
 hidden 576, 9/3 heads, vocab 49,152 + 1), on prompts tokenized by its own tokenizer (read
 from ../shared/models; random weights: a step's time does not depend on their values).
 Each engine runs in its own process (XLA flags are per process) and measures its own
-matmul peak there (bench/common.py); every row has its FLOP count, FLOP/s and fraction of
+matmul peak there (bench/common.py); the two processes take turns (one runs at a time,
+their timed steps alternate: common.run_workers_in_turns), and every row has its FLOP count, FLOP/s and fraction of
 that peak. float32 is true float32 on both sides (common.jax_precision, torch TF32 off).
 The parent prints a table and writes bench/results/sft.json (sft_<shape>.json).
 
   python bench/bench_sft.py                  # main table
-  python bench/bench_sft.py --shape smollm2-135m --steps 3
+  python bench/bench_sft.py --shape smollm2-135m --steps 5
   python bench/bench_sft.py --investigate    # + XLA flag / formulation / allocator variants
   python bench/bench_sft.py --investigate --variants scan_layers,plain_bf16_einsum
 """
