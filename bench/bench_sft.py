@@ -8,8 +8,8 @@ hidden 576, 9/3 heads, vocab 49,152 + 1), on prompts tokenized by its own tokeni
 from ../shared/models; random weights: a step's time does not depend on their values).
 Each engine runs in its own process (XLA flags are per process) and measures its own
 matmul peak there (bench/common.py); the two processes take turns (one runs at a time,
-their timed steps alternate: common.run_workers_in_turns), and every row has its FLOP count, FLOP/s and fraction of
-that peak. float32 is true float32 on both sides (common.jax_precision, torch TF32 off).
+their timed steps alternate: common.run_workers_in_turns), and every row has its FLOP
+count, FLOP/s and fraction of that peak. float32 is true float32 on both sides (common.jax_precision, torch TF32 off).
 The parent prints a table and writes bench/results/sft.json (sft_<shape>.json).
 
   python bench/bench_sft.py                  # main table
