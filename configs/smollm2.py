@@ -29,6 +29,11 @@ Variants:
           (the first in file order), the first 300 valid and 300 test rows, 1 SFT epoch at
           batch 32 (3 warmup steps), 20 LR-GRPO batches of 8 prompts, 5 beams, float32. The numbers it
           gives are for checking the pipeline on a laptop, not for comparing with the paper.
+  gpu     one large accelerator (an H100/H200, 80 GB or more): the same recipe in larger
+          pieces (two 64-row micro-batches per 128-row SFT batch, whole 32-prompt LR-GRPO
+          batches), two prompt buckets and one target bucket so that each step compiles
+          for at most two shapes, and 128-user evaluation batches. Same global batches and
+          schedules as the default, so the same experiment in fewer, larger kernels.
   bigrec  BIGRec template + L2 grounding instead of D3.
 """
 
@@ -40,7 +45,7 @@ _SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 MODEL = os.path.normpath(os.path.join(_SHARED, "models", "SmolLM2-135M-Instruct.Q4_1.gguf"))
 DATASETS = {"cds": "CDs_and_Vinyl", "industrial": "Industrial_and_Scientific",
             "office": "Office_Products"}
-VARIANTS = ("cpu", "bigrec")
+VARIANTS = ("cpu", "gpu", "bigrec")
 
 
 def parse_variant(arg) -> tuple:
@@ -49,7 +54,7 @@ def parse_variant(arg) -> tuple:
     datasets = [t for t in tokens if t in DATASETS]
     unknown = [t for t in tokens if t not in DATASETS and t not in VARIANTS]
     if unknown or len(datasets) != 1:
-        raise ValueError(f"configs/smollm2.py:<dataset>[,cpu][,bigrec]: one dataset of "
+        raise ValueError(f"configs/smollm2.py:<dataset>[,cpu|,gpu][,bigrec]: one dataset of "
                          f"{sorted(DATASETS)} and variants of {list(VARIANTS)}; got {arg!r}")
     return datasets[0], {t for t in tokens if t in VARIANTS}
 
@@ -90,6 +95,15 @@ def get_config(arg=None):
     if "bigrec" in variants:
         c.data.template = "bigrec"
         c.eval.mode = "bigrec"
+    if "cpu" in variants and "gpu" in variants:
+        raise ValueError("configs/smollm2.py: the cpu and gpu variants exclude each other")
+    if "gpu" in variants:
+        c.data.buckets = (256, 512)
+        c.data.target_buckets = (32,)
+        c.sft.micro_batch_size = 64
+        c.sft.eval_batch_size = 128
+        c.grpo.micro_batch_size = 0
+        c.eval.batch_size = 128
     if "cpu" in variants:
         c.workdir += "_cpu"
         c.model.dtype = "float32"

@@ -3,7 +3,8 @@
 # which reaches nothing outside itself (see launch/device_study.py for what runs there).
 #
 #   launch/device_study.sh prepare          # here: split the GGUF, fetch the missing wheels
-#   launch/device_study.sh part1            # there, call 1: keep the first half in /tmp
+#   launch/device_study.sh part1            # there, call 1: keep the first half in /tmp,
+#                                           #   smoke-test the machine's packages
 #   launch/device_study.sh run [BUDGET_S]   # there, call 2 (within ~30 s): join, install, study
 #
 # The GGUF file (94 MB) goes over two calls: `part1` carries .device/part1 and copies it to
@@ -47,6 +48,30 @@ case "${1:-}" in
     ;;
   part1)
     mkdir -p /tmp/smol && cp .device/part1 /tmp/smol/part1 && ls -la /tmp/smol
+    # A smoke test of the machine's own flax/optax/orbax with this code (a tiny SFT run
+    # that writes checkpoints); if it fails and .whl_pin holds the versions the tests here
+    # use, they are installed to /tmp/site_pin, the test reruns, and `run` uses them.
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:$PWD
+    python3 -c "import jax, flax, optax, orbax.checkpoint as o; print('jax', jax.__version__, \
+      'flax', flax.__version__, 'optax', optax.__version__, 'orbax', getattr(o, '__version__', '?'), jax.devices())" || true
+    smoke() { timeout 120 python3 -m latentr3_jax sft --config configs/sft_tiny.py \
+      --config.workdir=/tmp/smoke_$1 > /tmp/smol/smoke_$1.log 2>&1; }
+    if smoke own; then
+      echo "smoke test: passed with the machine's packages"
+    elif ls .whl_pin/*.whl > /dev/null 2>&1; then
+      tail -5 /tmp/smol/smoke_own.log
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site_pin .whl_pin/*.whl
+      if PYTHONPATH=/tmp/site_pin:$PYTHONPATH smoke pinned; then
+        touch /tmp/smol/use_pin; echo "smoke test: passed with .whl_pin's packages"
+      else
+        tail -20 /tmp/smol/smoke_pinned.log; echo "smoke test: FAILED"
+      fi
+    else
+      tail -20 /tmp/smol/smoke_own.log; echo "smoke test: FAILED"
+    fi
     ;;
   run)
     BUDGET=${2:-520}
@@ -56,7 +81,9 @@ case "${1:-}" in
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+    if [ -f /tmp/smol/use_pin ]; then export PYTHONPATH=/tmp/site_pin:$PYTHONPATH; fi
     python3 launch/device_study.py --out "$OUT" --budget-s "$BUDGET" --model /tmp/smol/model.gguf \
+      --config-spec 'configs/smollm2.py:{dataset},gpu' --start-fraction 0.6 \
       --data-root .device/data --datasets cds,industrial --seeds 0,1,2 2>&1 | tee "$OUT/console.log" | grep -v '^sft:\|^grpo:'
     ;;
   *)
