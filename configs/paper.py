@@ -153,6 +153,7 @@ def get_config(arg=None):
     c.grpo.epochs = 1
     c.grpo.advantage = "batch"
     c.grpo.train_llm = False
+    c.grpo.select = "last"          # the release keeps the final step's latent
 
     # Evaluation (SPEC.md section 7)
     if v["recipe"] == "d3":

@@ -19,7 +19,9 @@ The recipe is the release's (SPEC.md sections 5-7) adapted to a 135M model:
           <= 3 epochs with early stopping on valid loss (patience 1); lr 3e-4 (the
           release's for 1.5B; a 135M model tolerates it);
   LR-GRPO G = 8, sigma 1.5, 32 prompts per batch, cosine schedule, lr 5e-5, clip 0.2/0.28,
-          one epoch;
+          one epoch, the release's objective; the noise-free valid reward every 50
+          batches, and the run keeps the best checkpoint, the SFT start included
+          (grpo.select=best: on CDs the release's objective wrecked the latent, see README);
   eval    trie-constrained beam search, 10 beams;
   dtype   bfloat16 compute (float32 weights) on accelerators; float32 with the `cpu`
           variant.
@@ -89,6 +91,7 @@ def get_config(arg=None):
     c.grpo.warmup_steps = 20
     c.grpo.epochs = 1
     c.grpo.evaluate = False        # the pipeline evaluates every variant on eval.split
+    c.grpo.eval_every = 50         # valid reward every 50 batches; the best one is kept
 
     c.eval.num_beams = 10
     c.eval.batch_size = 16
@@ -119,6 +122,7 @@ def get_config(arg=None):
         c.grpo.prompts_per_batch = 8
         c.grpo.micro_batch_size = 0
         c.grpo.max_steps = 20
+        c.grpo.eval_every = 0
         c.grpo.warmup_steps = 2
         c.grpo.log_every = 1
         c.eval.num_beams = 5

@@ -43,6 +43,7 @@ DTYPES = ("float32", "bfloat16")
 SCAN_LAYERS = ("auto", "true", "false")
 ADVANTAGES = ("batch", "group", "grpo", "rloo", "group_mean")   # LR-GRPO baselines
 ESTIMATORS = ("ppo", "reinforce", "pathwise")   # LR-GRPO gradient estimator
+GRPO_SELECT = ("best", "last")   # which LR-GRPO checkpoint is the run's model
 SIGMA_SCHEDULES = ("linear", "cosine")          # LR-GRPO noise decay (grpo.sigma_final)
 EVAL_MODES = ("constrained", "bigrec")          # trie beam search | BIGRec grounding
 SPLITS = ("train", "valid", "test")
@@ -165,6 +166,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.grpo.keep_checkpoints = 2
     c.grpo.max_bad_steps = 10
     c.grpo.evaluate = True          # HR/NDCG on the valid split after training
+    c.grpo.eval_every = 0           # batches between valid rewards; 0 = at epoch ends only
+    c.grpo.select = "best"          # best (highest valid reward, the SFT start included) | last
 
     # ---- `latentr3 run` (the whole recipe)
     c.pipeline = ml_collections.ConfigDict()
@@ -369,6 +372,8 @@ RULES = {
     "grpo.keep_checkpoints": _integer(1),
     "grpo.max_bad_steps": _integer(1),
     "grpo.evaluate": _boolean,
+    "grpo.eval_every": _integer(0),
+    "grpo.select": _choice(GRPO_SELECT),
     "pipeline.base_epochs": _integer(0),
     "study.seeds": _int_tuple(lo=0),
     "study.bootstrap": _integer(100),
@@ -513,6 +518,11 @@ DOCS = {
     "grpo.keep_checkpoints": "latest checkpoints kept",
     "grpo.max_bad_steps": "consecutive non-finite (skipped) steps before stopping with exit 1",
     "grpo.evaluate": "`latentr3 grpo`: HR/NDCG on the valid split after training",
+    "grpo.eval_every": "batches between noise-free valid rewards (also at the start and at "
+                       "each epoch's end); 0 = start and epoch ends only",
+    "grpo.select": "the run's model: best (the checkpoint with the highest valid reward, the "
+                   "SFT starting point included, so a stage that lowers it returns the SFT "
+                   "latent) | last (the final step's, as the release keeps)",
     "pipeline.base_epochs": "epochs of a shared N=0 SFT stage the variants start from; 0 = none",
     "study.seeds": "one `run` per seed, under <workdir>/seed_<s>",
     "study.bootstrap": "resamples of the users for the paired 95% intervals",

@@ -213,6 +213,8 @@ BAD = [  # key, bad value, what the message says
     ("grpo.keep_checkpoints", 0, "must be >= 1"),
     ("grpo.max_bad_steps", 0, "must be >= 1"),
     ("grpo.evaluate", None, "must be true or false"),
+    ("grpo.eval_every", -1, "must be >= 0"),
+    ("grpo.select", "first", "must be one of best, last"),
     ("pipeline.base_epochs", -1, "must be >= 0"),
     ("eval.checkpoint", 3, "must be a string"),
     ("eval.split", "dev", "must be one of train, valid, test"),

@@ -175,7 +175,8 @@ def test_memory_reads_the_checkpoint_shape(tmp_path):
     assert memory.config_estimates(cfg) == memory.config_estimates(cfg, decoder_config=qwen)
 
 
-@pytest.mark.parametrize("arg", ["cds", "industrial,cpu", "office,bigrec", "cds,cpu,bigrec"])
+@pytest.mark.parametrize("arg", ["cds", "industrial,cpu", "office,bigrec", "cds,cpu,bigrec",
+                                 "cds,gpu", "industrial,gpu,bigrec"])
 def test_smollm2_variants(arg):
     cfg = _load(f"smollm2.py:{arg}")
     validate(cfg, stage="study")
@@ -183,5 +184,9 @@ def test_smollm2_variants(arg):
     assert cfg.pipeline.base_epochs == 0 and cfg.sft.batch_size == (32 if "cpu" in arg else 128)
     assert cfg.sft.batch_size % (cfg.sft.micro_batch_size or cfg.sft.batch_size) == 0
     assert ("cpu" in arg) == (cfg.data.max_train_rows > 0) == (cfg.model.dtype == "float32")
+    assert ("gpu" in arg) == (cfg.data.buckets == (256, 512)) == (cfg.eval.batch_size == 128)
+    assert cfg.grpo.select == "best"
     with pytest.raises(InputError, match="one dataset"):
         _load("smollm2.py:cds,industrial")
+    with pytest.raises((InputError, ValueError), match="exclude each other"):
+        _load("smollm2.py:cds,cpu,gpu")

@@ -153,7 +153,9 @@ class Stage:
     train_step: Any                            # the TrainStep (compile count)
     evaluate: Optional[Callable] = None        # params -> validation value
     valid_key: str = "loss"                    # that value's name in the records
-    keep_best: bool = False                    # lowest validation value: best checkpoint, patience
+    keep_best: bool = False                    # best validation value: best checkpoint, patience
+    higher_is_better: bool = False             # the validation value is a reward, not a loss
+    eval_every: int = 0                        # batches between validations; 0 = epoch ends
     valid_at_start: bool = False               # also validate before the first step
     tokens: Optional[Callable[[dict], int]] = None   # host batch -> tokens, for throughput
     steps_per_batch: int = 1                   # optimizer steps per batch
@@ -183,6 +185,11 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _best_key(stage: Stage, value: float) -> float:
+    """The number the best-checkpoint manager keeps the lowest of."""
+    return -float(value) if stage.higher_is_better else float(value)
 
 
 def train(cfg, inputs: Inputs, stage: Stage, state, shardings, *, model_config,
@@ -223,6 +230,11 @@ def train(cfg, inputs: Inputs, stage: Stage, state, shardings, *, model_config,
     elif evaluate is not None and stage.valid_at_start:
         trainer["valid_start"] = evaluate(state.params, valid_it)
         writer.write({"split": "valid", "step": 0, stage.valid_key: trainer["valid_start"]})
+        if stage.keep_best and math.isfinite(trainer["valid_start"]):
+            # the starting point competes: a stage that only lowers the validation value
+            # leaves its starting weights as the run's best
+            trainer.update(best=trainer["valid_start"], best_step=0)
+            ckpt.save_best(state, _best_key(stage, trainer["valid_start"]))
     step = start = int(trainer["batches"])
     bar = Progress(total, step, stage.name, progress and inputs.primary)
     hint = resume_hint or f"the same call again (workdir {run_dir})"
@@ -276,12 +288,14 @@ def train(cfg, inputs: Inputs, stage: Stage, state, shardings, *, model_config,
         if not stage.keep_best:
             return
         best = trainer["best"]
-        if math.isfinite(value) and (best is None or value < best):
+        better = best is None or (value > best if stage.higher_is_better else value < best)
+        if math.isfinite(value) and better:
             trainer.update(best=value, best_step=step, bad_epochs=0)
-            ckpt.save_best(state, value)
+            ckpt.save_best(state, _best_key(stage, value))
         else:
             trainer["bad_epochs"] += 1
-            if trainer["bad_epochs"] >= int(sec.patience):
+            patience = int(sec.get("patience", 0))
+            if patience > 0 and trainer["bad_epochs"] >= patience:
                 trainer["stopped_early"] = True
                 writer.write({"event": "early_stop", "step": step, "best_step": trainer["best_step"]})
 
@@ -304,7 +318,8 @@ def train(cfg, inputs: Inputs, stage: Stage, state, shardings, *, model_config,
                 if step % log_every == 0 or step == total:
                     flush()
                 epoch_end = step % spe == 0 or step == total
-                if epoch_end and evaluate is not None:
+                due = epoch_end or (stage.eval_every > 0 and step % stage.eval_every == 0)
+                if due and evaluate is not None:
                     check_bad(m)
                     validate()
                 stopping = stop.should_stop(step) or (stop_after is not None

@@ -199,6 +199,71 @@ def test_resume_is_exact(sft_run, tmp_path):
             assert r[key] == f[key], key
 
 
+def test_select_best_keeps_the_highest_valid_reward(sft_run, tmp_path):
+    """grpo.select=best: the run's model is the checkpoint with the highest noise-free
+    valid reward over the start and every `eval_every` batches."""
+    cfg = _grpo_cfg(tmp_path / "best", sft_run)
+    cfg.data.max_eval_rows = 8
+    cfg.grpo.eval_every = 1
+    out = grpo.train_grpo(cfg, progress=False)
+    valid = [(r["step"], r["reward"]) for r in runs.read_metrics(str(tmp_path / "best"))
+             if r.get("split") == "valid"]
+    by_step = dict(valid)
+    assert valid[0][0] == 0 and set(range(5)) == set(by_step), valid
+    want = max(sorted(by_step), key=lambda s: (by_step[s], -s))   # first of the highest
+    assert out["best_step"] == want and out["best_valid_reward"] == by_step[want]
+    best = runs.load_run(str(tmp_path / "best"))
+    assert best.which == "best" and best.step == want
+
+
+def test_select_best_returns_the_sft_latent_when_every_step_is_worse(sft_run, tmp_path,
+                                                                       monkeypatch):
+    """A valid reward that only falls once training moves (minus the squared distance of
+    LatentRATT's weights from the SFT run's): the start is the best, and the run's model
+    is the SFT weights exactly, while its latest checkpoint has moved."""
+    from latentr3_jax.train.grpo import train as grpo_train
+    sft = runs.load_run(str(sft_run), which="latest").params
+    start = jax.tree.map(jnp.asarray, sft["latent"])
+
+    def distance_reward(model_config, settings):
+        def fn(params, batch):
+            d = sum(jnp.sum((a.astype(jnp.float32) - b) ** 2) for a, b in
+                    zip(jax.tree.leaves(params["latent"]), jax.tree.leaves(start)))
+            v = batch["valid"].astype(jnp.float32)
+            return -d * v.sum(), v.sum()
+        return fn
+
+    monkeypatch.setattr(grpo_train, "reward_fn", distance_reward)
+    cfg = _grpo_cfg(tmp_path / "best0", sft_run)
+    cfg.data.max_eval_rows = 8
+    cfg.grpo.eval_every = 2
+    out = grpo.train_grpo(cfg, progress=False)
+    valid = [(r["step"], r["reward"]) for r in runs.read_metrics(str(tmp_path / "best0"))
+             if r.get("split") == "valid"]
+    assert [s for s, _ in valid] == [0, 2, 4] and valid[0][1] == 0.0
+    assert all(r < 0 for _, r in valid[1:]), valid
+    assert out["best_step"] == 0 and out["best_valid_reward"] == 0.0
+    best = runs.load_run(str(tmp_path / "best0"))
+    assert best.which == "best" and best.step == 0
+    for x, y in zip(jax.tree.leaves(best.params), jax.tree.leaves(sft)):
+        np.testing.assert_array_equal(x, y)
+    last = runs.load_run(str(tmp_path / "best0"), which="latest").params
+    assert not np.array_equal(last["latent"]["q"]["kernel"], sft["latent"]["q"]["kernel"])
+
+
+def test_select_last_keeps_the_final_step(sft_run, tmp_path):
+    cfg = _grpo_cfg(tmp_path / "last", sft_run,
+                    **{"grpo.select": "last"})
+    cfg.data.max_eval_rows = 8
+    out = grpo.train_grpo(cfg, progress=False)
+    assert out["best_step"] is None
+    run = runs.load_run(str(tmp_path / "last"))
+    assert run.step == 4
+    last = runs.load_run(str(tmp_path / "last"), which="latest").params
+    for x, y in zip(jax.tree.leaves(run.params), jax.tree.leaves(last)):
+        np.testing.assert_array_equal(x, y)
+
+
 def test_grpo_cli_rejects_missing_init(tmp_path):
     from latentr3_jax import cli
     assert cli.main(["grpo", "--config.workdir=" + str(tmp_path)]) == 2

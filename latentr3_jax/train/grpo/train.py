@@ -14,6 +14,9 @@ One training step per batch of prompts:
      the stored noise and old log-probs.
 With one iteration and no accumulation the two parts run as one pass (step.make_fused_loss).
 Each step's record also carries diagnostics of the latent and the rewards (step.record).
+The noise-free valid reward is measured at the start, every `grpo.eval_every` batches and
+at each epoch's end; with `grpo.select=best` (the default) the run's model is the
+checkpoint with the highest one, the SFT starting point included.
 Rerunning the same command resumes from the run directory's latest checkpoint with the same
 data order and noise; SIGTERM / SIGINT save at the next step boundary first.
 """
@@ -97,7 +100,8 @@ def train_grpo(cfg, *, progress: bool = True, resume_hint: Optional[str] = None,
         name="grpo", step=lambda st, b: grpo_step(st, ref_params, b), record=record,
         train_step=grpo_step.train_step,
         evaluate=loop.Evaluator(reward_fn(model_config, settings), inputs.mesh, shardings.params),
-        valid_key="reward", valid_at_start=True, steps_per_batch=iters)
+        valid_key="reward", valid_at_start=True, steps_per_batch=iters,
+        keep_best=g.select == "best", higher_is_better=True, eval_every=int(g.eval_every))
     _, summary = loop.train(cfg, inputs, stage, state, shardings, model_config=model_config,
                             num_thoughts=sft.num_thoughts, latent_mode=sft.latent_mode,
                             progress=progress, resume_hint=resume_hint, stop_after=stop_after)
@@ -105,4 +109,5 @@ def train_grpo(cfg, *, progress: bool = True, resume_hint: Optional[str] = None,
     return {**summary,
             "final_reward_mean": curve[-1]["reward_mean"] if curve else None,
             "valid_reward_start": summary["valid_start"], "valid_reward_end": summary["valid_end"],
+            "select": g.select, "best_valid_reward": summary["best_valid"],
             "prompts_per_s": (summary["steps_per_s"] or 0) * int(g.prompts_per_batch) or None}
