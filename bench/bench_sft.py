@@ -181,7 +181,10 @@ def make_train_step(config, mesh, kind: str, dtype):
 
 
 def worker_jax(args) -> dict:
-    cpu_alloc.configure()  # what `latentr3` does at start-up ($LATENTR3_CPU_MALLOC=system: off)
+    batches, vocab, thought = load_batches(args.batches)
+    shape_config = common.shape_config(args.shape, vocab)
+    # what `latentr3` does at start-up: heap reuse for small models ($LATENTR3_CPU_MALLOC)
+    cpu_alloc.configure(num_params=shape_config.num_params())
     import jax
     import jax.numpy as jnp
     from latentr3_jax.model import decoder, mixed
@@ -208,9 +211,6 @@ def worker_jax(args) -> dict:
             y = jnp.einsum(spec, a, b.astype(a.dtype)).astype(out_dtype or a.dtype)
             return y if bias is None else y + bias.astype(y.dtype)
         mixed.einsum = plain
-
-    batches, vocab, thought = load_batches(args.batches)
-    shape_config = common.shape_config(args.shape, vocab)
 
     # what `latentr3 sft` runs for this model (model.scan_layers=auto), unless a variant
     # forces the layer scan on or off

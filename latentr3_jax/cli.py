@@ -499,6 +499,36 @@ def _command_help(name: str, argv: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def _model_size_hint(name: str, argv: Sequence[str]) -> Optional[int]:
+    """Parameters of the model a config command will train or load, read cheaply (no JAX,
+    no weights) for the host allocator's `auto` policy; None when it cannot tell. From
+    the config's `model.*` for a model trained from scratch, the checkpoint's config.json
+    or a GGUF file's tensor table for `model.hf_path`, the SFT run's model_config.json for
+    `grpo.init_from`."""
+    if name not in CONFIG_FILES or os.environ.get("LATENTR3_CPU_MALLOC", "auto") != "auto":
+        return None
+    try:
+        cfg, _ = config_lib.parse_config(
+            list(argv), default_file=config_lib.default_config_file(CONFIG_FILES[name]))
+        if name == "grpo" and cfg.grpo.init_from:
+            with open(os.path.join(str(cfg.grpo.init_from), "model_config.json"),
+                      encoding="utf-8") as f:
+                facts = json.load(f)
+            from latentr3_jax.model.config import DecoderConfig
+            return int(DecoderConfig.from_dict(facts["decoder"]).num_params())
+        path = str(cfg.model.hf_path or "")
+        if path.lower().endswith(".gguf"):
+            import gguf
+            return int(sum(int(t.n_elements) for t in gguf.GGUFReader(path, "r").tensors))
+        if path:
+            from latentr3_jax.hf import read_hf_config
+            return int(read_hf_config(path).num_params())
+        from latentr3_jax.parallel import memory
+        return int(memory.decoder_config_from_cfg(cfg).num_params())
+    except Exception:   # noqa: BLE001  (a hint: the command itself reports bad input)
+        return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["help"] and len(argv) > 1:
@@ -522,7 +552,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     cpu_alloc = _lazy("latentr3_jax.utils.cpu_alloc")
     try:
-        cpu_alloc.configure()  # before XLA starts its threads (see cpu_alloc)
+        # before XLA starts its threads; `auto` reuses the heap for small models only
+        cpu_alloc.configure(num_params=_model_size_hint(name, rest))
     except ValueError as e:
         print(f"latentr3: error: {e}", file=sys.stderr)
         return 2

@@ -307,3 +307,40 @@ def test_workers_in_turns_alternate_and_survive_a_crash(tmp_path):
     # outside run_workers_in_turns the turn calls do nothing
     common.pass_turn()
     common.take_turn()
+
+
+def test_profile_step_classes_a_compiled_module():
+    """bench/profile_step.py's op classes read off XLA's compiled text: the matmul of a
+    tiny function is a dot, its sum a reduction, and every instruction gets a class."""
+    import profile_step
+
+    def f(x, w):
+        return jnp.tanh(x @ w).sum(axis=-1)
+
+    x, w = jnp.ones((16, 32), jnp.float32), jnp.ones((32, 8), jnp.float32)
+    kinds = profile_step._hlo_kinds(jax.jit(f).lower(x, w).compile().as_text())
+    classes = {profile_step.CLASS.get(k, k) for k in kinds.values()}
+    assert "matmul" in classes, kinds
+    assert classes & {"reduction", "elementwise"}, kinds
+
+
+def test_grpo_curves_reads_and_plots(tmp_path):
+    import gzip
+    import json
+    import grpo_curves
+
+    rows = [{"split": "valid", "step": 0, "reward": -10.0}]
+    rows += [{"split": "train", "step": s, "reward_eps0": -3.0 - s, "reward_noisy": -3.0,
+              "adv_pos_frac": 0.5 + s / 10, "latent_drift": float(s), "latent_norm": 30.0,
+              "noise_rel": 1.1} for s in range(1, 5)]
+    path = tmp_path / "metrics.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write("\n".join(json.dumps(r) for r in rows) + "\n")
+    train, valid = grpo_curves.read_metrics(str(path))
+    assert [r["step"] for r in train] == [1, 2, 3, 4] and valid[0]["reward"] == -10.0
+    assert grpo_curves.main([str(path), "--out", str(tmp_path / "c.png"), "--every", "2"]) == 0
+    assert (tmp_path / "c.png").stat().st_size > 0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(rows[1]) + "\n{not json\n")
+    with pytest.raises(SystemExit, match=r"bad.jsonl:2: not JSON"):
+        grpo_curves.read_metrics(str(bad))

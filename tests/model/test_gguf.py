@@ -622,3 +622,16 @@ def test_smollm2_tokenizer_matches_transformers_gguf(smol):
     # transformers' GGUF tokenizer ignores tokenizer.ggml.pre here and splits "Ġ" + "Ġ".
     vocab = tok.backend.get_vocab()
     assert tok.encode("Hits:  20") == tok.encode("Hits:") + [vocab["ĠĠ"], vocab["2"], vocab["0"]]
+
+
+@pytest.mark.parametrize("name", ["llama_f32_untied", "qwen2_f16_tied"])
+def test_cli_model_size_hint_reads_the_tensor_table(convert, name, monkeypatch):
+    """The host allocator's `auto` policy sizes a GGUF model from its tensor table and an
+    HF folder from its config.json, without loading weights: both give the parameter count
+    of the converted model."""
+    from latentr3_jax import cli
+    monkeypatch.delenv("LATENTR3_CPU_MALLOC", raising=False)
+    c = convert(name)
+    want = hf.read_hf_config(c.out).num_params()
+    assert cli._model_size_hint("sft", [f"--config.model.hf_path={c.gguf}"]) == want
+    assert cli._model_size_hint("sft", [f"--config.model.hf_path={c.out}"]) == want

@@ -28,9 +28,10 @@ print(json.dumps({"applied": applied, "mib_per_call": sorted(faults)[4] * 4096 /
 """
 
 
-def _probe(mode):
+def _probe(mode, num_params=None):
     env = dict(os.environ, JAX_PLATFORMS="cpu", LATENTR3_CPU_MALLOC=mode)
-    out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True,
+    code = _PROBE.replace("cpu_alloc.configure()", f"cpu_alloc.configure(num_params={num_params!r})")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -55,7 +56,41 @@ def test_heap_reuse_removes_per_step_page_faults():
     assert tries[-1]["mib_per_call"] < 8, tries
 
 
-def test_mode_is_validated():
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                    reason="the policy is a glibc mallopt setting")
+def test_auto_keeps_the_system_allocator_for_a_large_model():
+    """`auto` with a model above AUTO_MAX_PARAMS leaves glibc as it is: the buffer is
+    faulted in again on every call, as under 'system'."""
+    big = _probe("auto", num_params=cpu_alloc.AUTO_MAX_PARAMS + 1)
+    assert big["applied"] is False and big["mib_per_call"] > 32, big
+
+
+def test_auto_chooses_by_model_size():
+    assert cpu_alloc.choose(None) == "reuse"
+    assert cpu_alloc.choose(650_368) == "reuse"                  # the demo model
+    assert cpu_alloc.choose(cpu_alloc.AUTO_MAX_PARAMS) == "reuse"
+    assert cpu_alloc.choose(134_515_584) == "system"             # SmolLM2-135M
+
+
+def test_mode_is_validated(monkeypatch):
     with pytest.raises(ValueError, match="LATENTR3_CPU_MALLOC"):
         cpu_alloc.configure("sometimes")
+    monkeypatch.setattr(cpu_alloc, "_applied", None)   # as in a fresh process
     assert cpu_alloc.configure("system") is False
+    assert cpu_alloc.configure("auto", num_params=10 ** 9) is False
+    assert cpu_alloc._applied is None    # nothing was set: a later 'reuse' still could
+
+
+def test_cli_sizes_the_model_without_weights_or_jax_computation(tmp_path, monkeypatch):
+    """What `latentr3` passes to `auto`: the from-scratch shape, an HF folder's config.json,
+    a GGUF file's tensor table; None for commands without a model config or bad input."""
+    from latentr3_jax import cli
+    from latentr3_jax.config import parse_config
+    from latentr3_jax.parallel import memory
+    monkeypatch.delenv("LATENTR3_CPU_MALLOC", raising=False)
+    cfg = parse_config(["--config", "configs/demo.py"])[0]
+    assert cli._model_size_hint("run", []) == memory.decoder_config_from_cfg(cfg).num_params()
+    assert cli._model_size_hint("convert", []) is None
+    assert cli._model_size_hint("sft", ["--config", str(tmp_path / "missing.py")]) is None
+    monkeypatch.setenv("LATENTR3_CPU_MALLOC", "reuse")
+    assert cli._model_size_hint("run", []) is None

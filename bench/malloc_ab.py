@@ -1,0 +1,104 @@
+"""The host allocator at the SmolLM2-135M shape: the plain SFT step (fwd + bwd + AdamW) of
+JAX under each heap policy, and transformers', all in turns.
+
+latentr3 sets glibc to one arena with no mmap-backed chunks and no trimming at start-up
+(latentr3_jax/utils/cpu_alloc.py: `reuse`), which removes the per-step page faults of the
+small benchmark model. This runs, as separate processes whose timed steps alternate (so
+the VM's drift hits each alike; bench/common.py, run_workers_in_turns):
+
+  jax_reuse          the start-up default (LATENTR3_CPU_MALLOC unset)
+  jax_system         glibc's defaults (LATENTR3_CPU_MALLOC=system)
+  jax_reuse_thp      the default with glibc.malloc.hugetlb=1 (transparent huge pages on
+                     malloc's memory, through GLIBC_TUNABLES)
+  jax_system_thp     glibc's defaults with glibc.malloc.hugetlb=1
+  torch              transformers, glibc's defaults
+
+    python bench/malloc_ab.py [--steps 4] [--dtypes float32,bfloat16] [--shape smollm2-135m]
+
+Writes bench/results/malloc_ab_<shape>.json. With --shape smollm2-135m it needs
+../shared/models (the tokenizer of the batches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+import common
+import bench_sft
+
+THP = "glibc.malloc.hugetlb=1"
+ARMS = {
+    "jax_reuse": ("jax", {}),
+    "jax_system": ("jax", {"LATENTR3_CPU_MALLOC": "system"}),
+    "jax_reuse_thp": ("jax", {"GLIBC_TUNABLES": THP}),
+    "jax_system_thp": ("jax", {"LATENTR3_CPU_MALLOC": "system", "GLIBC_TUNABLES": THP}),
+    "torch": ("torch", {}),
+}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", default="smollm2-135m", choices=("small", "smollm2-135m"))
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--arms", default="jax_reuse,jax_system,jax_reuse_thp,torch",
+                    help=f"comma list of {', '.join(ARMS)}")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="")
+    args = ap.parse_args(argv)
+    arms = [a for a in args.arms.split(",") if a]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        ap.error(f"unknown arms {unknown}; choose from {sorted(ARMS)}")
+    if args.shape == "smollm2-135m" and not common.have_smollm2():
+        print(f"skipped: {common.smollm2_missing()}")
+        return 0
+    out = args.out or os.path.join(common.RESULTS, f"malloc_ab_{args.shape}.json")
+    bpath = os.path.join(tempfile.mkdtemp(), "batches.npz")
+    info = bench_sft.make_batches(bpath, tokenizer="smollm2" if args.shape == "smollm2-135m"
+                                  else "bpe")
+    specs = []
+    for a in arms:
+        engine, env = ARMS[a]
+        specs.append(bench_sft._worker_spec(engine, bpath, kinds="plain", dtypes=args.dtypes,
+                                            steps=args.steps, threads=args.threads, env=env,
+                                            shape=args.shape))
+    answers = common.run_workers_in_turns(specs)
+    result = {"shape": args.shape, "info": info, "steps": args.steps, "threads": args.threads,
+              "arms": {a: {"env": ARMS[a][1], **ans} for a, ans in zip(arms, answers)},
+              "machine": common.machine(),
+              "thp": _read("/sys/kernel/mm/transparent_hugepage/enabled"),
+              "timing": "one process per arm, taking turns step by step (run_workers_in_turns)"}
+    print(f"plain step at the {args.shape} shape, {args.steps} timed steps per arm "
+          f"(THP: {result['thp']}):")
+    torch = result["arms"].get("torch", {})
+    for a in arms:
+        r = result["arms"][a]
+        if "error" in r:
+            print(f"  {a:<16} ERROR {r['error']}")
+            continue
+        cells = []
+        for d in args.dtypes.split(","):
+            k = f"plain/{d}"
+            if k in r:
+                ratio = (torch[k]["step_s"] / r[k]["step_s"]) if k in torch and a != "torch" else None
+                cells.append(f"{d} {r[k]['step_s']:.2f} s (min {r[k]['min_s']:.2f})"
+                             + (f", {ratio:.2f}x torch" if ratio else ""))
+        print(f"  {a:<16} " + "; ".join(cells))
+    common.write_result(out, result)
+    return 0
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
