@@ -514,16 +514,17 @@ def _model_size_hint(name: str, argv: Sequence[str]) -> Optional[int]:
             with open(os.path.join(str(cfg.grpo.init_from), "model_config.json"),
                       encoding="utf-8") as f:
                 facts = json.load(f)
+            # lazy (start-up cost): only commands with a config read a model's size
             from latentr3_jax.model.config import DecoderConfig
             return int(DecoderConfig.from_dict(facts["decoder"]).num_params())
         path = str(cfg.model.hf_path or "")
         if path.lower().endswith(".gguf"):
-            import gguf
+            import gguf  # lazy (start-up cost): only for a .gguf model path
             return int(sum(int(t.n_elements) for t in gguf.GGUFReader(path, "r").tensors))
         if path:
-            from latentr3_jax.hf import read_hf_config
+            from latentr3_jax.hf import read_hf_config  # lazy (start-up cost)
             return int(read_hf_config(path).num_params())
-        from latentr3_jax.parallel import memory
+        from latentr3_jax.parallel import memory  # lazy (start-up cost)
         return int(memory.decoder_config_from_cfg(cfg).num_params())
     except Exception:   # noqa: BLE001  (a hint: the command itself reports bad input)
         return None

@@ -262,7 +262,9 @@ def test_sft_grpo_evaluate_export_end_to_end(tmp_path):
                                      f"--config.grpo.init_from={sft_dir}",
                                      "--config.grpo.max_steps=2", "--config.grpo.prompts_per_batch=4",
                                      "--config.grpo.group_size=3", "--config.grpo.log_every=1",
-                                     "--config.grpo.evaluate=False"])
+                                     "--config.grpo.evaluate=False",
+                                     # the final step's latents: this checks that all K move
+                                     "--config.grpo.select=last"])
     train_grpo(gcfg, progress=False)
     grun = runs.load_run(str(grpo_dir))
     moved = [float(jnp.max(jnp.abs(grun.params["latent"]["v"]["kernel"][k]
