@@ -1,21 +1,26 @@
-"""The host allocator at the SmolLM2-135M shape: the plain SFT step (fwd + bwd + AdamW) of
-JAX under each heap policy, and transformers', all in turns.
+"""Host settings at the SmolLM2-135M shape: the plain SFT step (fwd + bwd + AdamW) of JAX
+under each heap policy (and with XLA's oneDNN matmuls), and transformers', all in turns.
 
-latentr3 sets glibc to one arena with no mmap-backed chunks and no trimming at start-up
-(latentr3_jax/utils/cpu_alloc.py: `reuse`), which removes the per-step page faults of the
-small benchmark model. This runs, as separate processes whose timed steps alternate (so
-the VM's drift hits each alike; bench/common.py, run_workers_in_turns):
+latentr3 chooses glibc's heap policy at start-up (latentr3_jax/utils/cpu_alloc.py: `auto`
+reuses the heap, one arena with no mmap-backed chunks and no trimming, for models of up to
+32M parameters). This runs, as separate processes whose timed steps alternate (so the
+VM's drift hits each alike; bench/common.py, run_workers_in_turns), a choice of:
 
-  jax_reuse          the start-up default (LATENTR3_CPU_MALLOC unset)
+  jax_reuse          heap reuse (LATENTR3_CPU_MALLOC=reuse; the start-up default before
+                     `auto`)
   jax_system         glibc's defaults (LATENTR3_CPU_MALLOC=system)
-  jax_reuse_thp      the default with glibc.malloc.hugetlb=1 (transparent huge pages on
+  jax_auto           the start-up default (`auto`: glibc's defaults at the 135M shape)
+  jax_reuse_thp      heap reuse with glibc.malloc.hugetlb=1 (transparent huge pages on
                      malloc's memory, through GLIBC_TUNABLES)
   jax_system_thp     glibc's defaults with glibc.malloc.hugetlb=1
+  jax_onednn         the start-up default with XLA's oneDNN matmuls
+                     (XLA_FLAGS=--xla_cpu_use_onednn=true)
   torch              transformers, glibc's defaults
 
-    python bench/malloc_ab.py [--steps 4] [--dtypes float32,bfloat16] [--shape smollm2-135m]
+    python bench/malloc_ab.py [--arms a,b,...] [--steps 4] [--dtypes float32,bfloat16]
 
-Writes bench/results/malloc_ab_<shape>.json. With --shape smollm2-135m it needs
+Default arms: jax_reuse, jax_system, jax_reuse_thp, torch. Writes
+bench/results/malloc_ab_<shape>.json (or --out). With --shape smollm2-135m it needs
 ../shared/models (the tokenizer of the batches).
 """
 
@@ -30,12 +35,14 @@ import common
 import bench_sft
 
 THP = "glibc.malloc.hugetlb=1"
-ARMS = {
-    "jax_reuse": ("jax", {}),
-    "jax_system": ("jax", {"LATENTR3_CPU_MALLOC": "system"}),
-    "jax_reuse_thp": ("jax", {"GLIBC_TUNABLES": THP}),
-    "jax_system_thp": ("jax", {"LATENTR3_CPU_MALLOC": "system", "GLIBC_TUNABLES": THP}),
-    "torch": ("torch", {}),
+ARMS = {   # name: (engine, environment, XLA_FLAGS)
+    "jax_reuse": ("jax", {"LATENTR3_CPU_MALLOC": "reuse"}, ""),
+    "jax_system": ("jax", {"LATENTR3_CPU_MALLOC": "system"}, ""),
+    "jax_reuse_thp": ("jax", {"LATENTR3_CPU_MALLOC": "reuse", "GLIBC_TUNABLES": THP}, ""),
+    "jax_system_thp": ("jax", {"LATENTR3_CPU_MALLOC": "system", "GLIBC_TUNABLES": THP}, ""),
+    "jax_auto": ("jax", {}, ""),
+    "jax_onednn": ("jax", {}, "--xla_cpu_use_onednn=true"),
+    "torch": ("torch", {}, ""),
 }
 
 
@@ -62,13 +69,14 @@ def main(argv=None) -> int:
                                   else "bpe")
     specs = []
     for a in arms:
-        engine, env = ARMS[a]
+        engine, env, flags = ARMS[a]
         specs.append(bench_sft._worker_spec(engine, bpath, kinds="plain", dtypes=args.dtypes,
                                             steps=args.steps, threads=args.threads, env=env,
-                                            shape=args.shape))
+                                            shape=args.shape, xla_flags=flags))
     answers = common.run_workers_in_turns(specs)
     result = {"shape": args.shape, "info": info, "steps": args.steps, "threads": args.threads,
-              "arms": {a: {"env": ARMS[a][1], **ans} for a, ans in zip(arms, answers)},
+              "arms": {a: {"env": ARMS[a][1], "xla_flags": ARMS[a][2], **ans}
+                       for a, ans in zip(arms, answers)},
               "machine": common.machine(),
               "thp": _read("/sys/kernel/mm/transparent_hugepage/enabled"),
               "timing": "one process per arm, taking turns step by step (run_workers_in_turns)"}
