@@ -501,10 +501,10 @@ def _command_help(name: str, argv: Sequence[str]) -> str:
 
 def _model_size_hint(name: str, argv: Sequence[str]) -> Optional[int]:
     """Parameters of the model a config command will train or load, read cheaply (no JAX,
-    no weights) for the host allocator's `auto` policy; None when it cannot tell. From
-    the config's `model.*` for a model trained from scratch, the checkpoint's config.json
-    or a GGUF file's tensor table for `model.hf_path`, the SFT run's model_config.json for
-    `grpo.init_from`."""
+    no weights) for the host allocator's `auto` policy; None when it cannot tell. The SFT
+    run's model_config.json for `grpo.init_from`, else what `latentr3 memory` sizes
+    (memory.decoder_config_from_cfg: the from-scratch shape, a checkpoint's config.json
+    or a GGUF file's metadata)."""
     if name not in CONFIG_FILES or os.environ.get("LATENTR3_CPU_MALLOC", "auto") != "auto":
         return None
     try:
@@ -517,13 +517,6 @@ def _model_size_hint(name: str, argv: Sequence[str]) -> Optional[int]:
             # lazy (start-up cost): only commands with a config read a model's size
             from latentr3_jax.model.config import DecoderConfig
             return int(DecoderConfig.from_dict(facts["decoder"]).num_params())
-        path = str(cfg.model.hf_path or "")
-        if path.lower().endswith(".gguf"):
-            import gguf  # lazy (start-up cost): only for a .gguf model path
-            return int(sum(int(t.n_elements) for t in gguf.GGUFReader(path, "r").tensors))
-        if path:
-            from latentr3_jax.hf import read_hf_config  # lazy (start-up cost)
-            return int(read_hf_config(path).num_params())
         from latentr3_jax.parallel import memory  # lazy (start-up cost)
         return int(memory.decoder_config_from_cfg(cfg).num_params())
     except Exception:   # noqa: BLE001  (a hint: the command itself reports bad input)

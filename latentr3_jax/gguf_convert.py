@@ -660,9 +660,9 @@ def _cast(arrays: dict, dtype: str) -> dict:
     return {k: v.astype(ml_dtypes.bfloat16) for k, v in arrays.items()}
 
 
-def read_gguf(gguf_path: str) -> tuple:
-    """(HF config dict, {HF tensor name: float32 array}, {tokenizer file: text} or None)."""
-    path = os.fspath(gguf_path)
+def _open_model(path: str) -> tuple:
+    """(metadata, architecture, {name: tensor info}, HF config dict) of a GGUF file, its
+    tensors checked against the config; no weights are read."""
     reader = _open(path)
     meta = _Meta(reader, path)
     arch = meta.get("general.architecture")
@@ -674,6 +674,19 @@ def read_gguf(gguf_path: str) -> tuple:
     tensors = {t.name: t for t in reader.tensors}
     cfg = _read_config(path, meta, arch, tensors)
     _check_tensors(path, arch, cfg, tensors)
+    return meta, arch, tensors, cfg
+
+
+def read_gguf_config(gguf_path: str) -> dict:
+    """The HF config dict of a GGUF file from its metadata and tensor table alone (no
+    dequantising, no conversion): for sizing a model before loading it."""
+    return _open_model(os.fspath(gguf_path))[3]
+
+
+def read_gguf(gguf_path: str) -> tuple:
+    """(HF config dict, {HF tensor name: float32 array}, {tokenizer file: text} or None)."""
+    path = os.fspath(gguf_path)
+    meta, arch, tensors, cfg = _open_model(path)
     tok_files = _build_tokenizer(path, meta, cfg["max_position_embeddings"])
     arrays = _read_tensors(path, arch, cfg, tensors)
     return cfg, arrays, tok_files

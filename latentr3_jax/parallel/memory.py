@@ -36,7 +36,8 @@ import jax
 import numpy as np
 
 from latentr3_jax.errors import InputError
-from latentr3_jax.hf import read_hf_config
+from latentr3_jax.gguf_convert import read_gguf_config
+from latentr3_jax.hf import config_from_hf, read_hf_config
 from latentr3_jax.model import decoder, latent
 from latentr3_jax.model.config import DecoderConfig
 from latentr3_jax.parallel.mesh import LOGICAL_RULES, MESH_AXES, is_axes, logical_spec
@@ -186,10 +187,13 @@ def qwen25_1_5b(vocab_size: int = 151665 + 1) -> DecoderConfig:
 
 def decoder_config_from_cfg(cfg) -> DecoderConfig:
     """The decoder a config trains, without loading weights: the checkpoint's config.json
-    when `model.hf_path` is set (its table plus one `<|Thought|>` row: an upper bound, as
+    (a GGUF file's metadata) when `model.hf_path` is set (its table plus one `<|Thought|>` row: an upper bound, as
     a run drops padding rows past the tokenizer), else the from-scratch shape of
     `cfg.model` with `tokenizer.vocab_size` ids (`<|Thought|>` included)."""
     path = str(cfg.model.hf_path or "")
+    if path.lower().endswith(".gguf"):   # its metadata, without converting the file
+        hf = config_from_hf(read_gguf_config(path), path)
+        return hf.replace(vocab_size=hf.vocab_size + 1)
     if path:
         if not os.path.exists(os.path.join(path, "config.json")):
             raise InputError(f"model.hf_path: no config.json in {path!r} (pass --model "

@@ -18,10 +18,10 @@ The policy pays off for small models and costs for large ones. On this project's
 VM the plain training step of a 6.0M-parameter decoder took 351 ms with it against 407 ms
 without (bench/bench_sft.py --investigate); at SmolLM2-135M's shape (134.5M), timed in
 turns (bench/malloc_ab.py), it took 17.2 s against 12.8 s in fp32 and 9.3 s against 7.5 s
-in bf16. The cross-over between the two sizes is not measured. So the default, `auto`, applies it only to models
-of at most AUTO_MAX_PARAMS parameters, or when the size is unknown. `latentr3` calls it at
-start-up with the size of the model its config names; LATENTR3_CPU_MALLOC=reuse or
-=system forces either.
+in bf16. The cross-over between the two sizes is not measured. So the default, `auto`,
+applies it only to models of at most AUTO_MAX_PARAMS parameters, or when the size is
+unknown. `latentr3` calls it at start-up with the size of the model its config names;
+LATENTR3_CPU_MALLOC=reuse or =system forces either.
 """
 
 from __future__ import annotations

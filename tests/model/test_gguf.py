@@ -625,13 +625,14 @@ def test_smollm2_tokenizer_matches_transformers_gguf(smol):
 
 
 @pytest.mark.parametrize("name", ["llama_f32_untied", "qwen2_f16_tied"])
-def test_cli_model_size_hint_reads_the_tensor_table(convert, name, monkeypatch):
-    """The host allocator's `auto` policy sizes a GGUF model from its tensor table and an
-    HF folder from its config.json, without loading weights: both give the parameter count
-    of the converted model."""
+def test_cli_model_size_hint_reads_the_metadata(convert, name, monkeypatch):
+    """The host allocator's `auto` policy sizes a GGUF model from its metadata and an HF
+    folder from its config.json, without loading weights: both give the parameter count
+    of the converted model with its `<|Thought|>` row."""
     from latentr3_jax import cli
     monkeypatch.delenv("LATENTR3_CPU_MALLOC", raising=False)
     c = convert(name)
-    want = hf.read_hf_config(c.out).num_params()
+    conv = hf.read_hf_config(c.out)
+    want = conv.replace(vocab_size=conv.vocab_size + 1).num_params()
     assert cli._model_size_hint("sft", [f"--config.model.hf_path={c.gguf}"]) == want
     assert cli._model_size_hint("sft", [f"--config.model.hf_path={c.out}"]) == want

@@ -199,6 +199,12 @@ def test_resume_is_exact(sft_run, tmp_path):
             assert r[key] == f[key], key
 
 
+def _valid_rewards(run_dir) -> list:
+    """[(step, noise-free valid reward)] as the run logged them."""
+    return [(r["step"], r["reward"]) for r in runs.read_metrics(str(run_dir))
+            if r.get("split") == "valid"]
+
+
 def test_select_best_keeps_the_highest_valid_reward(sft_run, tmp_path):
     """grpo.select=best: the run's model is the checkpoint with the highest noise-free
     valid reward over the start and every `eval_every` batches."""
@@ -206,8 +212,7 @@ def test_select_best_keeps_the_highest_valid_reward(sft_run, tmp_path):
     cfg.data.max_eval_rows = 8
     cfg.grpo.eval_every = 1
     out = grpo.train_grpo(cfg, progress=False)
-    valid = [(r["step"], r["reward"]) for r in runs.read_metrics(str(tmp_path / "best"))
-             if r.get("split") == "valid"]
+    valid = _valid_rewards(tmp_path / "best")
     by_step = dict(valid)
     assert valid[0][0] == 0 and set(range(5)) == set(by_step), valid
     want = max(sorted(by_step), key=lambda s: (by_step[s], -s))   # first of the highest
@@ -238,8 +243,7 @@ def test_select_best_returns_the_sft_latent_when_every_step_is_worse(sft_run, tm
     cfg.data.max_eval_rows = 8
     cfg.grpo.eval_every = 2
     out = grpo.train_grpo(cfg, progress=False)
-    valid = [(r["step"], r["reward"]) for r in runs.read_metrics(str(tmp_path / "best0"))
-             if r.get("split") == "valid"]
+    valid = _valid_rewards(tmp_path / "best0")
     assert [s for s, _ in valid] == [0, 2, 4] and valid[0][1] == 0.0
     assert all(r < 0 for _, r in valid[1:]), valid
     assert out["best_step"] == 0 and out["best_valid_reward"] == 0.0
