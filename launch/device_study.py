@@ -33,6 +33,7 @@ import argparse
 import os
 import shutil
 import sys
+import tarfile
 import threading
 import time
 
@@ -164,28 +165,22 @@ def pack_runs(root: str, out_path: str) -> None:
     curves, evaluation metrics and predictions; no checkpoints, tokenizers or caches) as
     one tar.gz, written beside `root`, copied next to `out_path` and renamed into place
     (never a partial file under that name)."""
-    with _PACK_LOCK:
-        _pack_runs(root, out_path)
-
-
-def _pack_runs(root: str, out_path: str) -> None:
-    import tarfile
-
     keep = ("config.json", "model_config.json", "metrics.jsonl", "metrics.json",
             "predictions.jsonl", "train_summary.json", "eval_meta.json")
     tmp = os.path.join(root, ".runs.tar.gz.tmp")
-    with tarfile.open(tmp, "w:gz") as tar:
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames
-                                 if "checkpoint" not in d and d not in ("tokenizer", "jax_cache"))
-            for name in sorted(filenames):
-                if name in keep or name.startswith("study."):
-                    full = os.path.join(dirpath, name)
-                    tar.add(full, arcname=os.path.relpath(full, os.path.dirname(root)))
     part = os.path.join(os.path.dirname(out_path), "." + os.path.basename(out_path) + ".part")
-    shutil.copyfile(tmp, part)
-    os.replace(part, out_path)
-    os.remove(tmp)
+    with _PACK_LOCK:   # the periodic packer and the end of a seed share these paths
+        with tarfile.open(tmp, "w:gz") as tar:
+            for dirpath, dirnames, filenames in os.walk(root):
+                dirnames[:] = sorted(d for d in dirnames if "checkpoint" not in d
+                                     and d not in ("tokenizer", "jax_cache"))
+                for name in sorted(filenames):
+                    if name in keep or name.startswith("study."):
+                        full = os.path.join(dirpath, name)
+                        tar.add(full, arcname=os.path.relpath(full, os.path.dirname(root)))
+        shutil.copyfile(tmp, part)
+        os.replace(part, out_path)
+        os.remove(tmp)
 
 
 def probe_seed(cfg, root: str, seed: int, out_path: str, log) -> None:
