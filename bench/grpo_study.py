@@ -141,7 +141,8 @@ def base_cfg(args):
         "--config.grpo.log_every=6",
         f"--config.grpo.diagnose_every={args.every}",
         "--config.grpo.evaluate=False",
-    ]
+    ] + ([f"--config.sft.slot_bottleneck={args.slot_bottleneck:g}"]
+         if getattr(args, "slot_bottleneck", 0.0) else [])
     cfg, _ = config_lib.parse_config(["--config", os.path.join(ROOT, "configs", "demo.py")] + over)
     return cfg, over
 
@@ -427,6 +428,8 @@ def main(argv=None):
     p.add_argument("--test", type=int, default=2, help="of those, decoded on test")
     p.add_argument("--bootstrap", type=int, default=2000)
     p.add_argument("--until", choices=("sft", "grpo", "valid", "all"), default="all")
+    p.add_argument("--slot-bottleneck", type=float, default=0.0,
+                   help="sft.slot_bottleneck of the LatentR³ SFT run the variants start from")
     args = p.parse_args(argv)
     t_start = time.perf_counter()
 
@@ -493,7 +496,9 @@ def main(argv=None):
         print(f"[{key}] valid NDCG@10 {dv['metrics']['NDCG@10']:.4f} (SFT "
               f"{sft_valid['metrics']['NDCG@10']:.4f})", flush=True)
     res = {"title": f"LR-GRPO estimators, {os.path.basename(os.path.normpath(args.dataset))} "
-                    f"({args.train_rows} train rows), demo decoder from scratch, seed {args.seed}",
+                    f"({args.train_rows} train rows), demo decoder from scratch, seed {args.seed}"
+                    + (f", SFT with slot bottleneck {args.slot_bottleneck:g}"
+                       if args.slot_bottleneck else ""),
            "dataset": os.path.basename(os.path.normpath(args.dataset)),
            "command": "nice -n 5 .venv/bin/python bench/grpo_study.py " + " ".join(argv or sys.argv[1:]),
            "config_overrides": overrides, "args": vars(args), "learning_rates": lrs,

@@ -15,6 +15,9 @@ run per arm:
   ratt_n2        N = 2
   ratt_n4        N = 4 (not in the default arms)
   ratt_k2..k4    K = 2, 3, 4 latent factors (model.latent_factors; not in the default arms)
+  ratt_bn25..75  sft.slot_bottleneck = 0.25, 0.5, 0.75: that share of each batch's rows
+                 predicts the title from the latent alone, the prompt hidden from the slot
+                 and the target (not in the default arms)
 
 and records for each, on the valid split only:
 
@@ -79,6 +82,10 @@ ARMS = (
     ("ratt_k2", "K = 2 latent factors", {"model.latent_factors": 2}),
     ("ratt_k3", "K = 3 latent factors", {"model.latent_factors": 3}),
     ("ratt_k4", "K = 4 latent factors", {"model.latent_factors": 4}),
+    # sft.slot_bottleneck: a share of rows predicts the title from the latent alone
+    ("ratt_bn25", "N = 1, slot bottleneck 0.25", {"sft.slot_bottleneck": 0.25}),
+    ("ratt_bn50", "N = 1, slot bottleneck 0.5", {"sft.slot_bottleneck": 0.5}),
+    ("ratt_bn75", "N = 1, slot bottleneck 0.75", {"sft.slot_bottleneck": 0.75}),
 )
 DEFAULT_ARMS = ("n0", "ratt", "ratt_lr10", "ratt_identity", "hidden", "ratt_n2")
 

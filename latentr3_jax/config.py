@@ -124,6 +124,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sft.warmup_steps = 20
     c.sft.latent_lr_scale = 1.0     # LatentRATT's learning rate = this x sft.learning_rate
     c.sft.latent_diversity = 0.1    # K > 1: weight of the factors' mean squared cosine
+    c.sft.slot_bottleneck = 0.0     # share of rows whose target sees the thought slot(s), not the prompt
     c.sft.batch_size = 128          # global batch (sequences)
     c.sft.micro_batch_size = 0      # 0 = no gradient accumulation
     c.sft.epochs = 3
@@ -333,6 +334,7 @@ RULES = {
     "sft.warmup_steps": _integer(0),
     "sft.latent_lr_scale": _number(gt=0),
     "sft.latent_diversity": _number(ge=0),
+    "sft.slot_bottleneck": _number(ge=0, lt=1),
     "sft.batch_size": _integer(1),
     "sft.micro_batch_size": _integer(0),
     "sft.epochs": _integer(0),
@@ -471,6 +473,10 @@ DOCS = {
                            "release's single rate)",
     "sft.latent_diversity": "with latent_factors > 1: weight of the factors' mean squared "
                             "cosine (0 = orthogonal, 1 = parallel) added to the token-mean loss",
+    "sft.slot_bottleneck": "with thoughts: the share of each batch's rows (drawn per step) whose "
+                           "thought slot(s) and target cannot attend to the prompt, so the title "
+                           "is predicted from the latent alone; pushes user information into the "
+                           "latent (0 = off, the release)",
     "sft.batch_size": "global batch in sequences (over all devices and micro-batches)",
     "sft.micro_batch_size": "sequences per gradient-accumulation micro-batch; 0 = whole batch",
     "sft.epochs": "passes over the train split; 0 = max_steps alone sets the length",
@@ -602,6 +608,9 @@ def _check_relations(cfg) -> None:
                          f"model.num_thoughts <= 1 and model.latent_mode=ratt (the factors are "
                          f"parallel LatentRATT heads), got num_thoughts={m.num_thoughts}, "
                          f"latent_mode={m.latent_mode}")
+    if float(cfg.sft.get("slot_bottleneck", 0.0)) > 0 and not m.num_thoughts:
+        raise InputError(f"config sft.slot_bottleneck={cfg.sft.slot_bottleneck} needs "
+                         f"model.num_thoughts >= 1 (it routes the prompt through the latent)")
     if cfg.sft.init_from and m.hf_path:
         raise InputError("config sft.init_from and model.hf_path are both set: the weights come "
                          "from one or the other (the run named by init_from records its own "

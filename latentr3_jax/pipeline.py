@@ -54,6 +54,7 @@ def _base_config(cfg, workdir: str):
     b = copy.deepcopy(cfg)
     b.workdir = os.path.join(workdir, BASE)
     b.model.num_thoughts = 0
+    b.sft.slot_bottleneck = 0.0   # a latent option; the base stage has no slot
     b.sft.epochs = epochs
     return b
 
@@ -66,6 +67,7 @@ def _variant_config(cfg, name: str, workdir: str, base=None):
         v.model.hf_path = ""   # the base run started from it; its weights are what carry on
     if name == "sft_baseline":
         v.model.num_thoughts = 0
+        v.sft.slot_bottleneck = 0.0
     elif v.model.num_thoughts < 1:
         raise InputError("model.num_thoughts must be >= 1 for the LatentR³ variants of `run`")
     if name == "lr_grpo":

@@ -309,6 +309,24 @@ def test_workers_in_turns_alternate_and_survive_a_crash(tmp_path):
     common.take_turn()
 
 
+def test_three_workers_in_turns_do_not_keep_one_predecessor(tmp_path):
+    """With three or more workers the order changes between rounds, so a worker's timed
+    steps follow different workers' steps (an order effect cannot sit on one arm)."""
+    script = tmp_path / "turn_worker.py"
+    script.write_text(_TURN_WORKER.replace("common.time_steps(step, 4", "common.time_steps(step, 8")
+                      .format(bench=str(BENCH)))
+    got = common.run_workers_in_turns([(str(script), [n], None) for n in "abc"])
+    assert [g["name"] for g in got] == ["a", "b", "c"]
+    spans = sorted((s, e, g["name"]) for g in got for s, e in g["spans"])
+    for (s0, e0, _), (s1, _, _) in zip(spans, spans[1:]):
+        assert e0 <= s1                                  # still one at a time
+    before = {n: set() for n in "abc"}
+    for (_, _, n0), (_, _, n1) in zip(spans, spans[1:]):
+        if n0 != n1:
+            before[n1].add(n0)
+    assert all(len(v) == 2 for v in before.values()), before
+
+
 def test_profile_step_classes_a_compiled_module():
     """bench/profile_step.py's op classes read off XLA's compiled text: the matmul of a
     tiny function is a dot, its sum a reduction, and every instruction gets a class."""

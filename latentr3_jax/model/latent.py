@@ -252,18 +252,36 @@ def suffix_logits(config: DecoderConfig, params: dict, cache: dict, last_latent,
     return (logits, hidden) if return_hidden else logits
 
 
+def hide_prefix(cache: dict, rows: jax.Array) -> dict:
+    """The cache with everything written so far hidden from later tokens in `rows` [B] bool.
+
+    After `prefill_and_latents`, the suffix of such a row (its last thought slot(s) and the
+    target) attends only to itself: the prompt reaches it through the latent alone
+    (sft.slot_bottleneck). Position ids still continue after the prompt.
+    """
+    return {**cache, "mask": cache["mask"] & ~rows.astype(bool)[:, None]}
+
+
 def latent_forward(config: DecoderConfig, params: dict, prompt_ids, prompt_mask, target_ids,
                    target_mask, *, num_thoughts: int = 1, latent_mode: str = "ratt",
-                   dtype=jnp.float32, latent_noise=None):
+                   dtype=jnp.float32, latent_noise=None, blind_rows=None):
     """Prefix-cached LatentR³ forward. Returns (target logits [B, T, V] f32, latents [B, N, d]).
 
     `latent_noise` [B, d], if given, is added to the last latent (LR-GRPO exploration).
     With K latent factors the latents are [B, 1, K * d] and the noise [B, K * d].
+    `blind_rows` [B] bool, if given (with thoughts): in those rows the last slot(s) and the
+    target do not attend to the prompt (or earlier thoughts), only to each other
+    (`hide_prefix`).
     """
     T = target_ids.shape[1]
     latents, cache, last_hidden = prefill_and_latents(
         config, params, prompt_ids, prompt_mask, num_thoughts=num_thoughts,
         latent_mode=latent_mode, suffix_len=T, dtype=dtype)
+    if blind_rows is not None:
+        if not num_thoughts:
+            raise ValueError("blind_rows needs num_thoughts >= 1: without a latent the target "
+                             "would see nothing of the prompt")
+        cache = hide_prefix(cache, blind_rows)
     last = latents[:, -1] if num_thoughts else None
     if latent_noise is not None and last is not None:
         last = last + latent_noise.astype(last.dtype)

@@ -23,7 +23,7 @@ from latentr3_jax.train.step import TrainStep
 
 
 def make_sft_loss(model_config, *, num_thoughts: int, latent_mode: str = "ratt", dtype=jnp.float32,
-                  diversity: float = 0.0):
+                  diversity: float = 0.0, slot_bottleneck: float = 0.0):
     """loss_fn(params, batch, rng) -> (sum of target-token NLL, number of target tokens, aux).
 
     Only target tokens (`"Title"\\n` + EOS) count; prompt, thought slots, padding and
@@ -31,13 +31,22 @@ def make_sft_loss(model_config, *, num_thoughts: int, latent_mode: str = "ratt",
     weights), `diversity` times the factors' mean squared cosine
     (`latent.factor_diversity`) is added to the token-mean loss (as `diversity * cos2 *
     tokens` to the sum), and aux carries `diversity_sum` (cos2 * tokens, summed like the
-    loss) for the step record.
+    loss) for the step record. With `slot_bottleneck` p > 0 each row is, with probability
+    p (drawn from `rng`), trained blind to its prompt: its target attends to the thought
+    slot(s) but not to the prompt (`latent.hide_prefix`), so only what LatentRATT put into
+    the latent can predict the title.
     """
+    if slot_bottleneck and not num_thoughts:
+        raise ValueError("slot_bottleneck needs num_thoughts >= 1")
+
     def loss_fn(params, batch, rng):
-        del rng
+        blind = None
+        if slot_bottleneck:
+            blind = jax.random.bernoulli(rng, slot_bottleneck, batch["prompt_ids"].shape[:1])
         logits, lat = latent.latent_forward(
             model_config, params, batch["prompt_ids"], batch["prompt_mask"], batch["target_ids"],
-            batch["target_mask"], num_thoughts=num_thoughts, latent_mode=latent_mode, dtype=dtype)
+            batch["target_mask"], num_thoughts=num_thoughts, latent_mode=latent_mode, dtype=dtype,
+            blind_rows=blind)
         mask = batch["target_mask"].astype(jnp.float32)
         if "valid" in batch:
             mask = mask * batch["valid"].astype(jnp.float32)[:, None]
@@ -103,7 +112,8 @@ def train_sft(cfg, *, progress: bool = True, resume_hint: Optional[str] = None,
 
     loss_fn = make_sft_loss(model_config, num_thoughts=num_thoughts, latent_mode=latent_mode,
                             dtype=setup.compute_dtype(cfg),
-                            diversity=float(s.get("latent_diversity", 0.0)))
+                            diversity=float(s.get("latent_diversity", 0.0)),
+                            slot_bottleneck=float(s.get("slot_bottleneck", 0.0)))
     train_step = TrainStep(loss_fn, tx, inputs.mesh, shardings, num_micro_batches=inputs.num_micro,
                            schedule=schedule)
     # the valid loss is the target NLL alone, comparable across diversity weights
