@@ -175,9 +175,11 @@ class ValidReward:
     """Per-row noise-free reward on the valid split, and the slot test (another user's
     latent in the thought slot), for any params of the SFT run's model."""
 
-    def __init__(self, cfg, sft, probes: bool = False, sigma: float = 1.5):
+    def __init__(self, cfg, sft, probes: bool = False, sigma: float = 1.5, blind: bool = False):
         """`probes`: also the reward with a zero latent and with one N(0, sigma^2) draw added
-        to it (how far the slot's content and the exploration noise move the reward)."""
+        to it (how far the slot's content and the exploration noise move the reward).
+        `blind`: every reward with the prompt hidden from the slot and the title (as in
+        sft.slot_bottleneck's blind rows), so the latent is all the decoder sees of the user."""
         self.sft = sft   # cfg: one_shape(...)
         self.probes = bool(probes)
         self.model_config = setup.execution_config(cfg, sft.model_config)
@@ -192,6 +194,8 @@ class ValidReward:
 
         def rewards(params, b):
             kw = dict(num_thoughts=nt, latent_mode=lm, dtype=jnp.float32)
+            if blind:
+                kw["blind_rows"] = jnp.ones(b["prompt_ids"].shape[:1], bool)
             logits, lat = latent_lib.latent_forward(mc, params, b["prompt_ids"], b["prompt_mask"],
                                                     b["target_ids"], b["target_mask"], **kw)
             own = gl.negative_perplexity(latent_lib.target_logprobs(logits, b["target_ids"]),

@@ -194,6 +194,12 @@ def probe_and_decode(cfg, args, arms: dict) -> None:
                 r = gs.ValidReward(gcfg, run, probes=True)(run.params)
                 write_json(probe_path, {k: v for k, v in r.items() if not k.startswith("per_row")})
             a["probes"] = read_json(probe_path)
+            blind_path = os.path.join(a["workdir"], "slot_probes_blind.json")
+            if not os.path.exists(blind_path):   # the latent alone, the prompt hidden
+                r = gs.ValidReward(gcfg, run, blind=True)(run.params)
+                write_json(blind_path, {"reward_blind": r["reward"],
+                                        "reward_blind_other_latent": r["reward_other_latent"]})
+            a["probes"].update(read_json(blind_path))
         dv = gs.decode(cfg, a["workdir"], "valid")
         a["valid"], a["valid_predictions"] = dv["metrics"], dv["predictions"]
 
@@ -220,23 +226,29 @@ def markdown(res: dict) -> str:
            "95% bootstrap, sign-flip p).", "",
            "## Valid split (every arm)", "",
            "| arm | best valid loss | reward own latent | other user's | zero latent | "
-           "sigma 1.5 noise | latent norm | between users | NDCG@10 | HR@10 | "
+           "sigma 1.5 noise | prompt hidden: own / other's latent | latent norm | "
+           "between users | NDCG@10 | HR@10 | "
            "NDCG@10 − N=0 [95%] | NDCG@10 − N=1 [95%] | factor cos² | train s | "
-           "decode ms/user |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "decode ms/user |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in res["summary"].items():
         cell = lambda k, f="{:.4f}": f.format(s[k]) if s.get(k) is not None else ""
         vs = s.get("valid_vs_n0", {}).get("NDCG@10")
         vr = s.get("valid_vs_ratt", {}).get("NDCG@10")
         out.append(f"| {s['label']} | {cell('best_valid_loss')} | {cell('reward')} | "
                    f"{cell('reward_other_latent')} | {cell('reward_zero_latent')} | "
-                   f"{cell('reward_noisy_latent')} | {cell('latent_norm', '{:.2f}')} | "
+                   f"{cell('reward_noisy_latent')} | "
+                   f"{cell('reward_blind', '{:.2f}')}{' / ' if s.get('reward_blind') else ''}"
+                   f"{cell('reward_blind_other_latent', '{:.2f}')} | "
+                   f"{cell('latent_norm', '{:.2f}')} | "
                    f"{cell('latent_user_rel', '{:.2f}')} | {cell('valid_NDCG@10')} | "
                    f"{cell('valid_HR@10')} | {fmt(vs) if vs else ''} | "
                    f"{fmt(vr) if vr else ''} | {cell('factor_cos2', '{:.1e}')} | "
                    f"{cell('train_time_s', '{:.0f}')} | {cell('decode_ms_per_user', '{:.0f}')} |")
     out += ["", "Reward: mean over valid users of −exp(mean NLL of the true title), the "
             "quantity LR-GRPO maximises; 'other user's': each user's latent replaced by "
-            "another user's of the same batch; 'between users': RMS distance of the users' "
+            "another user's of the same batch; 'prompt hidden': the same with the prompt "
+            "hidden from the slot and the title (sft.slot_bottleneck's blind rows), so the "
+            "latent is all the decoder sees of the user; 'between users': RMS distance of the users' "
             "latents to their mean, over the mean latent norm; 'factor cos²': the mean "
             "squared cosine between a user's K factors (0: orthogonal); 'train s': the arm's "
             "SFT wall time; 'decode ms/user': valid beam search after compiling (CPU timings "
@@ -257,7 +269,8 @@ def markdown(res: dict) -> str:
 
 
 PROBE_KEYS = ("reward", "reward_other_latent", "reward_zero_latent", "reward_noisy_latent",
-              "latent_norm", "latent_user_rel", "factor_cos2")
+              "latent_norm", "latent_user_rel", "factor_cos2", "reward_blind",
+              "reward_blind_other_latent")
 
 
 def main(argv=None):
