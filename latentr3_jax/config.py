@@ -124,7 +124,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sft.warmup_steps = 20
     c.sft.latent_lr_scale = 1.0     # LatentRATT's learning rate = this x sft.learning_rate
     c.sft.latent_diversity = 0.1    # K > 1: weight of the factors' mean squared cosine
-    c.sft.slot_bottleneck = 0.0     # share of rows whose target sees the thought slot(s), not the prompt
+    c.sft.slot_bottleneck = 0.0     # share of rows trained with the prompt hidden from the title
     c.sft.batch_size = 128          # global batch (sequences)
     c.sft.micro_batch_size = 0      # 0 = no gradient accumulation
     c.sft.epochs = 3
@@ -475,8 +475,8 @@ DOCS = {
                             "cosine (0 = orthogonal, 1 = parallel) added to the token-mean loss",
     "sft.slot_bottleneck": "with thoughts: the share of each batch's rows (drawn per step) whose "
                            "thought slot(s) and target cannot attend to the prompt, so the title "
-                           "is predicted from the latent alone; pushes user information into the "
-                           "latent (0 = off, the release)",
+                           "is predicted from the latent alone (an ablation; 0 = off, the "
+                           "release)",
     "sft.batch_size": "global batch in sequences (over all devices and micro-batches)",
     "sft.micro_batch_size": "sequences per gradient-accumulation micro-batch; 0 = whole batch",
     "sft.epochs": "passes over the train split; 0 = max_steps alone sets the length",
