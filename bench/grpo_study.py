@@ -254,6 +254,43 @@ class ValidReward:
         return out
 
 
+def prompt_swap_reward(cfg, run) -> dict:
+    """Mean valid reward with each user's own prompt and with another user's prompt (the
+    batch's prompts rotated by one; the true titles stay), for any run, N = 0 included.
+    With thoughts the latent comes from the prompt used. How much the whole history, not
+    just the latent, moves the likelihood of the user's next title."""
+    mc = setup.execution_config(cfg, run.model_config)
+    enc = setup.encode_split(cfg, run.tokenizer, D.load_dataset(cfg), "valid")
+    it = D.BatchIterator(enc, 32, buckets=tuple(cfg.data.buckets),
+                         target_buckets=setup.target_buckets(cfg), pad_id=run.tokenizer.pad_id,
+                         seed=0, shuffle=False, drop_last=False, process_index=0,
+                         process_count=1)
+    kw = dict(num_thoughts=run.num_thoughts, latent_mode=run.latent_mode, dtype=jnp.float32)
+
+    @jax.jit
+    def rewards(params, b):
+        out = []
+        for shift in (0, 1):
+            logits, _ = latent_lib.latent_forward(
+                mc, params, jnp.roll(b["prompt_ids"], shift, axis=0),
+                jnp.roll(b["prompt_mask"], shift, axis=0), b["target_ids"], b["target_mask"],
+                **kw)
+            out.append(gl.negative_perplexity(latent_lib.target_logprobs(logits, b["target_ids"]),
+                                              b["target_mask"]))
+        return out
+
+    own, other = np.full(len(enc), np.nan), np.full(len(enc), np.nan)
+    for b in it.epoch(0, start=0):
+        dev = {k: jnp.asarray(b[k]) for k in ("prompt_ids", "prompt_mask", "target_ids",
+                                               "target_mask")}
+        o, s = jax.device_get(rewards(run.params, dev))
+        real = np.asarray(b["valid"], bool) & (np.asarray(b["row"]) >= 0)
+        idx = np.asarray(b["row"])[real]
+        own[idx], other[idx] = o[real], s[real]
+    assert not np.isnan(own).any(), "valid rows missing from the prompt-swap pass"
+    return {"reward_own_prompt": float(own.mean()), "reward_other_prompt": float(other.mean())}
+
+
 def checkpoint_params(run_dir: str) -> dict:
     """{step: params} of every kept checkpoint of a run's latest/ manager."""
     root = os.path.join(run_dir, runs.CHECKPOINTS, "latest")

@@ -200,6 +200,10 @@ def probe_and_decode(cfg, args, arms: dict) -> None:
                 write_json(blind_path, {"reward_blind": r["reward"],
                                         "reward_blind_other_latent": r["reward_other_latent"]})
             a["probes"].update(read_json(blind_path))
+        swap_path = os.path.join(a["workdir"], "prompt_swap.json")
+        if not os.path.exists(swap_path):   # another user's whole prompt, every arm
+            write_json(swap_path, gs.prompt_swap_reward(gcfg, run))
+        a.setdefault("probes", {}).update(read_json(swap_path))
         dv = gs.decode(cfg, a["workdir"], "valid")
         a["valid"], a["valid_predictions"] = dv["metrics"], dv["predictions"]
 
@@ -226,10 +230,11 @@ def markdown(res: dict) -> str:
            "95% bootstrap, sign-flip p).", "",
            "## Valid split (every arm)", "",
            "| arm | best valid loss | reward own latent | other user's | zero latent | "
-           "sigma 1.5 noise | prompt hidden: own / other's latent | latent norm | "
+           "sigma 1.5 noise | own / other user's prompt | "
+           "prompt hidden: own / other's latent | latent norm | "
            "between users | NDCG@10 | HR@10 | "
            "NDCG@10 − N=0 [95%] | NDCG@10 − N=1 [95%] | factor cos² | train s | "
-           "decode ms/user |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "decode ms/user |", "|" + "---|" * 17]
     for name, s in res["summary"].items():
         cell = lambda k, f="{:.4f}": f.format(s[k]) if s.get(k) is not None else ""
         vs = s.get("valid_vs_n0", {}).get("NDCG@10")
@@ -237,6 +242,9 @@ def markdown(res: dict) -> str:
         out.append(f"| {s['label']} | {cell('best_valid_loss')} | {cell('reward')} | "
                    f"{cell('reward_other_latent')} | {cell('reward_zero_latent')} | "
                    f"{cell('reward_noisy_latent')} | "
+                   f"{cell('reward_own_prompt', '{:.2f}')}"
+                   f"{' / ' if s.get('reward_own_prompt') else ''}"
+                   f"{cell('reward_other_prompt', '{:.2f}')} | "
                    f"{cell('reward_blind', '{:.2f}')}{' / ' if s.get('reward_blind') else ''}"
                    f"{cell('reward_blind_other_latent', '{:.2f}')} | "
                    f"{cell('latent_norm', '{:.2f}')} | "
@@ -246,7 +254,9 @@ def markdown(res: dict) -> str:
                    f"{cell('train_time_s', '{:.0f}')} | {cell('decode_ms_per_user', '{:.0f}')} |")
     out += ["", "Reward: mean over valid users of −exp(mean NLL of the true title), the "
             "quantity LR-GRPO maximises; 'other user's': each user's latent replaced by "
-            "another user's of the same batch; 'prompt hidden': the same with the prompt "
+            "another user's of the same batch; 'other user's prompt': the whole prompt "
+            "(history, and the latent computed from it) of another user of the batch, the "
+            "true title kept; 'prompt hidden': the same with the prompt "
             "hidden from the slot and the title (sft.slot_bottleneck's blind rows), so the "
             "latent is all the decoder sees of the user; 'between users': RMS distance of the users' "
             "latents to their mean, over the mean latent norm; 'factor cos²': the mean "
@@ -270,7 +280,7 @@ def markdown(res: dict) -> str:
 
 PROBE_KEYS = ("reward", "reward_other_latent", "reward_zero_latent", "reward_noisy_latent",
               "latent_norm", "latent_user_rel", "factor_cos2", "reward_blind",
-              "reward_blind_other_latent")
+              "reward_blind_other_latent", "reward_own_prompt", "reward_other_prompt")
 
 
 def main(argv=None):
