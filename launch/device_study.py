@@ -19,8 +19,9 @@ the variants it finished (N=0 and LatentR³ SFT come first). Checkpoints stay in
 After each dataset's first seed, the slot probes of bench/slot_study.py run on that seed's
 LatentR³ SFT model over the valid split (the reward with the user's own latent, another
 user's, a zero latent and sigma = 1.5 noise): does the pretrained model's thought slot
-carry anything user-specific? They go to slot_probes_<dataset>_smollm2-135m_<where>.json
-(`--no-probes` skips them).
+carry anything user-specific? Then the reward with another user's whole prompt, for the
+LatentR³ and the N=0 runs: how much does the history move the title's likelihood at all?
+They go to slot_probes_<dataset>_smollm2-135m_<where>.json (`--no-probes` skips them).
 
 `launch/device_study.sh` shows the calls that bring the GGUF file (94 MB, over one call's
 64 MiB) in two parts. `--config-spec` and `--extra` let the same driver run a tiny
@@ -204,9 +205,16 @@ def probe_seed(cfg, root: str, seed: int, out_path: str, log) -> None:
         shape = types.SimpleNamespace(cutoff=int(c.data.cutoff),
                                       max_target_len=int(c.data.max_target_len))
         run = runs.load_run(run_dir)
-        r = gs.ValidReward(gs.one_shape(c, shape), run, probes=True)(run.params)
+        pc = gs.one_shape(c, shape)
+        r = gs.ValidReward(pc, run, probes=True)(run.params)
         got = {k: v for k, v in r.items() if not k.startswith("per_row")}
         got["rows"], got["run"] = len(r["per_row"]), run_dir
+        # how much the user's whole history moves the title's likelihood, with and
+        # without the thought slot (another user's prompt, the true title kept)
+        got.update(gs.prompt_swap_reward(pc, run))
+        base_dir = os.path.join(root, f"seed_{seed}", "sft_baseline")
+        if os.path.isdir(base_dir):
+            got["n0"] = gs.prompt_swap_reward(pc, runs.load_run(base_dir))
         old = {}
         if os.path.exists(out_path):
             with open(out_path, encoding="utf-8") as f:
@@ -218,7 +226,10 @@ def probe_seed(cfg, root: str, seed: int, out_path: str, log) -> None:
         os.replace(tmp, out_path)
         log(f"slot probes seed {seed} ({time.monotonic() - t:.0f} s): reward own "
             f"{got['reward']:.3f}, another user's {got['reward_other_latent']:.3f}, zero "
-            f"{got['reward_zero_latent']:.3f}, sigma 1.5 {got['reward_noisy_latent']:.3f}")
+            f"{got['reward_zero_latent']:.3f}, sigma 1.5 {got['reward_noisy_latent']:.3f}; "
+            f"another user's prompt {got['reward_other_prompt']:.3f}"
+            + (f" (N=0: own {got['n0']['reward_own_prompt']:.3f}, another user's "
+               f"{got['n0']['reward_other_prompt']:.3f})" if "n0" in got else ""))
     except Exception as e:   # noqa: BLE001  (reported; the study's results are already out)
         log(f"slot probes seed {seed} failed: {type(e).__name__}: {e}")
 
