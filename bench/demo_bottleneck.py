@@ -13,13 +13,15 @@ user when there is a user to carry. Steps (each skipped when its output exists):
      every 20 batches, the last step kept), each decoded on valid and paired with the SFT
      run user by user. Test is not read.
 
-    python bench/demo_bottleneck.py     # about 15 minutes on a 2-core CPU from nothing
+    python bench/demo_bottleneck.py [--seed 0]   # about 15 minutes on a 2-core CPU from nothing
 
-Writes results/demo_bottleneck_seed0_cpu-2core.json.
+Seed 0 uses runs/demo and runs/demo_bn50; seed s, runs/demo_seed<s> and runs/demo_bn50_seed<s>.
+Writes results/demo_bottleneck_seed<s>_cpu-2core.json.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -40,8 +42,6 @@ from latentr3_jax.utils.jsonio import read_json, write_json  # noqa: E402
 
 CLI = [sys.executable, "-m", "latentr3_jax"]
 DEMO = os.path.join(ROOT, "configs", "demo.py")
-RUNS = {"release": os.path.join(ROOT, "runs", "demo"),
-        "bottleneck_0.5": os.path.join(ROOT, "runs", "demo_bn50")}
 VARIANTS = (("reinforce", "rloo"), ("pathwise", "batch"), ("ppo", "rloo"))
 LR = 1e-3
 
@@ -71,12 +71,19 @@ def probes(run_root: str) -> dict:
     return got
 
 
-def main() -> int:
-    res = {"command": "python bench/demo_bottleneck.py", "runs": {}, "grpo": {}}
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    tail = f"_seed{args.seed}" if args.seed else ""
+    RUNS = {"release": os.path.join(ROOT, "runs", f"demo{tail}"),
+            "bottleneck_0.5": os.path.join(ROOT, "runs", f"demo_bn50{tail}")}
+    res = {"command": "python bench/demo_bottleneck.py --seed %d" % args.seed, "seed": args.seed,
+           "runs": {}, "grpo": {}}
     for name, wd in RUNS.items():
         if not os.path.exists(os.path.join(wd, "results.json")):
             extra = ["--config.sft.slot_bottleneck=0.5"] if "bottleneck" in name else []
-            cli("run", f"--config.workdir={wd}", *extra)
+            cli("run", f"--config.workdir={wd}", f"--config.seed={args.seed}", *extra)
         res["runs"][name] = {"test_table": read_json(os.path.join(wd, "results.json")),
                              "probes": probes(wd)}
     sft = os.path.join(RUNS["bottleneck_0.5"], "sft_latentr3")
@@ -86,9 +93,10 @@ def main() -> int:
     rows = sum(1 for _ in open(os.path.join(base, "predictions.jsonl"), encoding="utf-8"))
     res["sft_valid"] = read_json(os.path.join(base, "metrics.json"))
     for est, adv in VARIANTS:
-        wd = os.path.join(ROOT, "runs", f"demo_bn50_grpo_{est}_{adv}_{LR:g}")
+        wd = os.path.join(ROOT, "runs", f"demo_bn50_grpo_{est}_{adv}_{LR:g}{tail}")
         if not os.path.exists(os.path.join(wd, "train_summary.json")):
             cli("grpo", f"--config.grpo.init_from={sft}", f"--config.workdir={wd}",
+                f"--config.seed={args.seed}",
                 f"--config.grpo.estimator={est}", f"--config.grpo.advantage={adv}",
                 f"--config.grpo.learning_rate={LR:g}", "--config.grpo.eval_every=20",
                 "--config.grpo.select=last")
@@ -101,7 +109,7 @@ def main() -> int:
             "valid_reward_curve": curve,
             "valid": read_json(os.path.join(wd, "eval_valid_constrained", "metrics.json")),
             "valid_vs_sft": gs.paired(pred, os.path.join(base, "predictions.jsonl"), rows, 2000)}
-    out = os.path.join(ROOT, "results", "demo_bottleneck_seed0_cpu-2core.json")
+    out = os.path.join(ROOT, "results", f"demo_bottleneck_seed{args.seed}_cpu-2core.json")
     write_json(out, res)
     print(f"wrote {out}")
     return 0
