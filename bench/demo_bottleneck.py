@@ -6,9 +6,9 @@ user when there is a user to carry. Steps (each skipped when its output exists):
 
   1. `latentr3 run` of configs/demo.py as is (runs/demo) and with
      --config.sft.slot_bottleneck=0.5 (runs/demo_bn50), seed 0;
-  2. the slot probes of launch/device_study.probe_seed on both LatentR³ SFT runs (own,
-     another user's, zero and noisy latent; another user's whole prompt, for N=0 too),
-     and the reward with the prompt hidden (grpo_study.ValidReward(blind=True));
+  2. the slot probes on the LatentR³ SFT run of each (own, another user's, zero and noisy
+     latent; another user's whole prompt, for the N=0 run too; grpo_study.ValidReward and
+     prompt_swap_reward), and the reward with the prompt hidden (ValidReward(blind=True));
   3. LR-GRPO from the bottleneck SFT run with three estimators at lr 1e-3 (valid reward
      every 20 batches, the last step kept), each decoded on valid and paired with the SFT
      run user by user. Test is not read.
@@ -31,11 +31,9 @@ import types
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
-sys.path.insert(0, os.path.join(ROOT, "launch"))
 
 import ml_collections  # noqa: E402
 
-import device_study  # noqa: E402
 import grpo_study as gs  # noqa: E402
 from latentr3_jax.train import runs  # noqa: E402
 from latentr3_jax.utils.jsonio import read_json, write_json  # noqa: E402
@@ -50,23 +48,30 @@ def cli(command: str, *args: str) -> None:
     subprocess.run([*CLI, command, "--config", DEMO, *args], check=True)
 
 
+def decode_valid(run_dir: str) -> str:
+    """Constrained decoding of a run on valid, once; returns its output directory."""
+    out = os.path.join(run_dir, "eval_valid_constrained")
+    if not os.path.exists(os.path.join(out, "metrics.json")):
+        cli("evaluate", f"--config.eval.checkpoint={run_dir}", "--config.eval.split=valid",
+            "--config.eval.progress=False")
+    return out
+
+
 def probes(run_root: str) -> dict:
+    """The slot probes of both SFT runs of `run_root` on the whole valid split (what
+    launch/device_study.probe_seed records), plus the reward with the prompt hidden."""
     sft = os.path.join(run_root, "sft_latentr3")
     cfg = ml_collections.ConfigDict(read_json(os.path.join(sft, "config.json")))
-    link_root = os.path.join(run_root, "probe_root")
-    os.makedirs(link_root, exist_ok=True)
-    link = os.path.join(link_root, "seed_0")
-    if not os.path.islink(link):
-        os.symlink(run_root, link)
-    out = os.path.join(run_root, "probes.json")
-    if not os.path.exists(out):
-        device_study.probe_seed(cfg, link_root, 0, out, print)
-    got = read_json(out)["0"]
     cfg.eval.split = "valid"
-    shape = types.SimpleNamespace(cutoff=int(cfg.data.cutoff),
-                                  max_target_len=int(cfg.data.max_target_len))
+    cfg = gs.one_shape(cfg, types.SimpleNamespace(cutoff=int(cfg.data.cutoff),
+                                                  max_target_len=int(cfg.data.max_target_len)))
     run = runs.load_run(sft)
-    blind = gs.ValidReward(gs.one_shape(cfg, shape), run, blind=True)(run.params)
+    r = gs.ValidReward(cfg, run, probes=True)(run.params)
+    got = {k: v for k, v in r.items() if not k.startswith("per_row")}
+    got["rows"] = len(r["per_row"])
+    got.update(gs.prompt_swap_reward(cfg, run))
+    got["n0"] = gs.prompt_swap_reward(cfg, runs.load_run(os.path.join(run_root, "sft_baseline")))
+    blind = gs.ValidReward(cfg, run, blind=True)(run.params)
     got.update(reward_blind=blind["reward"], reward_blind_other_latent=blind["reward_other_latent"])
     return got
 
@@ -87,9 +92,7 @@ def main(argv=None) -> int:
         res["runs"][name] = {"test_table": read_json(os.path.join(wd, "results.json")),
                              "probes": probes(wd)}
     sft = os.path.join(RUNS["bottleneck_0.5"], "sft_latentr3")
-    cli("evaluate", f"--config.eval.checkpoint={sft}", "--config.eval.split=valid",
-        "--config.eval.progress=False")
-    base = os.path.join(sft, "eval_valid_constrained")
+    base = decode_valid(sft)
     rows = sum(1 for _ in open(os.path.join(base, "predictions.jsonl"), encoding="utf-8"))
     res["sft_valid"] = read_json(os.path.join(base, "metrics.json"))
     for est, adv in VARIANTS:
@@ -100,14 +103,13 @@ def main(argv=None) -> int:
                 f"--config.grpo.estimator={est}", f"--config.grpo.advantage={adv}",
                 f"--config.grpo.learning_rate={LR:g}", "--config.grpo.eval_every=20",
                 "--config.grpo.select=last")
-        cli("evaluate", f"--config.eval.checkpoint={wd}", "--config.eval.split=valid",
-            "--config.eval.progress=False")
+        dv = decode_valid(wd)
         curve = [(r["step"], r["reward"]) for r in map(json.loads, open(
             os.path.join(wd, "metrics.jsonl"), encoding="utf-8")) if r.get("split") == "valid"]
-        pred = os.path.join(wd, "eval_valid_constrained", "predictions.jsonl")
+        pred = os.path.join(dv, "predictions.jsonl")
         res["grpo"][f"{est} + {adv}, lr {LR:g}"] = {
             "valid_reward_curve": curve,
-            "valid": read_json(os.path.join(wd, "eval_valid_constrained", "metrics.json")),
+            "valid": read_json(os.path.join(dv, "metrics.json")),
             "valid_vs_sft": gs.paired(pred, os.path.join(base, "predictions.jsonl"), rows, 2000)}
     out = os.path.join(ROOT, "results", f"demo_bottleneck_seed{args.seed}_cpu-2core.json")
     write_json(out, res)

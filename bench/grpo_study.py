@@ -171,6 +171,35 @@ def grpo_cfg(cfg, sft_dir: str, name: str, overrides: dict, lr: float):
 # --------------------------------------------------------------------------- valid reward
 
 
+def valid_batches(cfg, run) -> tuple:
+    """(a BatchIterator over the valid split in order, 32 rows a batch, number of rows)
+    with `run`'s tokenizer."""
+    enc = setup.encode_split(cfg, run.tokenizer, D.load_dataset(cfg), "valid")
+    it = D.BatchIterator(enc, 32, buckets=tuple(cfg.data.buckets),
+                         target_buckets=setup.target_buckets(cfg), pad_id=run.tokenizer.pad_id,
+                         seed=0, shuffle=False, drop_last=False, process_index=0,
+                         process_count=1)
+    return it, len(enc)
+
+
+def per_row(it, rows: int, fn, params) -> list:
+    """fn(params, device batch) -> per-row arrays, gathered over one pass of `it` into
+    [rows, ...] arrays in the split's row order (filler rows dropped)."""
+    out = None
+    for b in it.epoch(0, start=0):
+        dev = {k: jnp.asarray(b[k]) for k in ("prompt_ids", "prompt_mask", "target_ids",
+                                               "target_mask")}
+        got = [np.asarray(x) for x in jax.device_get(fn(params, dev))]
+        if out is None:
+            out = [np.full((rows,) + x.shape[1:], np.nan) for x in got]
+        real = np.asarray(b["valid"], bool) & (np.asarray(b["row"]) >= 0)
+        idx = np.asarray(b["row"])[real]
+        for o, x in zip(out, got):
+            o[idx] = x[real]
+    assert out is not None and not np.isnan(out[0]).any(), "valid rows missing from the pass"
+    return out
+
+
 class ValidReward:
     """Per-row noise-free reward on the valid split, and the slot test (another user's
     latent in the thought slot), for any params of the SFT run's model."""
@@ -183,13 +212,7 @@ class ValidReward:
         self.sft = sft   # cfg: one_shape(...)
         self.probes = bool(probes)
         self.model_config = setup.execution_config(cfg, sft.model_config)
-        dataset = D.load_dataset(cfg)
-        enc = setup.encode_split(cfg, sft.tokenizer, dataset, "valid")
-        self.rows = len(enc)
-        self.it = D.BatchIterator(enc, 32, buckets=tuple(cfg.data.buckets),
-                                  target_buckets=setup.target_buckets(cfg),
-                                  pad_id=sft.tokenizer.pad_id, seed=0, shuffle=False,
-                                  drop_last=False, process_index=0, process_count=1)
+        self.it, self.rows = valid_batches(cfg, sft)
         mc, nt, lm = self.model_config, sft.num_thoughts, sft.latent_mode
 
         def rewards(params, b):
@@ -223,21 +246,8 @@ class ValidReward:
         self._fn = jax.jit(rewards)
 
     def __call__(self, params) -> dict:
-        own = np.full(self.rows, np.nan)
-        other = np.full(self.rows, np.nan)
-        zero = np.full(self.rows, np.nan)
-        noisy = np.full(self.rows, np.nan)
-        # K * d with K latent factors (the probes swap, zero or perturb all K together)
-        lat = np.full((self.rows, latent_lib.latent_width(self.model_config, params)), np.nan)
-        for b in self.it.epoch(0, start=0):
-            dev = {k: jnp.asarray(b[k]) for k in ("prompt_ids", "prompt_mask", "target_ids",
-                                                   "target_mask")}
-            o, s, r, z, n = jax.device_get(self._fn(params, dev))
-            real = np.asarray(b["valid"], bool) & (np.asarray(b["row"]) >= 0)
-            idx = np.asarray(b["row"])[real]
-            own[idx], other[idx], lat[idx] = o[real], s[real], r[real]
-            zero[idx], noisy[idx] = z[real], n[real]
-        assert not np.isnan(own).any(), "valid rows missing from the reward pass"
+        # lat: [rows, K * d] with K latent factors (the probes swap, zero or perturb all K)
+        own, other, lat, zero, noisy = per_row(self.it, self.rows, self._fn, params)
         norm = np.linalg.norm(lat, axis=-1)
         # how much the latent differs between users: RMS distance to the mean latent,
         # relative to the mean norm (0: one latent for everybody)
@@ -260,14 +270,8 @@ def prompt_swap_reward(cfg, run) -> dict:
     With thoughts the latent comes from the prompt used. How much the whole history, not
     just the latent, moves the likelihood of the user's next title."""
     mc = setup.execution_config(cfg, run.model_config)
-    enc = setup.encode_split(cfg, run.tokenizer, D.load_dataset(cfg), "valid")
-    it = D.BatchIterator(enc, 32, buckets=tuple(cfg.data.buckets),
-                         target_buckets=setup.target_buckets(cfg), pad_id=run.tokenizer.pad_id,
-                         seed=0, shuffle=False, drop_last=False, process_index=0,
-                         process_count=1)
     kw = dict(num_thoughts=run.num_thoughts, latent_mode=run.latent_mode, dtype=jnp.float32)
 
-    @jax.jit
     def rewards(params, b):
         out = []
         for shift in (0, 1):
@@ -279,15 +283,7 @@ def prompt_swap_reward(cfg, run) -> dict:
                                               b["target_mask"]))
         return out
 
-    own, other = np.full(len(enc), np.nan), np.full(len(enc), np.nan)
-    for b in it.epoch(0, start=0):
-        dev = {k: jnp.asarray(b[k]) for k in ("prompt_ids", "prompt_mask", "target_ids",
-                                               "target_mask")}
-        o, s = jax.device_get(rewards(run.params, dev))
-        real = np.asarray(b["valid"], bool) & (np.asarray(b["row"]) >= 0)
-        idx = np.asarray(b["row"])[real]
-        own[idx], other[idx] = o[real], s[real]
-    assert not np.isnan(own).any(), "valid rows missing from the prompt-swap pass"
+    own, other = per_row(*valid_batches(cfg, run), jax.jit(rewards), run.params)
     return {"reward_own_prompt": float(own.mean()), "reward_other_prompt": float(other.mean())}
 
 
