@@ -43,6 +43,7 @@ DTYPES = ("float32", "bfloat16")
 SCAN_LAYERS = ("auto", "true", "false")
 ADVANTAGES = ("batch", "group", "grpo", "rloo", "group_mean")   # LR-GRPO baselines
 ESTIMATORS = ("ppo", "reinforce", "pathwise")   # LR-GRPO gradient estimator
+GRPO_REWARDS = ("perplexity", "contrastive")    # LR-GRPO reward of a noisy sample
 GRPO_SELECT = ("best", "last")   # which LR-GRPO checkpoint is the run's model
 SIGMA_SCHEDULES = ("linear", "cosine")          # LR-GRPO noise decay (grpo.sigma_final)
 EVAL_MODES = ("constrained", "bigrec")          # trie beam search | BIGRec grounding
@@ -158,6 +159,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.grpo.iterations = 1           # PPO iterations (mu) per batch
     c.grpo.kl_beta = 0.0
     c.grpo.latent_trust = 0.0       # weight of ||r - r_sft||^2 in the loss; 0 = none
+    c.grpo.reward = "perplexity"    # perplexity (release) | contrastive (own title vs others)
+    c.grpo.negatives = 3            # contrastive: other prompts' titles scored per sample
     c.grpo.diagnose_every = 0       # batches between pathwise-gradient cosines; 0 = never
     c.grpo.weight_decay = 0.0       # AdamW decay of the trained weights
     c.grpo.train_llm = False
@@ -365,6 +368,8 @@ RULES = {
     "grpo.iterations": _integer(1),
     "grpo.kl_beta": _number(ge=0),
     "grpo.latent_trust": _number(ge=0),
+    "grpo.reward": _choice(GRPO_REWARDS),
+    "grpo.negatives": _integer(1),
     "grpo.diagnose_every": _integer(0),
     "grpo.weight_decay": _number(ge=0),
     "grpo.train_llm": _boolean,
@@ -514,6 +519,12 @@ DOCS = {
     "grpo.kl_beta": "weight of the k3 KL penalty to the starting model (ppo); 0 = none",
     "grpo.latent_trust": "weight of ||r - r_sft||^2 (latent of the current vs the starting "
                          "weights, same prompt) per unit of the objective; 0 = none",
+    "grpo.reward": "a noisy sample's reward: perplexity (the release's: minus the perplexity "
+                   "of the user's title) | contrastive (log-probability that the user's title "
+                   "wins a softmax over itself and grpo.negatives other users' titles of the "
+                   "batch, each scored by its mean token log-likelihood under the same latent)",
+    "grpo.negatives": "contrastive reward: other prompts' titles of the same (micro-)batch "
+                      "scored per sample (each costs one more title pass per sample)",
     "grpo.diagnose_every": "batches between cosines of the update with the pathwise reward "
                            "gradient (one more forward and backward pass then); 0 = never",
     "grpo.weight_decay": "AdamW weight decay of the trained weights",
@@ -635,6 +646,13 @@ def _check_relations(cfg) -> None:
         if sec.epochs <= 0 and sec.max_steps <= 0:
             raise InputError(f"config {name}.epochs or {name}.max_steps must be positive, got "
                              f"{sec.epochs} and {sec.max_steps}")
+    g = cfg.grpo
+    if g.reward == "contrastive":
+        prompts = g.micro_batch_size or g.prompts_per_batch
+        if g.negatives >= prompts:
+            raise InputError(f"config grpo.negatives must be below the prompts of a "
+                             f"(micro-)batch {prompts} (the negatives are the other prompts' "
+                             f"titles), got {g.negatives}")
     if cfg.grpo.advantage == "rloo" and cfg.grpo.group_size < 3:
         raise InputError(f"config grpo.group_size must be >= 3 for grpo.advantage=rloo (each "
                          f"noisy sample's baseline is the mean of the other noisy ones), got "

@@ -29,6 +29,7 @@ from latentr3_jax.train import setup
 
 ADVANTAGES = ("batch", "group", "grpo", "rloo", "group_mean")
 ESTIMATORS = ("ppo", "reinforce", "pathwise")
+REWARDS = ("perplexity", "contrastive")
 SIGMA_SCHEDULES = ("linear", "cosine")
 ADV_EPS = 1e-6        # batch / group: A = (S - b) / (||S - b||_2 + ADV_EPS)
 GRPO_STD_EPS = 1e-4   # grpo: A = (s - mean_g) / (std_g + GRPO_STD_EPS), as TRL 0.16
@@ -55,6 +56,14 @@ class GRPOSettings:
     sigma_schedule: str = "linear"
     latent_trust: float = 0.0     # weight of ||r - r_sft||^2 per unit of the objective
     diagnose_every: int = 0       # batches between pathwise-gradient cosines; 0 = never
+    reward: str = "perplexity"    # perplexity (release) | contrastive (against in-batch titles)
+    negatives: int = 0            # other prompts' titles scored per sample (contrastive)
+
+    @property
+    def targets_per_prompt(self) -> int:
+        """J: titles scored per noisy sample, the prompt's own first (1 + negatives with the
+        contrastive reward, else 1)."""
+        return 1 + self.negatives if self.reward == "contrastive" else 1
 
     @property
     def sigma_decays(self) -> bool:
@@ -80,7 +89,9 @@ class GRPOSettings:
                    num_thoughts=int(num_thoughts), latent_mode=str(latent_mode),
                    dtype=setup.compute_dtype(cfg), num_micro_batches=int(num_micro_batches),
                    sigma_final=float(g.sigma_final), sigma_schedule=str(g.sigma_schedule),
-                   latent_trust=float(g.latent_trust), diagnose_every=int(g.diagnose_every))
+                   latent_trust=float(g.latent_trust), diagnose_every=int(g.diagnose_every),
+                   reward=str(g.get("reward", "perplexity")),
+                   negatives=int(g.get("negatives", 0)))
 
 
 def _valid_col(rewards: jax.Array, valid: Optional[jax.Array]) -> jax.Array:
@@ -116,6 +127,42 @@ def negative_perplexity(token_logp: jax.Array, mask: jax.Array) -> jax.Array:
     m = mask.astype(jnp.float32)
     mean_logp = (token_logp.astype(jnp.float32) * m).sum(-1) / jnp.maximum(m.sum(-1), 1.0)
     return -jnp.exp(-mean_logp)
+
+
+def title_score(token_logp: jax.Array, mask: jax.Array) -> jax.Array:
+    """The mean token log-likelihood of each row, the score beam search ranks finished titles
+    by (length_penalty 1): token_logp, mask [..., T] -> [...]."""
+    m = mask.astype(jnp.float32)
+    return (token_logp.astype(jnp.float32) * m).sum(-1) / jnp.maximum(m.sum(-1), 1.0)
+
+
+def contrastive_reward(token_logp: jax.Array, mask: jax.Array, neg_valid: jax.Array) -> jax.Array:
+    """The log-probability that a sample's own title wins a softmax over itself and other
+    users' titles, all scored under the same prompt and latent:
+
+    R = s_0 - log(exp(s_0) + sum_{j >= 1, neg_valid_j} exp(s_j)),  s_j = title_score of title j.
+
+    token_logp, mask [..., J, T] (title 0 the sample's own, 1..J-1 the negatives);
+    neg_valid [..., J - 1] (broadcasting). R <= 0, and 0 without a valid negative. A latent
+    that makes every title likelier (a lower perplexity for all) leaves R unchanged; only
+    one that favours the user's own title over the others raises it.
+    """
+    scores = title_score(token_logp, mask)                                  # [..., J]
+    keep = jnp.concatenate([jnp.ones(scores.shape[:-1] + (1,), bool),
+                            jnp.broadcast_to(neg_valid.astype(bool), scores[..., 1:].shape)], -1)
+    return scores[..., 0] - jax.nn.logsumexp(jnp.where(keep, scores, -jnp.inf), axis=-1)
+
+
+def sample_rewards(s: "GRPOSettings", token_logp: jax.Array, mask: jax.Array,
+                   neg_valid: Optional[jax.Array] = None) -> jax.Array:
+    """Each sample's reward under `s.reward`: the negative perplexity of its own title
+    (token_logp, mask [..., T]) or the contrastive reward (token_logp, mask [..., J, T],
+    neg_valid [..., J - 1])."""
+    if s.reward == "perplexity":
+        return negative_perplexity(token_logp, mask)
+    if s.reward == "contrastive":
+        return contrastive_reward(token_logp, mask, neg_valid)
+    raise ValueError(f"grpo.reward must be one of {REWARDS}, got {s.reward!r}")
 
 
 # --------------------------------------------------------------------------- advantages
@@ -283,12 +330,13 @@ def reinforce_objective(latent, sampled_latent, old_logdens, advantages, valid_r
             "ratio_dev_sum": jnp.sum(ratio_deviation(logdens, old_logdens) * v)}
 
 
-def pathwise_objective(token_logp, mask, valid_rows) -> dict:
+def pathwise_objective(rewards, valid_rows) -> dict:
     """Sums for the pathwise variant: maximise the mean reward itself, differentiated through
     the frozen LLM at each noisy latent (the reparameterisation gradient of
-    E_eps[s(r + eps)]; it weights every sample's log-likelihood gradient by its perplexity,
-    never negatively). token_logp, mask [B, T]; valid_rows [B]."""
-    s = negative_perplexity(token_logp, mask)
+    E_eps[s(r + eps)]; with the perplexity reward it weights every sample's log-likelihood
+    gradient by its perplexity, never negatively). rewards [B] (with their gradient, from
+    sample_rewards); valid_rows [B]."""
+    s = rewards
     v = valid_rows.astype(jnp.float32)
     return {"loss_sum": -jnp.sum(s * v), "clipped_sum": jnp.zeros((), jnp.float32),
             "kl_sum": jnp.zeros((), jnp.float32), "ratio_dev_sum": jnp.zeros((), jnp.float32)}
@@ -296,13 +344,14 @@ def pathwise_objective(token_logp, mask, valid_rows) -> dict:
 
 def objective(s: GRPOSettings, *, valid_rows, logp=None, old_logp=None, ref_logp=None,
               advantages=None, mask=None, latent=None, sampled=None, old_logdens=None,
-              sigma=None) -> tuple:
+              sigma=None, rewards=None) -> tuple:
     """(loss sum, count, aux sums) of `s.estimator` over a (micro-)batch of samples; the step
     divides by the global count. Rows are samples [B = P * G]:
 
     - ppo: token PPO-clip on logp / old_logp [B, T] (+ beta * k3 KL to ref_logp), count =
       target tokens (`mask` [B, T]);
-    - pathwise: the mean reward of logp itself, count = samples;
+    - pathwise: the mean of `rewards` [B] (with gradient; by default the negative
+      perplexity of logp), count = samples;
     - reinforce: PPO-clip of the Gaussian density of the stored `sampled` latents [B, d]
       around the current `latent` [B, d] (old density `old_logdens` [B]), count = samples;
       `sigma` (default s.sigma) may be one value per row [B] when the noise decays.
@@ -314,7 +363,8 @@ def objective(s: GRPOSettings, *, valid_rows, logp=None, old_logp=None, ref_logp
                               clip_high=s.clip_high, kl_beta=s.kl_beta)
         count = mask.sum()
     elif s.estimator == "pathwise":
-        out = pathwise_objective(logp, mask, valid_rows)
+        out = pathwise_objective(negative_perplexity(logp, mask) if rewards is None else rewards,
+                                 valid_rows)
         count = valid_rows.astype(jnp.float32).sum()
     elif s.estimator == "reinforce":
         out = reinforce_objective(latent, sampled, old_logdens, advantages, valid_rows,

@@ -9,6 +9,11 @@ same for all G samples and, with the LLM frozen, needs no gradient; so here the 
 runs once per prompt into a KV cache (under stop_gradient), the cache is repeated G
 times, and only [r_k, target] runs per sample. The latent r itself still gets its
 gradient through LatentRATT, whose input hidden states are constants.
+
+With `grpo.reward=contrastive` each noisy sample also scores `grpo.negatives` other
+prompts' titles of the same batch on the same cache rows (J = 1 + negatives suffixes per
+sample, one pass), and its reward is the log-probability that its own title wins a softmax
+over them (loss.contrastive_reward).
 """
 
 from __future__ import annotations
@@ -137,20 +142,64 @@ def group_logprobs_with_reference(config: DecoderConfig, params: dict,
                                   latent_mode: str = "ratt", dtype=jnp.float32,
                                   train_llm: bool = False):
     """`group_logprobs` plus r_sft [P, d] (see prompt_latents_with_reference; None when
-    ref_params is None): (token_logp [P * G, T], latent [P, d], r_sft)."""
+    ref_params is None): (token_logp [P * G, T], latent [P, d], r_sft).
+
+    target_ids/mask may also be [P, J, T], J titles per prompt (contrastive_targets): every
+    noisy sample then scores all J under its latent, and token_logp is [P * G, J, T]."""
     P, G, d = noise.shape
-    T = target_ids.shape[1]
+    T = target_ids.shape[-1]
+    J = target_ids.shape[1] if target_ids.ndim == 3 else 1
     latents, cache, last_hidden, r_ref = prompt_latents_with_reference(
         config, params, ref_params, prompt_ids, prompt_mask, num_thoughts=num_thoughts,
         latent_mode=latent_mode, suffix_len=T, dtype=dtype, train_llm=train_llm)
     r = latents[:, -1]                                                    # [P, d]
     noisy = (r[:, None, :].astype(jnp.float32) + noise).reshape(P * G, d)  # [P*G, d]
-    cache = decoder.repeat_cache(cache, G)
-    rep = lambda x: jnp.repeat(x, G, axis=0)
-    logits = latent_lib.suffix_logits(config, llm_view(params, train_llm), cache, noisy,
-                                      rep(last_hidden), rep(target_ids), rep(target_mask),
-                                      dtype=dtype)                        # [P*G, T, V]
-    return latent_lib.target_logprobs(logits, rep(target_ids)), r, r_ref
+    cache = decoder.repeat_cache(cache, G * J)
+    rep = lambda x: jnp.repeat(x, G * J, axis=0)
+    # rows p * G * J + k * J + j: prompt p, sample k, title j
+    tiled = lambda x: jnp.broadcast_to(x.reshape(P, 1, J, T), (P, G, J, T)).reshape(P * G * J, T)
+    ids, mask = tiled(target_ids), tiled(target_mask)
+    logits = latent_lib.suffix_logits(config, llm_view(params, train_llm), cache,
+                                      jnp.repeat(noisy, J, axis=0), rep(last_hidden), ids, mask,
+                                      dtype=dtype)                        # [P*G*J, T, V]
+    logp = latent_lib.target_logprobs(logits, ids)
+    return (logp.reshape(P * G, J, T) if target_ids.ndim == 3 else logp), r, r_ref
+
+
+def contrastive_targets(target_ids, target_mask, valid, negatives: int) -> tuple:
+    """Each prompt's own title and `negatives` other prompts' titles of the same batch:
+    prompt p gets those of prompts p + 1, ..., p + negatives (mod P).
+
+    target_ids/mask [P, T], valid [P] -> (ids [P, J, T], mask [P, J, T], neg_valid [P, J - 1])
+    with J = 1 + negatives; a negative counts when its prompt is real and its title differs
+    from the prompt's own (the same item bought by two users of a batch is no negative)."""
+    P = target_ids.shape[0]
+    idx = (jnp.arange(P)[:, None] + jnp.arange(negatives + 1)[None, :]) % P     # [P, J]
+    ids, mask = target_ids[idx], target_mask[idx]
+    m = mask.astype(bool)
+    own_ids, own_m = ids[:, :1], m[:, :1]
+    differs = jnp.any((jnp.where(m, ids, -1) != jnp.where(own_m, own_ids, -1)), axis=-1)
+    neg_valid = (valid[idx] & differs)[:, 1:]
+    return ids, mask, neg_valid
+
+
+def scored_targets(s: gl.GRPOSettings, batch: dict) -> tuple:
+    """(target ids, target mask, neg_valid) a batch's samples are scored on: the batch's own
+    [P, T] and None with the perplexity reward; contrastive_targets with the contrastive one."""
+    if s.reward != "contrastive":
+        return batch["target_ids"], batch["target_mask"], None
+    P = batch["target_ids"].shape[0]
+    if s.negatives >= P:
+        raise ValueError(f"grpo.negatives = {s.negatives} needs more prompts per (micro-)batch "
+                         f"than that, got {P}")
+    valid = batch.get("valid", jnp.ones((P,), bool))
+    return contrastive_targets(batch["target_ids"], batch["target_mask"], valid, s.negatives)
+
+
+def own_title(s: gl.GRPOSettings, token_logp):
+    """The log-probs of each sample's own title: token_logp [..., J, T] -> [..., T] with the
+    contrastive reward, as is otherwise."""
+    return token_logp[..., 0, :] if s.reward == "contrastive" else token_logp
 
 
 def rollout_metrics(rewards, advantages, valid) -> dict:
@@ -208,10 +257,13 @@ def weight_drift(params: dict, ref_params: Optional[dict]) -> dict:
     return {"weight_drift": jnp.sqrt(diff) / jnp.maximum(jnp.sqrt(sq(start)), 1e-12)}
 
 
-def rewards_and_advantages(s: gl.GRPOSettings, token_logp, target_mask, valid) -> tuple:
-    """Rewards [P, G] (negative perplexity of each sample's target) from the samples' token
-    log-probs [P, G, T], and their advantages over the whole batch."""
-    rewards = gl.negative_perplexity(token_logp, target_mask[:, None, :])
+def rewards_and_advantages(s: gl.GRPOSettings, token_logp, target_mask, valid,
+                           neg_valid=None) -> tuple:
+    """Rewards [P, G] (loss.sample_rewards) from the samples' token log-probs [P, G, T]
+    (or [P, G, J, T] with the contrastive reward, target_mask [P, J, T] and neg_valid
+    [P, J - 1]), and their advantages over the whole batch."""
+    extra = None if neg_valid is None else neg_valid[:, None]
+    rewards = gl.sample_rewards(s, token_logp, target_mask[:, None], extra)
     return rewards, gl.compute_advantages(s.advantage, rewards, valid)
 
 
@@ -251,22 +303,29 @@ def make_rollout_fn(model_config, s: gl.GRPOSettings):
         ref = ref_params if wants_reference(s, ref_params) else None
 
         def one(mb):
-            args = (mb["prompt_ids"], mb["prompt_mask"], mb["target_ids"], mb["target_mask"],
-                    mb["noise"])
+            ids, tmask, neg_valid = scored_targets(s, mb)
+            args = (mb["prompt_ids"], mb["prompt_mask"], ids, tmask, mb["noise"])
             logp, r, r_ref = group_logprobs_with_reference(model_config, params, ref, *args,
                                                            **s.forward_kw)
-            out = {"old_logp": logp.reshape(-1, G, T), "latent": r.astype(jnp.float32)}
+            out = {"scored_logp": logp.reshape((-1, G) + logp.shape[1:]),
+                   "scored_mask": tmask, "latent": r.astype(jnp.float32)}
+            if neg_valid is not None:
+                out["neg_valid"] = neg_valid
             if r_ref is not None:
                 out["ref_latent"] = r_ref.astype(jnp.float32)
             if s.kl_beta:
-                ref_logp, _ = group_logprobs(model_config, _with_ref(params, ref_params), *args,
+                ref_logp, _ = group_logprobs(model_config, _with_ref(params, ref_params),
+                                             mb["prompt_ids"], mb["prompt_mask"],
+                                             mb["target_ids"], mb["target_mask"], mb["noise"],
                                              **s.forward_kw)
                 out["ref_logp"] = ref_logp.reshape(-1, G, T)
             return out
 
         out = _map_micro(one, {**batch, "noise": noise}, s.num_micro_batches)
-        rewards, adv = rewards_and_advantages(s, out["old_logp"], batch["target_mask"], valid)
-        step_in = {"noise": noise, "old_logp": out["old_logp"], "advantages": adv}
+        rewards, adv = rewards_and_advantages(s, out["scored_logp"], out["scored_mask"], valid,
+                                              out.get("neg_valid"))
+        step_in = {"noise": noise, "old_logp": own_title(s, out["scored_logp"]),
+                   "advantages": adv}
         if s.kl_beta:
             step_in["ref_logp"] = out["ref_logp"]
         if s.latent_trust:

@@ -37,6 +37,13 @@ def _add_latent_trust(s: gl.GRPOSettings, loss_sum, aux: dict, latent, ref_laten
     return loss_sum + s.latent_trust * trust, {**aux, "trust_sum": trust}
 
 
+def _sample_rewards(s: gl.GRPOSettings, scored, tmask, neg_valid, G: int):
+    """Per-sample rewards [P * G] (with their gradient) from scored log-probs [P * G, (J,) T]
+    and the prompts' title masks [P, (J,) T] (rollout.scored_targets)."""
+    rep = lambda x: None if x is None else jnp.repeat(x, G, axis=0)
+    return gl.sample_rewards(s, scored, rep(tmask), rep(neg_valid))
+
+
 def make_grpo_loss(model_config, s: gl.GRPOSettings):
     """loss_fn(params, micro_batch, rng) -> (loss sum, count, aux) for the shared TrainStep,
     on a micro-batch of prompts carrying the rollout's outputs (noise, old log-probs,
@@ -60,12 +67,18 @@ def make_grpo_loss(model_config, s: gl.GRPOSettings):
             if s.sigma_decays:
                 kw["sigma"] = _reinforce_sigma(rollout.batch_sigma(s, mb), G)
         else:
-            logp, r = rollout.group_logprobs(model_config, params, mb["prompt_ids"],
-                                             mb["prompt_mask"], mb["target_ids"],
-                                             mb["target_mask"], mb["noise"], **s.forward_kw)
+            # pathwise differentiates the reward itself, which may score other titles too
+            ids, tmask, neg_valid = (rollout.scored_targets(s, mb) if s.estimator == "pathwise"
+                                     else (mb["target_ids"], mb["target_mask"], None))
+            scored, r = rollout.group_logprobs(model_config, params, mb["prompt_ids"],
+                                               mb["prompt_mask"], ids, tmask, mb["noise"],
+                                               **s.forward_kw)
+            logp = rollout.own_title(s, scored) if ids.ndim == 3 else scored
             kw.update(logp=logp, old_logp=flat(mb["old_logp"]),
                       ref_logp=flat(mb["ref_logp"]) if s.kl_beta else logp,
                       mask=rep(mb["target_mask"].astype(jnp.float32) * valid[:, None]))
+            if s.estimator == "pathwise":
+                kw["rewards"] = _sample_rewards(s, scored, tmask, neg_valid, G)
         loss_sum, count, aux = gl.objective(s, **kw)
         loss_sum, aux = _add_latent_trust(s, loss_sum, aux, r, mb.get("ref_latent"),
                                           mb["target_mask"], valid)
@@ -102,13 +115,16 @@ def make_fused_loss(model_config, s: gl.GRPOSettings):
         valid = batch.get("valid", jnp.ones((P,), bool))
         sigma = rollout.batch_sigma(s, batch)
         noise = _fused_noise(model_config, s, params, batch, rng)
-        logp, r, r_ref = rollout.group_logprobs_with_reference(
+        ids, tmask, neg_valid = rollout.scored_targets(s, batch)
+        scored, r, r_ref = rollout.group_logprobs_with_reference(
             model_config, params, ref if rollout.wants_reference(s, ref) else None,
-            batch["prompt_ids"], batch["prompt_mask"], batch["target_ids"],
-            batch["target_mask"], noise, **s.forward_kw)                         # [P*G, T]
+            batch["prompt_ids"], batch["prompt_mask"], ids, tmask, noise,
+            **s.forward_kw)                                           # [P*G, (J,) T]
+        logp = rollout.own_title(s, scored)
         old = jax.lax.stop_gradient(logp)
-        rewards, adv = rollout.rewards_and_advantages(s, old.reshape(P, G, T),
-                                                      batch["target_mask"], valid)
+        rewards, adv = rollout.rewards_and_advantages(
+            s, jax.lax.stop_gradient(scored).reshape((P, G) + scored.shape[1:]), tmask, valid,
+            neg_valid)
         rep = lambda x: jnp.repeat(x, G, axis=0)
         kw = {"valid_rows": rep(valid), "advantages": adv.reshape(-1)}
         if s.estimator == "reinforce":
@@ -123,6 +139,8 @@ def make_fused_loss(model_config, s: gl.GRPOSettings):
         else:
             kw.update(logp=logp, old_logp=old, ref_logp=old,
                       mask=rep(batch["target_mask"].astype(jnp.float32) * valid[:, None]))
+            if s.estimator == "pathwise":
+                kw["rewards"] = _sample_rewards(s, scored, tmask, neg_valid, G)
         loss_sum, count, aux = gl.objective(s, **kw)
         loss_sum, aux = _add_latent_trust(s, loss_sum, aux, r, r_ref, batch["target_mask"], valid)
         return loss_sum, count, {**aux, **rollout.rollout_metrics(rewards, adv, valid),
@@ -144,11 +162,11 @@ def make_pathwise_probe(model_config, s: gl.GRPOSettings):
         P = batch["target_ids"].shape[0]
         valid = batch.get("valid", jnp.ones((P,), bool))
         noise = batch["noise"] if "noise" in batch else _fused_noise(model_config, s, params, batch, rng)
-        logp, _ = rollout.group_logprobs(model_config, params, batch["prompt_ids"],
-                                         batch["prompt_mask"], batch["target_ids"],
-                                         batch["target_mask"], noise, **s.forward_kw)
-        tmask = jnp.repeat(batch["target_mask"], G, axis=0)
-        rewards = gl.negative_perplexity(logp, tmask).reshape(P, G)
+        ids, tmask, neg_valid = rollout.scored_targets(s, batch)
+        scored, _ = rollout.group_logprobs(model_config, params, batch["prompt_ids"],
+                                           batch["prompt_mask"], ids, tmask, noise,
+                                           **s.forward_kw)
+        rewards = _sample_rewards(s, scored, tmask, neg_valid, G).reshape(P, G)
         w = valid.astype(jnp.float32)[:, None] * (jnp.arange(G) >= 1).astype(jnp.float32)[None]
         return -jnp.sum(rewards * w), jnp.sum(w), {}
 

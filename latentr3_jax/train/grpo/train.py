@@ -3,7 +3,8 @@
 `latentr3 grpo --config configs/<name>.py --config.grpo.init_from=<SFT run dir>` or
 `train_grpo(cfg)`. The LLM and lm_head stay frozen (grpo.train_llm=True trains them too);
 LatentRATT learns from G noisy copies of its latent per prompt, scored by the negative
-perplexity of the ground-truth target.
+perplexity of the ground-truth target (or, with grpo.reward=contrastive, by how well the
+target beats other users' titles under the same latent).
 
 One training step per batch of prompts:
   1. rollout (jitted, no gradient): noise eps [P, G, d] from the state's RNG, target
@@ -33,20 +34,35 @@ from latentr3_jax.errors import InputError
 from latentr3_jax.model import latent as latent_lib
 from latentr3_jax.train import loop, optim, runs, setup
 from latentr3_jax.train.grpo import loss as gl
+from latentr3_jax.train.grpo import rollout
 from latentr3_jax.train.grpo.step import GRPOStep, record
 from latentr3_jax.train.state import create_sharded_state
 
 
 def reward_fn(model_config, s: gl.GRPOSettings):
-    """(params, batch) -> (sum, count) of the noise-free reward over the batch's real rows."""
+    """(params, batch) -> (sum, count) of the noise-free reward (s.reward) over the batch's
+    real rows; the contrastive one against the batch's other titles, as in training."""
     def fn(params, batch):
+        v = batch["valid"].astype(jnp.float32)
+        if s.reward == "contrastive":
+            P = batch["target_ids"].shape[0]
+            negatives = min(s.negatives, P - 1)
+            if not negatives:
+                return jnp.zeros((), jnp.float32), v.sum()   # a lone prompt wins every softmax
+            ids, tmask, neg_valid = rollout.contrastive_targets(
+                batch["target_ids"], batch["target_mask"], batch["valid"], negatives)
+            noise = jnp.zeros((P, 1, latent_lib.latent_width(model_config, params)), jnp.float32)
+            scored, _ = rollout.group_logprobs(model_config, params, batch["prompt_ids"],
+                                               batch["prompt_mask"], ids, tmask, noise,
+                                               **s.forward_kw)
+            r = gl.contrastive_reward(scored, tmask, neg_valid)
+            return (r * v).sum(), v.sum()
         logits, _ = latent_lib.latent_forward(
             model_config, params, batch["prompt_ids"], batch["prompt_mask"],
             batch["target_ids"], batch["target_mask"], num_thoughts=s.num_thoughts,
             latent_mode=s.latent_mode, dtype=s.dtype)
         r = gl.negative_perplexity(latent_lib.target_logprobs(logits, batch["target_ids"]),
                                    batch["target_mask"])
-        v = batch["valid"].astype(jnp.float32)
         return (r * v).sum(), v.sum()
     return fn
 
