@@ -1,0 +1,156 @@
+"""LR-GRPO with the contrastive reward against the release's perplexity reward, on the demo.
+
+The release's reward, minus the perplexity of the user's title, rewards a latent that makes
+titles likelier in general as much as one that picks this user's title; ranking only
+cares about the second. `grpo.reward=contrastive` scores each noisy latent by the
+log-probability that the user's title beats `grpo.negatives` other users' titles of the
+batch. This script trains LR-GRPO from the demo's SFT runs with both rewards and reads
+the result on valid; the configuration with the best mean valid NDCG@10 over seeds is then
+decoded on test once per seed and paired with its SFT run, user by user.
+
+  starts: the release SFT run (runs/demo[_seed<s>]/sft_latentr3) and the slot-bottleneck one
+          (runs/demo_bn50[_seed<s>]/sft_latentr3), made by `latentr3 run` when missing (as
+          bench/demo_bottleneck.py makes them);
+  arms:   reward x estimator x learning rate, `configs/demo.py`'s 60 batches of 16 prompts,
+          group 8, sigma 1.5, the last step kept.
+
+    python bench/demo_contrastive.py --seeds 0,1       # about 12 minutes a seed on 2 cores
+
+Writes results/demo_contrastive_cpu-2core.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+from demo_bottleneck import cli, decode_valid  # noqa: E402
+from latentr3_jax import study  # noqa: E402
+from latentr3_jax.utils.jsonio import read_json, write_json  # noqa: E402
+
+STARTS = {"release": "demo", "bottleneck": "demo_bn50"}
+ARMS = [  # name, reward, negatives, estimator, advantage, learning rate
+    (f"{rw}{'' if rw == 'perplexity' else f'{c}'} {est}+{adv} lr{lr:g}", rw, c, est, adv, lr)
+    for rw, c in (("perplexity", 0), ("contrastive", 3), ("contrastive", 15))
+    for est, adv in (("reinforce", "rloo"), ("pathwise", "batch"))
+    for lr in (1e-3, 3e-3)]
+RESAMPLES = 2000
+
+
+def start_run(start: str, seed: int) -> str:
+    """The SFT run an arm starts from, made by `latentr3 run` when missing."""
+    wd = os.path.join(ROOT, "runs", STARTS[start] + (f"_seed{seed}" if seed else ""))
+    if not os.path.exists(os.path.join(wd, "results.json")):
+        extra = ["--config.sft.slot_bottleneck=0.5"] if start == "bottleneck" else []
+        cli("run", f"--config.workdir={wd}", f"--config.seed={seed}", *extra)
+    return os.path.join(wd, "sft_latentr3")
+
+
+def arm_dir(start: str, arm: tuple, seed: int) -> str:
+    _, rw, c, est, adv, lr = arm
+    tag = rw if rw == "perplexity" else f"{rw}{c}"
+    return os.path.join(ROOT, "runs", "demo_contrastive", f"{start}_{tag}_{est}_{adv}_{lr:g}_seed{seed}")
+
+
+def train_arm(sft: str, wd: str, arm: tuple, seed: int) -> None:
+    _, rw, c, est, adv, lr = arm
+    if os.path.exists(os.path.join(wd, "train_summary.json")):
+        return
+    extra = [f"--config.grpo.negatives={c}"] if c else []
+    cli("grpo", f"--config.grpo.init_from={sft}", f"--config.workdir={wd}",
+        f"--config.seed={seed}", f"--config.grpo.reward={rw}", *extra,
+        f"--config.grpo.estimator={est}", f"--config.grpo.advantage={adv}",
+        f"--config.grpo.learning_rate={lr:g}", "--config.grpo.eval_every=20",
+        "--config.grpo.select=last")
+
+
+def decode_test(run_dir: str) -> str:
+    out = os.path.join(run_dir, "eval_test_constrained")
+    if not os.path.exists(os.path.join(out, "metrics.json")):
+        cli("evaluate", f"--config.eval.checkpoint={run_dir}", "--config.eval.split=test",
+            "--config.eval.progress=False")
+    return out
+
+
+def per_user(eval_dir: str) -> dict:
+    pred = os.path.join(eval_dir, "predictions.jsonl")
+    rows = sum(1 for _ in open(pred, encoding="utf-8"))
+    return study.per_user(study.prediction_ranks(pred, rows)["title"])
+
+
+def pooled(a_dirs, b_dirs) -> dict:
+    """Paired difference a - b per user, per-user differences averaged over seeds."""
+    ua, ub = [per_user(d) for d in a_dirs], [per_user(d) for d in b_dirs]
+    return {m: study.paired_difference(np.stack([u[m] for u in ua]),
+                                       np.stack([u[m] for u in ub]), resamples=RESAMPLES)
+            for m in ("NDCG@10", "HR@10")}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--out", default=os.path.join(ROOT, "results", "demo_contrastive_cpu-2core.json"))
+    args = ap.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    res = {"command": f"python bench/demo_contrastive.py --seeds {args.seeds}", "seeds": seeds,
+           "sft": {}, "arms": {}}
+    sft_valid = {}
+    for start in STARTS:
+        sft_valid[start] = [decode_valid(start_run(start, s)) for s in seeds]
+        res["sft"][start] = {"valid_NDCG@10": [read_json(os.path.join(d, "metrics.json"))["NDCG@10"]
+                                               for d in sft_valid[start]]}
+    for start in STARTS:
+        for arm in ARMS:
+            name = f"{start}: {arm[0]}"
+            dirs, curves = [], []
+            for s in seeds:
+                wd = arm_dir(start, arm, s)
+                train_arm(start_run(start, s), wd, arm, s)
+                dirs.append(decode_valid(wd))
+                curves.append([(r["step"], r["reward"]) for r in map(json.loads, open(
+                    os.path.join(wd, "metrics.jsonl"), encoding="utf-8")) if r.get("split") == "valid"])
+            nd = [read_json(os.path.join(d, "metrics.json"))["NDCG@10"] for d in dirs]
+            res["arms"][name] = {"start": start, "reward": arm[1], "negatives": arm[2],
+                                 "estimator": arm[3], "advantage": arm[4], "lr": arm[5],
+                                 "valid_NDCG@10": nd, "valid_NDCG@10_mean": float(np.mean(nd)),
+                                 "valid_reward_curves": curves,
+                                 "valid_vs_sft": pooled(dirs, sft_valid[start])}
+            v = res["arms"][name]["valid_vs_sft"]["NDCG@10"]
+            print(f"{name:55s} valid NDCG@10 {np.mean(nd):.4f}  vs SFT {v['diff']:+.4f} "
+                  f"[{v['lo']:+.4f}, {v['hi']:+.4f}]", flush=True)
+            write_json(args.out, res)
+    # chosen on valid: the best arm per reward (and overall), then test once per seed
+    chosen = {}
+    for rw in ("perplexity", "contrastive"):
+        best = max((n for n, a in res["arms"].items() if a["reward"] == rw),
+                   key=lambda n: res["arms"][n]["valid_NDCG@10_mean"])
+        chosen[rw] = best
+    res["chosen_on_valid"] = chosen
+    res["test"] = {}
+    for rw, name in chosen.items():
+        a = res["arms"][name]
+        arm = next(x for x in ARMS if x[0] == name.split(": ", 1)[1])
+        runs = [arm_dir(a["start"], arm, s) for s in seeds]
+        sfts = [start_run(a["start"], s) for s in seeds]
+        t_arm, t_sft = [decode_test(r) for r in runs], [decode_test(r) for r in sfts]
+        res["test"][name] = {
+            "test_NDCG@10": [read_json(os.path.join(d, "metrics.json"))["NDCG@10"] for d in t_arm],
+            "sft_test_NDCG@10": [read_json(os.path.join(d, "metrics.json"))["NDCG@10"] for d in t_sft],
+            "vs_sft": pooled(t_arm, t_sft)}
+        v = res["test"][name]["vs_sft"]["NDCG@10"]
+        print(f"test {name:50s} vs SFT {v['diff']:+.4f} [{v['lo']:+.4f}, {v['hi']:+.4f}] p {v['p']:.3f}")
+    write_json(args.out, res)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
