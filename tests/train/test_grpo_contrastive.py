@@ -19,7 +19,7 @@ from latentr3_jax.train.grpo import loss as gl
 from latentr3_jax.train.grpo import rollout
 from latentr3_jax.train.grpo.train import reward_fn
 
-from tests.train.test_grpo_train import _latent_sgd, _tiny_problem
+from _grpo_helpers import latent_sgd as _latent_sgd, tiny_problem as _tiny_problem
 
 
 def _by_hand(token_logp, mask, neg_valid):

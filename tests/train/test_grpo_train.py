@@ -20,28 +20,9 @@ from latentr3_jax.train import state as state_lib
 from latentr3_jax.train import step as step_lib
 from latentr3_jax.train import fingerprint, runs
 
+from _grpo_helpers import latent_sgd as _latent_sgd, tiny_problem as _tiny_problem
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _latent_sgd(params, lr):
-    """SGD on the latent module only, the LLM frozen."""
-    labels = jax.tree.map(lambda m: "train" if m else "freeze", optim.latent_only(params))
-    return optax.multi_transform({"train": optax.sgd(lr), "freeze": optax.set_to_zero()},
-                                 lambda _: labels)
-
-
-def _tiny_problem(P=4, S=6, T=3):
-    cfg = tiny_config(vocab_size=97, hidden_size=32, intermediate_size=64, num_heads=4,
-                      num_kv_heads=2)
-    k = jax.random.split(jax.random.PRNGKey(0), 4)
-    params = decoder.init_params(cfg, k[0], std=0.1)
-    params["latent"] = latent_lib.init_latent_params(cfg, k[1], std=0.1)
-    batch = {"prompt_ids": jax.random.randint(k[2], (P, S), 0, 96),
-             "prompt_mask": jnp.ones((P, S), jnp.int32).at[0, :2].set(0),
-             "target_ids": jax.random.randint(k[3], (P, T), 0, 96),
-             "target_mask": jnp.ones((P, T), jnp.int32),
-             "valid": jnp.ones((P,), bool)}
-    return cfg, params, batch
 
 
 @pytest.mark.parametrize("estimator", ["reinforce", "pathwise"])
