@@ -48,11 +48,11 @@ def cli(command: str, *args: str) -> None:
     subprocess.run([*CLI, command, "--config", DEMO, *args], check=True)
 
 
-def decode_valid(run_dir: str) -> str:
-    """Constrained decoding of a run on valid, once; returns its output directory."""
-    out = os.path.join(run_dir, "eval_valid_constrained")
+def decode(run_dir: str, split: str = "valid") -> str:
+    """Constrained decoding of a run on `split`, once; returns its output directory."""
+    out = os.path.join(run_dir, f"eval_{split}_constrained")
     if not os.path.exists(os.path.join(out, "metrics.json")):
-        cli("evaluate", f"--config.eval.checkpoint={run_dir}", "--config.eval.split=valid",
+        cli("evaluate", f"--config.eval.checkpoint={run_dir}", f"--config.eval.split={split}",
             "--config.eval.progress=False")
     return out
 
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
         res["runs"][name] = {"test_table": read_json(os.path.join(wd, "results.json")),
                              "probes": probes(wd)}
     sft = os.path.join(RUNS["bottleneck_0.5"], "sft_latentr3")
-    base = decode_valid(sft)
+    base = decode(sft)
     rows = sum(1 for _ in open(os.path.join(base, "predictions.jsonl"), encoding="utf-8"))
     res["sft_valid"] = read_json(os.path.join(base, "metrics.json"))
     for est, adv in VARIANTS:
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
                 f"--config.grpo.estimator={est}", f"--config.grpo.advantage={adv}",
                 f"--config.grpo.learning_rate={LR:g}", "--config.grpo.eval_every=20",
                 "--config.grpo.select=last")
-        dv = decode_valid(wd)
+        dv = decode(wd)
         curve = [(r["step"], r["reward"]) for r in map(json.loads, open(
             os.path.join(wd, "metrics.jsonl"), encoding="utf-8")) if r.get("split") == "valid"]
         pred = os.path.join(dv, "predictions.jsonl")

@@ -32,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-from demo_bottleneck import cli, decode_valid  # noqa: E402
+from demo_bottleneck import cli, decode  # noqa: E402
 from latentr3_jax import study  # noqa: E402
 from latentr3_jax.utils.jsonio import read_json, write_json  # noqa: E402
 
@@ -72,14 +72,6 @@ def train_arm(sft: str, wd: str, arm: tuple, seed: int) -> None:
         "--config.grpo.select=last")
 
 
-def decode_test(run_dir: str) -> str:
-    out = os.path.join(run_dir, "eval_test_constrained")
-    if not os.path.exists(os.path.join(out, "metrics.json")):
-        cli("evaluate", f"--config.eval.checkpoint={run_dir}", "--config.eval.split=test",
-            "--config.eval.progress=False")
-    return out
-
-
 def per_user(eval_dir: str) -> dict:
     pred = os.path.join(eval_dir, "predictions.jsonl")
     rows = sum(1 for _ in open(pred, encoding="utf-8"))
@@ -94,6 +86,19 @@ def pooled(a_dirs, b_dirs) -> dict:
             for m in ("NDCG@10", "HR@10")}
 
 
+def ndcg10(eval_dirs) -> list:
+    return [read_json(os.path.join(d, "metrics.json"))["NDCG@10"] for d in eval_dirs]
+
+
+def on_test(name: str, arm_dirs, sft_dirs) -> dict:
+    """Test NDCG@10 of an arm's runs and their SFT runs (one per seed), paired; printed."""
+    out = {"test_NDCG@10": ndcg10(arm_dirs), "sft_test_NDCG@10": ndcg10(sft_dirs),
+           "vs_sft": pooled(arm_dirs, sft_dirs)}
+    v = out["vs_sft"]["NDCG@10"]
+    print(f"test {name}: vs SFT {v['diff']:+.4f} [{v['lo']:+.4f}, {v['hi']:+.4f}] p {v['p']:.3f}")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", default="0,1")
@@ -104,9 +109,8 @@ def main(argv=None) -> int:
            "sft": {}, "arms": {}}
     sft_valid = {}
     for start in STARTS:
-        sft_valid[start] = [decode_valid(start_run(start, s)) for s in seeds]
-        res["sft"][start] = {"valid_NDCG@10": [read_json(os.path.join(d, "metrics.json"))["NDCG@10"]
-                                               for d in sft_valid[start]]}
+        sft_valid[start] = [decode(start_run(start, s)) for s in seeds]
+        res["sft"][start] = {"valid_NDCG@10": ndcg10(sft_valid[start])}
     for start in STARTS:
         for arm in ARMS:
             name = f"{start}: {arm[0]}"
@@ -114,10 +118,10 @@ def main(argv=None) -> int:
             for s in seeds:
                 wd = arm_dir(start, arm, s)
                 train_arm(start_run(start, s), wd, arm, s)
-                dirs.append(decode_valid(wd))
+                dirs.append(decode(wd))
                 curves.append([(r["step"], r["reward"]) for r in map(json.loads, open(
                     os.path.join(wd, "metrics.jsonl"), encoding="utf-8")) if r.get("split") == "valid"])
-            nd = [read_json(os.path.join(d, "metrics.json"))["NDCG@10"] for d in dirs]
+            nd = ndcg10(dirs)
             res["arms"][name] = {"start": start, "reward": arm[1], "negatives": arm[2],
                                  "estimator": arm[3], "advantage": arm[4], "lr": arm[5],
                                  "valid_NDCG@10": nd, "valid_NDCG@10_mean": float(np.mean(nd)),
@@ -140,13 +144,8 @@ def main(argv=None) -> int:
         arm = next(x for x in ARMS if x[0] == name.split(": ", 1)[1])
         runs = [arm_dir(a["start"], arm, s) for s in seeds]
         sfts = [start_run(a["start"], s) for s in seeds]
-        t_arm, t_sft = [decode_test(r) for r in runs], [decode_test(r) for r in sfts]
-        res["test"][name] = {
-            "test_NDCG@10": [read_json(os.path.join(d, "metrics.json"))["NDCG@10"] for d in t_arm],
-            "sft_test_NDCG@10": [read_json(os.path.join(d, "metrics.json"))["NDCG@10"] for d in t_sft],
-            "vs_sft": pooled(t_arm, t_sft)}
-        v = res["test"][name]["vs_sft"]["NDCG@10"]
-        print(f"test {name:50s} vs SFT {v['diff']:+.4f} [{v['lo']:+.4f}, {v['hi']:+.4f}] p {v['p']:.3f}")
+        res["test"][name] = on_test(name, [decode(r, "test") for r in runs],
+                                    [decode(r, "test") for r in sfts])
     write_json(args.out, res)
     print(f"wrote {args.out}")
     return 0

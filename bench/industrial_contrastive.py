@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import grpo_study as gs  # noqa: E402
 from latentr3_jax import config as config_lib  # noqa: E402
-from demo_contrastive import pooled  # noqa: E402
+from demo_contrastive import ndcg10, on_test, pooled  # noqa: E402
 from latentr3_jax.train.grpo import train_grpo  # noqa: E402
 from latentr3_jax.utils.jsonio import read_json, write_json  # noqa: E402
 
@@ -97,8 +97,7 @@ def main(argv=None) -> int:
            "seeds": seeds, "sft": {}, "arms": {}}
     for start in args.starts.split(","):
         dirs = [os.path.join(sft_dir(start, s), "eval_valid_constrained") for s in seeds]
-        res["sft"][start] = {"valid_NDCG@10": [read_json(os.path.join(d, "metrics.json"))["NDCG@10"]
-                                               for d in dirs]}
+        res["sft"][start] = {"valid_NDCG@10": ndcg10(dirs)}
         for name in names:
             vdirs, curves = [], []
             for s in seeds:
@@ -111,7 +110,7 @@ def main(argv=None) -> int:
                 vdirs.append(os.path.join(c.workdir, "eval_valid_constrained"))
                 curves.append([(r["step"], r["reward"]) for r in gs.runs.read_metrics(c.workdir)
                                if r.get("split") == "valid"])
-            nd = [read_json(os.path.join(d, "metrics.json"))["NDCG@10"] for d in vdirs]
+            nd = ndcg10(vdirs)
             key = f"{start}: {name}"
             res["arms"][key] = {"start": start, "grpo": ARMS[name], "valid_NDCG@10": nd,
                                 "valid_NDCG@10_mean": float(np.mean(nd)),
@@ -127,17 +126,11 @@ def main(argv=None) -> int:
     for s, vd in zip(seeds, a["valid_dirs"]):
         run_dir = os.path.dirname(vd)
         cfg, _ = arm_cfg(sft_dir(a["start"], s), best.split(": ", 1)[1], a["grpo"])
-        cfg.eval.split = "test"
         gs.decode(cfg, run_dir, "test")
         t_arm.append(os.path.join(run_dir, "eval_test_constrained"))
         t_sft.append(os.path.join(sft_dir(a["start"], s), "eval_test_constrained"))
     res["chosen_on_valid"] = best
-    res["test"] = {"test_NDCG@10": [read_json(os.path.join(d, "metrics.json"))["NDCG@10"] for d in t_arm],
-                   "sft_test_NDCG@10": [read_json(os.path.join(d, "metrics.json"))["NDCG@10"]
-                                        for d in t_sft],
-                   "vs_sft": pooled(t_arm, t_sft)}
-    v = res["test"]["vs_sft"]["NDCG@10"]
-    print(f"test {best}: vs SFT {v['diff']:+.4f} [{v['lo']:+.4f}, {v['hi']:+.4f}] p {v['p']:.3f}")
+    res["test"] = on_test(best, t_arm, t_sft)
     write_json(args.out, res)
     print(f"wrote {args.out}")
     return 0

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from latentr3_jax.model import decoder
@@ -29,3 +30,19 @@ def tiny_problem(P=4, S=6, T=3):
              "target_mask": jnp.ones((P, T), jnp.int32),
              "valid": jnp.ones((P,), bool)}
     return cfg, params, batch
+
+
+def assert_same_update(new_a, new_b, start) -> None:
+    """Two parameter trees after one SGD step from `start` moved by the same update, and
+    moved at all. Rounding differs between two graphs at a few 1e-6 of the largest update,
+    and an update read back as new - old parameter carries one rounding of the parameter
+    itself (a float32 ulp of |p|); a different gradient would differ at the scale of the
+    updates themselves."""
+    moved = False
+    for a, b, p in zip(jax.tree.leaves(new_a), jax.tree.leaves(new_b), jax.tree.leaves(start)):
+        da, db = np.asarray(a) - np.asarray(p), np.asarray(b) - np.asarray(p)
+        ulp = 2 * float(np.spacing(np.abs(np.asarray(p, np.float32))).max())
+        np.testing.assert_allclose(da, db, rtol=1e-4,
+                                   atol=2e-5 * max(np.abs(db).max(), 1e-12) + ulp)
+        moved |= not np.array_equal(a, p)
+    assert moved
