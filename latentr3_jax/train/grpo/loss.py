@@ -60,12 +60,6 @@ class GRPOSettings:
     negatives: int = 0            # other prompts' titles scored per sample (contrastive)
 
     @property
-    def targets_per_prompt(self) -> int:
-        """J: titles scored per noisy sample, the prompt's own first (1 + negatives with the
-        contrastive reward, else 1)."""
-        return 1 + self.negatives if self.reward == "contrastive" else 1
-
-    @property
     def sigma_decays(self) -> bool:
         return self.sigma_final >= 0
 
