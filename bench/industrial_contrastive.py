@@ -8,7 +8,7 @@ prompts, group 8, sigma 1.5, the last step kept), is decoded on the first 400 va
 and paired with its SFT run user by user, per-user differences averaged over seeds. The
 arm with the best mean valid NDCG@10 is decoded on test once per seed.
 
-    python bench/industrial_contrastive.py --seeds 0,1    # about 40 minutes on 2 cores
+    python bench/industrial_contrastive.py --seeds 0,1    # about 15 minutes on 2 cores
 
 Writes results/industrial_contrastive_scratch_cpu-2core.json.
 """
