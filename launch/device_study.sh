@@ -6,6 +6,7 @@
 #   launch/device_study.sh part1            # there, call 1: keep the first half in /tmp,
 #                                           #   smoke-test the machine's packages
 #   launch/device_study.sh run [BUDGET_S]   # there, call 2 (within ~30 s): join, install, study
+#                                           #   (DATASETS=cds,industrial SEEDS=0,1,2 by default)
 #
 # The GGUF file (94 MB) goes over two calls: `part1` carries .device/part1 and copies it to
 # /tmp; `run` carries .device/part2, the two data folders (20 MB; ../shared does not
@@ -20,7 +21,7 @@ HALF=$((56 * 1024 * 1024))   # each call: its part + the working tree (+ data, w
 
 usage() {
   echo "usage: launch/device_study.sh prepare | part1 | run [BUDGET_S]"
-  sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 case "${1:-}" in
@@ -75,6 +76,8 @@ case "${1:-}" in
     ;;
   run)
     BUDGET=${2:-520}
+    DATASETS=${DATASETS:-cds,industrial}   # e.g. DATASETS=industrial SEEDS=0 for one more run
+    SEEDS=${SEEDS:-0,1,2}
     test -f /tmp/smol/part1 || { echo "part1 is gone from /tmp: rerun part1, then run at once"; exit 3; }
     cat /tmp/smol/part1 .device/part2 > /tmp/smol/model.gguf
     echo "$(cat .device/part2.sha256)  /tmp/smol/model.gguf" | sha256sum -c -
@@ -84,7 +87,7 @@ case "${1:-}" in
     if [ -f /tmp/smol/use_pin ]; then export PYTHONPATH=/tmp/site_pin:$PYTHONPATH; fi
     python3 launch/device_study.py --out "$OUT" --budget-s "$BUDGET" --model /tmp/smol/model.gguf \
       --config-spec 'configs/smollm2.py:{dataset},gpu' --start-fraction 0.6 \
-      --data-root .device/data --datasets cds,industrial --seeds 0,1,2 2>&1 | tee "$OUT/console.log" | grep -v '^sft:\|^grpo:'
+      --data-root .device/data --datasets "$DATASETS" --seeds "$SEEDS" 2>&1 | tee "$OUT/console.log" | grep -v '^sft:\|^grpo:'
     ;;
   *)
     usage >&2; exit 2
