@@ -183,6 +183,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.study.seeds = (0, 1, 2)       # one `run` per seed under <workdir>/seed_<s>
     c.study.bootstrap = 2000        # resamples of the users for the paired intervals
     c.study.sasrec = True           # train SASRec on the same split as a reference row
+    c.study.report_only = False     # no training or decoding: tables from the predictions there
 
     # ---- evaluation (SPEC.md section 7)
     c.eval = ml_collections.ConfigDict()
@@ -385,6 +386,7 @@ RULES = {
     "study.seeds": _int_tuple(lo=0),
     "study.bootstrap": _integer(100),
     "study.sasrec": _boolean,
+    "study.report_only": _boolean,
     "eval.checkpoint": _string,
     "eval.split": _choice(SPLITS),
     "eval.mode": _choice(EVAL_MODES),
@@ -544,6 +546,9 @@ DOCS = {
     "study.seeds": "one `run` per seed, under <workdir>/seed_<s>",
     "study.bootstrap": "resamples of the users for the paired 95% intervals",
     "study.sasrec": "train SASRec on the same split as a reference row",
+    "study.report_only": "train and decode nothing: build the tables from the variants' "
+                         "predictions already under <workdir>/seed_<s> (e.g. runs copied back "
+                         "from an accelerator without their checkpoints)",
     "eval.checkpoint": "`latentr3 evaluate`: run directory whose best checkpoint is evaluated",
     "eval.split": "split to evaluate: train | valid | test",
     "eval.mode": "constrained (trie beam search over the catalog) | bigrec (generate, then ground)",

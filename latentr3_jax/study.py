@@ -33,6 +33,7 @@ from latentr3_jax import config as config_lib
 from latentr3_jax import data as D
 from latentr3_jax import pipeline
 from latentr3_jax.data import baselines, sasrec
+from latentr3_jax.errors import InputError
 from latentr3_jax.eval import metrics as M
 from latentr3_jax.utils.atomic import atomic_write_text
 from latentr3_jax.utils.jsonio import write_json
@@ -141,10 +142,13 @@ def run_study(cfg, variants: Optional[Sequence[str]] = None) -> dict:
     seeds = [int(s) for s in cfg.study.seeds]
     split = cfg.eval.split
     labels = {}
-    for seed in seeds:
-        print(f"\n===== study seed {seed} =====", flush=True)
-        for row in pipeline.run_pipeline(_seed_config(cfg, seed, root), variants):
-            labels.setdefault(row["name"], row["variant"])
+    if cfg.study.report_only:
+        labels = finished_variants(root, seeds, f"eval_{split}_{cfg.eval.mode}", variants)
+    else:
+        for seed in seeds:
+            print(f"\n===== study seed {seed} =====", flush=True)
+            for row in pipeline.run_pipeline(_seed_config(cfg, seed, root), variants):
+                labels.setdefault(row["name"], row["variant"])
 
     dataset = D.load_dataset(_seed_config(cfg, seeds[0], root))   # the data every seed's run read
     rows = list(dataset.splits[split])
@@ -191,6 +195,30 @@ def run_study(cfg, variants: Optional[Sequence[str]] = None) -> dict:
     print("\n" + markdown(study))
     print(f"\nwrote {os.path.join(root, 'study.md')}, study.json, study.png")
     return study
+
+
+def finished_variants(root: str, seeds: Sequence[int], eval_dir: str,
+                      variants: Optional[Sequence[str]] = None) -> Dict[str, str]:
+    """The variants whose predictions every seed has under <root>/seed_<s>/<variant>/<eval_dir>
+    (for study.report_only); a variant some seeds have and others lack is an error naming
+    the missing file, and so is finding none."""
+    labels = {}
+    for name, label, _ in pipeline.VARIANTS:
+        if variants is not None and name not in variants:
+            continue
+        paths = [os.path.join(root, f"seed_{s}", name, eval_dir, "predictions.jsonl")
+                 for s in seeds]
+        have = [os.path.exists(p) for p in paths]
+        if all(have):
+            labels[name] = label
+        elif any(have):
+            missing = paths[have.index(False)]
+            raise InputError(f"{missing}: missing (study.report_only needs the predictions of "
+                             f"variant {name} for every seed of study.seeds)")
+    if not labels:
+        raise InputError(f"{root}: no variant has {eval_dir}/predictions.jsonl under "
+                         f"seed_{seeds[0]}/ (study.report_only reads finished runs)")
+    return labels
 
 
 def sasrec_ranks(dataset, split: str, rows: Sequence, seed: int) -> Dict[str, np.ndarray]:

@@ -233,6 +233,18 @@ BAD = [  # key, bad value, what the message says
     ("eval.max_new_tokens", 0, "must be >= 1"),
     ("eval.resume", None, "must be true or false"),
     ("eval.progress", 0, "must be true or false"),
+    ("eval.latent_samples", 0, "must be >= 1"),
+    ("eval.latent_sigma", -0.5, "must be >= 0"),
+    ("eval.latent_combine", "mean", "must be one of logmeanexp, max"),
+    ("model.latent_init", "zeros", "must be one of normal, identity"),
+    ("model.latent_factors", 0, "must be >= 1"),
+    ("sft.latent_lr_scale", 0.0, "must be > 0"),
+    ("sft.latent_diversity", -1.0, "must be >= 0"),
+    ("sft.slot_bottleneck", 1.0, "must be < 1"),
+    ("study.seeds", (-1,), "must hold only values >= 0"),
+    ("study.bootstrap", 10, "must be >= 100"),
+    ("study.sasrec", "no", "must be true or false"),
+    ("study.report_only", "maybe", "must be true or false"),
 ]
 
 

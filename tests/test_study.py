@@ -101,3 +101,25 @@ def test_study_two_seeds_end_to_end(tmp_path):
     assert again.stdout.count("already trained") == 6
     res2 = json.loads((workdir / "study.json").read_text())
     assert res2["table"] == res["table"] and res2["pairs"] == res["pairs"]
+    # report_only: the runs without their checkpoints (as copied back from an accelerator)
+    # give the same study from their predictions alone, and decode nothing
+    import shutil
+    for s in (0, 1):
+        for name in names[:3]:
+            run = workdir / f"seed_{s}" / name
+            for entry in run.iterdir():
+                if entry.name != "eval_test_constrained":
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    (workdir / "study.json").unlink()
+    report = subprocess.run(cmd + ["--config.study.report_only=True"], capture_output=True,
+                            text=True, timeout=1200, cwd=ROOT)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "training" not in report.stdout and "evaluating" not in report.stdout
+    res3 = json.loads((workdir / "study.json").read_text())
+    assert res3["table"] == res["table"] and res3["pairs"] == res["pairs"]
+    # one seed's predictions missing: exit 2, one line naming the file
+    missing = workdir / "seed_1" / "lr_grpo" / "eval_test_constrained" / "predictions.jsonl"
+    missing.unlink()
+    bad = subprocess.run(cmd + ["--config.study.report_only=True"], capture_output=True,
+                         text=True, timeout=1200, cwd=ROOT)
+    assert bad.returncode == 2 and str(missing) in bad.stderr.strip().splitlines()[-1]
