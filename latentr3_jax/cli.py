@@ -15,6 +15,7 @@ that needs them, so `latentr3 --help` and argument errors answer at once.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import logging
@@ -84,7 +85,9 @@ def cmd_sft(argv: Sequence[str]) -> int:
 
 
 def cmd_grpo(argv: Sequence[str]) -> int:
-    code, cfg, s = _train("grpo", argv, _lazy("latentr3_jax.train.grpo").train_grpo)
+    train_grpo = _lazy("latentr3_jax.train.grpo").train_grpo
+    attach = _lazy("latentr3_jax.eval.negatives").attach   # grpo.negative_source=model
+    code, cfg, s = _train("grpo", argv, functools.partial(train_grpo, negatives=attach))
     if s is None:
         return code
     print(f"grpo done: {s['steps']} batches ({s['optimizer_steps']} optimizer steps), last mean "

@@ -44,6 +44,7 @@ SCAN_LAYERS = ("auto", "true", "false")
 ADVANTAGES = ("batch", "group", "grpo", "rloo", "group_mean")   # LR-GRPO baselines
 ESTIMATORS = ("ppo", "reinforce", "pathwise")   # LR-GRPO gradient estimator
 GRPO_REWARDS = ("perplexity", "contrastive")    # LR-GRPO reward of a noisy sample
+NEGATIVE_SOURCES = ("batch", "model")           # where the contrastive negatives come from
 GRPO_SELECT = ("best", "last")   # which LR-GRPO checkpoint is the run's model
 SIGMA_SCHEDULES = ("linear", "cosine")          # LR-GRPO noise decay (grpo.sigma_final)
 EVAL_MODES = ("constrained", "bigrec")          # trie beam search | BIGRec grounding
@@ -160,7 +161,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.grpo.kl_beta = 0.0
     c.grpo.latent_trust = 0.0       # weight of ||r - r_sft||^2 in the loss; 0 = none
     c.grpo.reward = "perplexity"    # perplexity (release) | contrastive (own title vs others)
-    c.grpo.negatives = 3            # contrastive: other prompts' titles scored per sample
+    c.grpo.negatives = 3            # contrastive: other titles scored per sample
+    c.grpo.negative_source = "batch"   # contrastive: batch (other users') | model (SFT top titles)
     c.grpo.diagnose_every = 0       # batches between pathwise-gradient cosines; 0 = never
     c.grpo.weight_decay = 0.0       # AdamW decay of the trained weights
     c.grpo.train_llm = False
@@ -371,6 +373,7 @@ RULES = {
     "grpo.latent_trust": _number(ge=0),
     "grpo.reward": _choice(GRPO_REWARDS),
     "grpo.negatives": _integer(1),
+    "grpo.negative_source": _choice(NEGATIVE_SOURCES),
     "grpo.diagnose_every": _integer(0),
     "grpo.weight_decay": _number(ge=0),
     "grpo.train_llm": _boolean,
@@ -525,8 +528,12 @@ DOCS = {
                    "of the user's title) | contrastive (log-probability that the user's title "
                    "wins a softmax over itself and grpo.negatives other users' titles of the "
                    "batch, each scored by its mean token log-likelihood under the same latent)",
-    "grpo.negatives": "contrastive reward: other prompts' titles of the same (micro-)batch "
-                      "scored per sample (each costs one more title pass per sample)",
+    "grpo.negatives": "contrastive reward: other titles scored per sample (each costs one "
+                      "more title pass per sample)",
+    "grpo.negative_source": "contrastive reward, where the negatives come from: batch (other "
+                            "prompts' titles of the same (micro-)batch) | model (the SFT model's "
+                            "own top titles for the prompt, mined once by beam search over the "
+                            "train and valid splits before the first step)",
     "grpo.diagnose_every": "batches between cosines of the update with the pathwise reward "
                            "gradient (one more forward and backward pass then); 0 = never",
     "grpo.weight_decay": "AdamW weight decay of the trained weights",
@@ -652,7 +659,7 @@ def _check_relations(cfg) -> None:
             raise InputError(f"config {name}.epochs or {name}.max_steps must be positive, got "
                              f"{sec.epochs} and {sec.max_steps}")
     g = cfg.grpo
-    if g.reward == "contrastive":
+    if g.reward == "contrastive" and g.negative_source == "batch":
         prompts = g.micro_batch_size or g.prompts_per_batch
         if g.negatives >= prompts:
             raise InputError(f"config grpo.negatives must be below the prompts of a "

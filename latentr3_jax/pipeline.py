@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import os
 import time
 from typing import Optional, Sequence
@@ -27,6 +28,7 @@ from latentr3_jax import report
 from latentr3_jax.data import baselines
 from latentr3_jax.errors import InputError
 from latentr3_jax.eval.evaluate import evaluate_run
+from latentr3_jax.eval.negatives import attach
 from latentr3_jax.train.grpo import train_grpo
 from latentr3_jax.train.runs import read_metrics, save_tokenizer
 from latentr3_jax.train.sft import train_sft
@@ -110,7 +112,7 @@ def _timed_stage(name: str, stage: str, vcfg) -> dict:
         return summary
     print(f"\n[{name}] training ({stage}) -> {vcfg.workdir}", flush=True)
     t0 = time.perf_counter()
-    train = train_sft if stage == "sft" else train_grpo
+    train = train_sft if stage == "sft" else functools.partial(train_grpo, negatives=attach)
     summary = train(vcfg, resume_hint="latentr3 run with the same arguments")
     summary = {k: v for k, v in summary.items() if k != "curve"}
     summary["train_time_s"] = time.perf_counter() - t0 + float(summary.get("train_time_s", 0) or 0)

@@ -12,7 +12,7 @@ JSON-able dict saved with checkpoints.
 from __future__ import annotations
 
 import bisect
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -73,6 +73,8 @@ class BatchIterator:
         partial = (counts % batch_size > 0).astype(np.int64)
         self.steps_per_epoch = int(full.sum() + (0 if drop_last else partial.sum()))
         self._state = {"epoch": 0, "step": 0}
+        # optional per-row fields: extra(rows [b] with -1 filler) -> {name: array [b, ...]}
+        self.extra: Optional[Callable[[np.ndarray], dict]] = None
 
     @staticmethod
     def _bucket(bounds, length) -> int:
@@ -129,9 +131,12 @@ class BatchIterator:
             prompt_mask[j, P - len(p):] = 1
             target_ids[j, :len(t)] = t
             target_mask[j, :len(t)] = 1
-        return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
-                "target_ids": target_ids, "target_mask": target_mask,
-                "row": rows.astype(np.int32), "valid": rows >= 0}
+        out = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
+               "target_ids": target_ids, "target_mask": target_mask,
+               "row": rows.astype(np.int32), "valid": rows >= 0}
+        if self.extra is not None:
+            out.update(self.extra(rows))
+        return out
 
     # ------------------------------------------------------------- iteration
 

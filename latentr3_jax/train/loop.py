@@ -44,7 +44,8 @@ from latentr3_jax.train.step import NonFiniteError
 
 log = logging.getLogger(__name__)
 
-DEVICE_KEYS = ("prompt_ids", "prompt_mask", "target_ids", "target_mask", "valid")
+DEVICE_KEYS = ("prompt_ids", "prompt_mask", "target_ids", "target_mask", "valid",
+               "neg_ids", "neg_mask", "neg_valid")   # the last three: mined negatives
 
 
 def device_batch(batch: dict) -> dict:

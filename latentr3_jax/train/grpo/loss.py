@@ -57,7 +57,8 @@ class GRPOSettings:
     latent_trust: float = 0.0     # weight of ||r - r_sft||^2 per unit of the objective
     diagnose_every: int = 0       # batches between pathwise-gradient cosines; 0 = never
     reward: str = "perplexity"    # perplexity (release) | contrastive (against in-batch titles)
-    negatives: int = 0            # other prompts' titles scored per sample (contrastive)
+    negatives: int = 0            # other titles scored per sample (contrastive)
+    negative_source: str = "batch"   # batch (other prompts' titles) | model (mined, in the batch)
 
     @property
     def sigma_decays(self) -> bool:
@@ -85,7 +86,8 @@ class GRPOSettings:
                    sigma_final=float(g.sigma_final), sigma_schedule=str(g.sigma_schedule),
                    latent_trust=float(g.latent_trust), diagnose_every=int(g.diagnose_every),
                    reward=str(g.get("reward", "perplexity")),
-                   negatives=int(g.get("negatives", 0)))
+                   negatives=int(g.get("negatives", 0)),
+                   negative_source=str(g.get("negative_source", "batch")))
 
 
 def _valid_col(rewards: jax.Array, valid: Optional[jax.Array]) -> jax.Array:

@@ -183,11 +183,31 @@ def contrastive_targets(target_ids, target_mask, valid, negatives: int) -> tuple
     return ids, mask, neg_valid
 
 
+def mined_targets(batch: dict) -> tuple:
+    """Each prompt's own title then its mined negatives (batch neg_ids/neg_mask [P, C, Tn],
+    neg_valid [P, C]): (ids [P, 1 + C, T'], mask, neg_valid) with T' = max(T, Tn), the shorter
+    side right-padded with masked positions."""
+    own_ids, own_mask = batch["target_ids"], batch["target_mask"]
+    neg_ids, neg_mask = batch["neg_ids"], batch["neg_mask"]
+    width = max(own_ids.shape[-1], neg_ids.shape[-1])
+
+    def pad(x):
+        extra = width - x.shape[-1]
+        return x if not extra else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)])
+    ids = jnp.concatenate([pad(own_ids)[:, None], pad(neg_ids)], axis=1)
+    mask = jnp.concatenate([pad(own_mask)[:, None], pad(neg_mask)], axis=1)
+    valid = batch.get("valid", jnp.ones(own_ids.shape[:1], bool))
+    return ids, mask, batch["neg_valid"] & valid[:, None]
+
+
 def scored_targets(s: gl.GRPOSettings, batch: dict) -> tuple:
     """(target ids, target mask, neg_valid) a batch's samples are scored on: the batch's own
-    [P, T] and None with the perplexity reward; contrastive_targets with the contrastive one."""
+    [P, T] and None with the perplexity reward; with the contrastive one, mined_targets when
+    the batch carries mined negatives, else contrastive_targets (in-batch negatives)."""
     if s.reward != "contrastive":
         return batch["target_ids"], batch["target_mask"], None
+    if "neg_ids" in batch:
+        return mined_targets(batch)
     P = batch["target_ids"].shape[0]
     if s.negatives >= P:
         raise ValueError(f"grpo.negatives = {s.negatives} needs more prompts per (micro-)batch "
@@ -196,10 +216,11 @@ def scored_targets(s: gl.GRPOSettings, batch: dict) -> tuple:
     return contrastive_targets(batch["target_ids"], batch["target_mask"], valid, s.negatives)
 
 
-def own_title(s: gl.GRPOSettings, token_logp):
-    """The log-probs of each sample's own title: token_logp [..., J, T] -> [..., T] with the
-    contrastive reward, as is otherwise."""
-    return token_logp[..., 0, :] if s.reward == "contrastive" else token_logp
+def own_title(s: gl.GRPOSettings, token_logp, width: int):
+    """The log-probs of each sample's own title: token_logp [..., J, T'] -> [..., width] with
+    the contrastive reward (T' >= width when mined negatives are longer than the batch's
+    targets; the own title's positions past `width` are padding), as is otherwise."""
+    return token_logp[..., 0, :width] if s.reward == "contrastive" else token_logp
 
 
 def rollout_metrics(rewards, advantages, valid) -> dict:
@@ -324,7 +345,7 @@ def make_rollout_fn(model_config, s: gl.GRPOSettings):
         out = _map_micro(one, {**batch, "noise": noise}, s.num_micro_batches)
         rewards, adv = rewards_and_advantages(s, out["scored_logp"], out["scored_mask"], valid,
                                               out.get("neg_valid"))
-        step_in = {"noise": noise, "old_logp": own_title(s, out["scored_logp"]),
+        step_in = {"noise": noise, "old_logp": own_title(s, out["scored_logp"], T),
                    "advantages": adv}
         if s.kl_beta:
             step_in["ref_logp"] = out["ref_logp"]

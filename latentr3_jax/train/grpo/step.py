@@ -73,7 +73,8 @@ def make_grpo_loss(model_config, s: gl.GRPOSettings):
             scored, r = rollout.group_logprobs(model_config, params, mb["prompt_ids"],
                                                mb["prompt_mask"], ids, tmask, mb["noise"],
                                                **s.forward_kw)
-            logp = rollout.own_title(s, scored) if ids.ndim == 3 else scored
+            logp = (rollout.own_title(s, scored, mb["target_ids"].shape[-1]) if ids.ndim == 3
+                    else scored)
             kw.update(logp=logp, old_logp=flat(mb["old_logp"]),
                       ref_logp=flat(mb["ref_logp"]) if s.kl_beta else logp,
                       mask=rep(mb["target_mask"].astype(jnp.float32) * valid[:, None]))
@@ -120,7 +121,7 @@ def make_fused_loss(model_config, s: gl.GRPOSettings):
             model_config, params, ref if rollout.wants_reference(s, ref) else None,
             batch["prompt_ids"], batch["prompt_mask"], ids, tmask, noise,
             **s.forward_kw)                                           # [P*G, (J,) T]
-        logp = rollout.own_title(s, scored)
+        logp = rollout.own_title(s, scored, batch["target_ids"].shape[-1])
         old = jax.lax.stop_gradient(logp)
         rewards, adv = rollout.rewards_and_advantages(
             s, jax.lax.stop_gradient(scored).reshape((P, G) + scored.shape[1:]), tmask, valid,

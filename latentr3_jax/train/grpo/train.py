@@ -4,7 +4,8 @@
 `train_grpo(cfg)`. The LLM and lm_head stay frozen (grpo.train_llm=True trains them too);
 LatentRATT learns from G noisy copies of its latent per prompt, scored by the negative
 perplexity of the ground-truth target (or, with grpo.reward=contrastive, by how well the
-target beats other users' titles under the same latent).
+target beats other titles under the same latent: other users' of the batch, or with
+grpo.negative_source=model the SFT model's own top titles for the user).
 
 One training step per batch of prompts:
   1. rollout (jitted, no gradient): noise eps [P, G, d] from the state's RNG, target
@@ -24,7 +25,7 @@ data order and noise; SIGTERM / SIGINT save at the next step boundary first.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -46,11 +47,14 @@ def reward_fn(model_config, s: gl.GRPOSettings):
         v = batch["valid"].astype(jnp.float32)
         if s.reward == "contrastive":
             P = batch["target_ids"].shape[0]
-            negatives = min(s.negatives, P - 1)
-            if not negatives:
-                return jnp.zeros((), jnp.float32), v.sum()   # a lone prompt wins every softmax
-            ids, tmask, neg_valid = rollout.contrastive_targets(
-                batch["target_ids"], batch["target_mask"], batch["valid"], negatives)
+            if "neg_ids" in batch:     # mined hard negatives (negative_source=model)
+                ids, tmask, neg_valid = rollout.mined_targets(batch)
+            else:
+                negatives = min(s.negatives, P - 1)
+                if not negatives:
+                    return jnp.zeros((), jnp.float32), v.sum()   # a lone prompt wins every softmax
+                ids, tmask, neg_valid = rollout.contrastive_targets(
+                    batch["target_ids"], batch["target_mask"], batch["valid"], negatives)
             noise = jnp.zeros((P, 1, latent_lib.latent_width(model_config, params)), jnp.float32)
             scored, _ = rollout.group_logprobs(model_config, params, batch["prompt_ids"],
                                                batch["prompt_mask"], ids, tmask, noise,
@@ -68,11 +72,13 @@ def reward_fn(model_config, s: gl.GRPOSettings):
 
 
 def train_grpo(cfg, *, progress: bool = True, resume_hint: Optional[str] = None,
-               stop_after: Optional[int] = None) -> dict:
+               stop_after: Optional[int] = None, negatives: Optional[Callable] = None) -> dict:
     """Train stage 2 into `cfg.workdir`, starting from the SFT run `cfg.grpo.init_from`.
 
     `stop_after` saves and returns after that many steps (batches) of this call, as a
-    planned preemption. Returns a summary dict (see loop.train). Raises StopRequested
+    planned preemption. `negatives(cfg, sft, model_config, inputs, progress=)` mines the
+    hard negatives of grpo.negative_source=model and has the batches carry them
+    (latentr3_jax.eval.negatives.attach, which `latentr3 grpo`, `run` and `study` pass). Returns a summary dict (see loop.train). Raises StopRequested
     (after saving) on SIGTERM/SIGINT, NonFiniteError after `grpo.max_bad_steps` consecutive
     non-finite steps, InputError on bad input.
     """
@@ -88,6 +94,15 @@ def train_grpo(cfg, *, progress: bool = True, resume_hint: Optional[str] = None,
     model_config = setup.execution_config(cfg, sft.model_config)
     inputs = loop.prepare_inputs(cfg, "grpo", batch_key="prompts_per_batch",
                                  tokenizer=lambda _: sft.tokenizer)
+    mined = None
+    if g.reward == "contrastive" and g.negative_source == "model":
+        if negatives is None:
+            raise InputError("grpo.negative_source=model mines each prompt's negatives with the "
+                             "SFT model's beam search: pass negatives=latentr3_jax.eval."
+                             "negatives.attach to train_grpo (the CLI commands do)")
+        mined = negatives(cfg, sft, model_config, inputs, progress=progress)
+        print(f"grpo: hard negatives mined; rows with all {g.negatives}: "
+              + ", ".join(f"{k} {v:.1%}" for k, v in mined.items()), flush=True)
     iters = int(g.iterations)
     settings = gl.GRPOSettings.from_config(cfg, num_thoughts=sft.num_thoughts,
                                            latent_mode=sft.latent_mode,
@@ -126,4 +141,5 @@ def train_grpo(cfg, *, progress: bool = True, resume_hint: Optional[str] = None,
             "final_reward_mean": curve[-1]["reward_mean"] if curve else None,
             "valid_reward_start": summary["valid_start"], "valid_reward_end": summary["valid_end"],
             "select": g.select, "best_valid_reward": summary["best_valid"],
+            "negatives_complete": mined,
             "prompts_per_s": (summary["steps_per_s"] or 0) * int(g.prompts_per_batch) or None}

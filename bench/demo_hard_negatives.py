@@ -1,0 +1,127 @@
+"""LR-GRPO with the contrastive reward against the SFT model's own top titles, on the demo.
+
+`bench/demo_contrastive.py` scored each noisy latent against other users' titles of the
+batch, and `bench/catalog_rank.py` showed why that does not move the ranking: those titles
+are drawn by popularity, not by what competes with the user's title at the top of the
+list. Here the negatives are the titles the SFT model itself ranks highest for the user
+(`grpo.negative_source=model`: its constrained beam search at the noise-free latent,
+mined once per SFT run and seed over train and valid). Same starts, batches and schedule as
+`demo_contrastive.py`; the arm with the best mean valid NDCG@10 over seeds is decoded on
+test once per seed and paired with its SFT run, user by user.
+
+  starts: the release SFT run (runs/demo[_seed<s>]/sft_latentr3) and the slot-bottleneck one
+          (runs/demo_bn50[_seed<s>]/sft_latentr3), made by `latentr3 run` when missing;
+  arms:   negatives (3, 7) x estimator (reinforce + rloo, pathwise) x learning rate
+          (1e-3, 3e-3); 60 batches of 16 prompts, group 8, sigma 1.5, the last step kept.
+
+    python bench/demo_hard_negatives.py --seeds 0,1      # about 15 minutes a seed on 2 cores
+
+Writes results/demo_hard_negatives_cpu-2core.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+from demo_bottleneck import cli, decode  # noqa: E402
+from demo_contrastive import STARTS, ndcg10, on_test, pooled, start_run  # noqa: E402
+from latentr3_jax.utils.jsonio import write_json  # noqa: E402
+
+ARMS = [  # name, negatives, estimator, advantage, learning rate
+    (f"mined{c} {est}+{adv} lr{lr:g}", c, est, adv, lr)
+    for c in (3, 7)
+    for est, adv in (("reinforce", "rloo"), ("pathwise", "batch"))
+    for lr in (1e-3, 3e-3)]
+MINED = ("negatives_train", "negatives_valid")
+
+
+def arm_dir(start: str, arm: tuple, seed: int) -> str:
+    _, c, est, adv, lr = arm
+    return os.path.join(ROOT, "runs", "demo_hard_negatives",
+                        f"{start}_mined{c}_{est}_{adv}_{lr:g}_seed{seed}")
+
+
+def train_arm(sft: str, wd: str, arm: tuple, seed: int, mined_from: str = "") -> None:
+    """One arm; the mined negatives of an earlier arm with the same start, seed and count
+    are copied in first (the miner resumes from them: same model, same search)."""
+    _, c, est, adv, lr = arm
+    if os.path.exists(os.path.join(wd, "train_summary.json")):
+        return
+    if mined_from:
+        for d in MINED:
+            if os.path.isdir(os.path.join(mined_from, d)) and not os.path.exists(os.path.join(wd, d)):
+                shutil.copytree(os.path.join(mined_from, d), os.path.join(wd, d))
+    cli("grpo", f"--config.grpo.init_from={sft}", f"--config.workdir={wd}",
+        f"--config.seed={seed}", "--config.grpo.reward=contrastive",
+        "--config.grpo.negative_source=model", f"--config.grpo.negatives={c}",
+        f"--config.grpo.estimator={est}", f"--config.grpo.advantage={adv}",
+        f"--config.grpo.learning_rate={lr:g}", "--config.grpo.eval_every=20",
+        "--config.grpo.select=last", "--config.eval.progress=False")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--out", default=os.path.join(ROOT, "results", "demo_hard_negatives_cpu-2core.json"))
+    args = ap.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    res = {"command": f"python bench/demo_hard_negatives.py --seeds {args.seeds}",
+           "seeds": seeds, "sft": {}, "arms": {}}
+    sft_valid = {}
+    for start in STARTS:
+        sft_valid[start] = [decode(start_run(start, s)) for s in seeds]
+        res["sft"][start] = {"valid_NDCG@10": ndcg10(sft_valid[start])}
+    for start in STARTS:
+        first = {}   # (seed, negatives) -> the arm whose mined negatives the others reuse
+        for arm in ARMS:
+            name = f"{start}: {arm[0]}"
+            dirs, curves, train_curves = [], [], []
+            for s in seeds:
+                wd = arm_dir(start, arm, s)
+                train_arm(start_run(start, s), wd, arm, s, first.get((s, arm[1]), ""))
+                first.setdefault((s, arm[1]), wd)
+                dirs.append(decode(wd))
+                rows = [json.loads(x) for x in open(os.path.join(wd, "metrics.jsonl"),
+                                                    encoding="utf-8")]
+                curves.append([(r["step"], r["reward"]) for r in rows if r.get("split") == "valid"])
+                train_curves.append([(r["step"], r["reward_eps0"], r["reward_noisy"])
+                                     for r in rows if "reward_eps0" in r])
+            nd = ndcg10(dirs)
+            res["arms"][name] = {"start": start, "negatives": arm[1], "estimator": arm[2],
+                                 "advantage": arm[3], "lr": arm[4],
+                                 "valid_NDCG@10": nd, "valid_NDCG@10_mean": float(np.mean(nd)),
+                                 "valid_reward_curves": curves,
+                                 "train_reward_curves": train_curves,
+                                 "valid_vs_sft": pooled(dirs, sft_valid[start])}
+            v = res["arms"][name]["valid_vs_sft"]["NDCG@10"]
+            r0 = [c[0][1] for c in curves if c]
+            r1 = [c[-1][1] for c in curves if c]
+            print(f"{name:45s} valid NDCG@10 {np.mean(nd):.4f}  vs SFT {v['diff']:+.4f} "
+                  f"[{v['lo']:+.4f}, {v['hi']:+.4f}]  valid reward {np.mean(r0):.3f} -> "
+                  f"{np.mean(r1):.3f}", flush=True)
+            write_json(args.out, res)
+    best = max(res["arms"], key=lambda n: res["arms"][n]["valid_NDCG@10_mean"])
+    res["chosen_on_valid"] = best
+    a = res["arms"][best]
+    arm = next(x for x in ARMS if x[0] == best.split(": ", 1)[1])
+    runs = [arm_dir(a["start"], arm, s) for s in seeds]
+    sfts = [start_run(a["start"], s) for s in seeds]
+    res["test"] = {best: on_test(best, [decode(r, "test") for r in runs],
+                                 [decode(r, "test") for r in sfts])}
+    write_json(args.out, res)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
