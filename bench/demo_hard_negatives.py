@@ -11,10 +11,11 @@ test once per seed and paired with its SFT run, user by user.
 
   starts: the release SFT run (runs/demo[_seed<s>]/sft_latentr3) and the slot-bottleneck one
           (runs/demo_bn50[_seed<s>]/sft_latentr3), made by `latentr3 run` when missing;
-  arms:   negatives (3, 7) x estimator (reinforce + rloo, pathwise) x learning rate
-          (1e-3, 3e-3); 60 batches of 16 prompts, group 8, sigma 1.5, the last step kept.
+  arms:   negatives (3, 7) x estimator (reinforce + rloo, pathwise) at lr 1e-3, and
+          3 negatives with reinforce + rloo at 3e-3; 60 batches of 16 prompts, group 8,
+          sigma 1.5, the last step kept.
 
-    python bench/demo_hard_negatives.py --seeds 0,1      # about 15 minutes a seed on 2 cores
+    python bench/demo_hard_negatives.py --seeds 0,1      # about 20 minutes a seed on 2 cores
 
 Writes results/demo_hard_negatives_cpu-2core.json.
 """
@@ -39,9 +40,9 @@ from latentr3_jax.utils.jsonio import write_json  # noqa: E402
 
 ARMS = [  # name, negatives, estimator, advantage, learning rate
     (f"mined{c} {est}+{adv} lr{lr:g}", c, est, adv, lr)
-    for c in (3, 7)
-    for est, adv in (("reinforce", "rloo"), ("pathwise", "batch"))
-    for lr in (1e-3, 3e-3)]
+    for c, est, adv, lr in ((3, "reinforce", "rloo", 1e-3), (3, "reinforce", "rloo", 3e-3),
+                            (3, "pathwise", "batch", 1e-3), (7, "reinforce", "rloo", 1e-3),
+                            (7, "pathwise", "batch", 1e-3))]
 MINED = ("negatives_train", "negatives_valid")
 
 
@@ -67,6 +68,28 @@ def train_arm(sft: str, wd: str, arm: tuple, seed: int, mined_from: str = "") ->
         f"--config.grpo.estimator={est}", f"--config.grpo.advantage={adv}",
         f"--config.grpo.learning_rate={lr:g}", "--config.grpo.eval_every=20",
         "--config.grpo.select=last", "--config.eval.progress=False")
+
+
+def displacement(arm_dir_: str, arm_eval: str, sft_eval: str, negatives: int) -> dict:
+    """What the trained latent did to the valid top 10, user by user: the share of the
+    mined negatives still in it, how many of its titles are new against the SFT run's, and
+    the share of users whose own title is in it, before and after."""
+    def rows(path):
+        return {int(r["row"]): r for r in map(json.loads, open(path, encoding="utf-8"))}
+    mined = rows(os.path.join(arm_dir_, MINED[1], "predictions.jsonl"))
+    after = rows(os.path.join(arm_eval, "predictions.jsonl"))
+    before = rows(os.path.join(sft_eval, "predictions.jsonl"))
+    kept, new, hit0, hit1 = [], [], [], []
+    for i, r in after.items():
+        negs = [x for x in mined[i]["ranked_ids"] if x != r["target_id"]][:negatives]
+        top = set(r["ranked_ids"][:10])
+        kept.append(np.mean([x in top for x in negs]) if negs else np.nan)
+        new.append(len(top - set(before[i]["ranked_ids"][:10])))
+        hit0.append(0 <= before[i]["rank_title"] < 10)
+        hit1.append(0 <= r["rank_title"] < 10)
+    return {"negatives_kept_in_top10": float(np.nanmean(kept)),
+            "new_titles_in_top10": float(np.mean(new)),
+            "HR@10_sft": float(np.mean(hit0)), "HR@10_after": float(np.mean(hit1))}
 
 
 def main(argv=None) -> int:
@@ -97,7 +120,10 @@ def main(argv=None) -> int:
                 train_curves.append([(r["step"], r["reward_eps0"], r["reward_noisy"])
                                      for r in rows if "reward_eps0" in r])
             nd = ndcg10(dirs)
+            moved = [displacement(arm_dir(start, arm, s), d, sv, arm[1])
+                     for s, d, sv in zip(seeds, dirs, sft_valid[start])]
             res["arms"][name] = {"start": start, "negatives": arm[1], "estimator": arm[2],
+                                 "valid_top10_per_seed": moved,
                                  "advantage": arm[3], "lr": arm[4],
                                  "valid_NDCG@10": nd, "valid_NDCG@10_mean": float(np.mean(nd)),
                                  "valid_reward_curves": curves,
@@ -108,7 +134,8 @@ def main(argv=None) -> int:
             r1 = [c[-1][1] for c in curves if c]
             print(f"{name:45s} valid NDCG@10 {np.mean(nd):.4f}  vs SFT {v['diff']:+.4f} "
                   f"[{v['lo']:+.4f}, {v['hi']:+.4f}]  valid reward {np.mean(r0):.3f} -> "
-                  f"{np.mean(r1):.3f}", flush=True)
+                  f"{np.mean(r1):.3f}  negatives kept in top 10 "
+                  f"{np.mean([m['negatives_kept_in_top10'] for m in moved]):.2f}", flush=True)
             write_json(args.out, res)
     best = max(res["arms"], key=lambda n: res["arms"][n]["valid_NDCG@10_mean"])
     res["chosen_on_valid"] = best

@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import functools
 import os
+import shutil
 import time
 from typing import Optional, Sequence
 
@@ -27,7 +28,7 @@ from latentr3_jax import data as D
 from latentr3_jax import report
 from latentr3_jax.data import baselines
 from latentr3_jax.errors import InputError
-from latentr3_jax.eval.evaluate import evaluate_run
+from latentr3_jax.eval.evaluate import META, METRICS, PREDICTIONS, evaluate_run
 from latentr3_jax.eval.negatives import attach
 from latentr3_jax.train.grpo import train_grpo
 from latentr3_jax.train.runs import read_metrics, save_tokenizer
@@ -120,9 +121,27 @@ def _timed_stage(name: str, stage: str, vcfg) -> dict:
     return summary
 
 
-def _evaluate(name: str, vcfg) -> dict:
+def seed_evaluation(src: str, dst: str) -> bool:
+    """Copy a finished evaluation's predictions and meta from `src` into `dst` when `dst`
+    has none. evaluate_run resumes from them only when the meta (the weights' fingerprint,
+    split, beams, template ...) equals its own, and starts over otherwise, so this never
+    changes a result: it skips decoding a model another variant has just decoded."""
+    files = (PREDICTIONS, META)
+    if not all(os.path.exists(os.path.join(src, f)) for f in files) or \
+            os.path.exists(os.path.join(dst, PREDICTIONS)):
+        return False
+    os.makedirs(dst, exist_ok=True)
+    for f in files:
+        shutil.copyfile(os.path.join(src, f), os.path.join(dst, f))
+    return True
+
+
+def _evaluate(name: str, vcfg, reuse_from: Optional[str] = None) -> dict:
     print(f"[{name}] evaluating on {vcfg.eval.split} ({vcfg.eval.mode})", flush=True)
     out_dir = os.path.join(vcfg.workdir, f"eval_{vcfg.eval.split}_{vcfg.eval.mode}")
+    if reuse_from and vcfg.eval.resume and seed_evaluation(reuse_from, out_dir):
+        print(f"[{name}] the run kept its starting weights (grpo.select=best); its decoding "
+              f"is reused from {reuse_from} if the weights' fingerprint matches", flush=True)
     return evaluate_run(vcfg, vcfg.workdir, out_dir=out_dir, print_table=False)
 
 
@@ -146,9 +165,16 @@ def run_pipeline(cfg, variants: Optional[Sequence[str]] = None) -> list:
             continue
         vcfg = _variant_config(cfg, name, workdir, base)
         summary = _timed_stage(name, stage, vcfg)
-        metrics = _evaluate(name, vcfg)
-        # steady-state speed: variants share shapes, so only the first one pays the compile
-        ups = metrics.get("users_per_s_after_compile") or metrics.get("users_per_s") or 0.0
+        # LR-GRPO that handed back its SFT start: the SFT variant's decoding is this one's
+        reuse = (os.path.join(workdir, "sft_latentr3", f"eval_{cfg.eval.split}_{cfg.eval.mode}")
+                 if stage == "grpo" and summary.get("best_step") == 0 else None)
+        metrics = _evaluate(name, vcfg, reuse)
+        # steady-state speed: variants share shapes, so only the first one pays the compile;
+        # a reused decoding (same weights, nothing decoded now) has the speed measured for it
+        timed = metrics
+        if reuse and not metrics.get("evaluated_now") and os.path.exists(os.path.join(reuse, METRICS)):
+            timed = read_json(os.path.join(reuse, METRICS))
+        ups = timed.get("users_per_s_after_compile") or timed.get("users_per_s") or 0.0
         rows.append({"variant": label, "name": name, "num_thoughts": int(vcfg.model.num_thoughts),
                      **{k: metrics.get(k) for k in ("HR@1", "HR@5", "HR@10", "HR@20", "NDCG@5",
                                                     "NDCG@10", "NDCG@20", "HR@5_id", "HR@10_id")},

@@ -59,3 +59,41 @@ def test_run_pipeline_writes_table_and_plot(tmp_path):
     assert "already trained" in again.stdout
     rows2 = json.loads((workdir / "results.json").read_text())
     assert [r["HR@10"] for r in rows2] == [r["HR@10"] for r in rows]
+
+
+def test_a_copied_evaluation_is_reused_only_for_the_same_weights(tmp_path):
+    """pipeline.seed_evaluation: evaluate_run resumes from another run's predictions when
+    the weights are the same (nothing decoded, same rows) and decodes everything when they
+    differ (as after an LR-GRPO run that moved)."""
+    import jax
+    import jax.numpy as jnp
+    sys.path.insert(0, os.path.join(ROOT, "tests", "train"))
+    from test_grpo_train import _grpo_cfg, _make_sft_run
+    from latentr3_jax import pipeline
+    from latentr3_jax.eval.evaluate import evaluate_run
+    from latentr3_jax.train import runs
+
+    sft = tmp_path / "sft"
+    _make_sft_run(sft, _grpo_cfg(sft, sft))
+    cfg = _grpo_cfg(tmp_path / "e", sft)
+    cfg.eval.max_users, cfg.eval.batch_size, cfg.eval.num_beams = 8, 8, 3
+    cfg.eval.progress = False
+    first = evaluate_run(cfg, str(sft), split="train", out_dir=str(tmp_path / "a"),
+                         print_table=False)
+    assert first["evaluated_now"] == 8
+    assert pipeline.seed_evaluation(str(tmp_path / "a"), str(tmp_path / "b"))
+    assert not pipeline.seed_evaluation(str(tmp_path / "a"), str(tmp_path / "b"))  # has some
+    same = evaluate_run(cfg, str(sft), split="train", out_dir=str(tmp_path / "b"),
+                        print_table=False)
+    assert same["evaluated_now"] == 0 and same["complete"]
+    assert (tmp_path / "b" / "predictions.jsonl").read_text() == \
+        (tmp_path / "a" / "predictions.jsonl").read_text()
+    # other weights: the copied predictions are dropped and every row decoded again
+    run = runs.load_run(str(sft))
+    moved = jax.tree.map(lambda x: x, run.params)
+    moved["latent"] = jax.tree.map(lambda x: x + 0.05 * jnp.ones_like(x), moved["latent"])
+    assert pipeline.seed_evaluation(str(tmp_path / "a"), str(tmp_path / "c"))
+    other = evaluate_run(cfg, split="train", out_dir=str(tmp_path / "c"), print_table=False,
+                         model_config=run.model_config, params=moved, tokenizer=run.tokenizer,
+                         num_thoughts=run.num_thoughts, latent_mode=run.latent_mode)
+    assert other["evaluated_now"] == 8 and other["complete"]
