@@ -60,8 +60,9 @@ def train_arm(sft: str, wd: str, arm: tuple, seed: int, mined_from: str = "") ->
         return
     if mined_from:
         for d in MINED:
-            if os.path.isdir(os.path.join(mined_from, d)) and not os.path.exists(os.path.join(wd, d)):
-                shutil.copytree(os.path.join(mined_from, d), os.path.join(wd, d))
+            src, dst = os.path.join(mined_from, d), os.path.join(wd, d)
+            if os.path.isdir(src) and not os.path.exists(dst):
+                shutil.copytree(src, dst)
     cli("grpo", f"--config.grpo.init_from={sft}", f"--config.workdir={wd}",
         f"--config.seed={seed}", "--config.grpo.reward=contrastive",
         "--config.grpo.negative_source=model", f"--config.grpo.negatives={c}",
@@ -95,7 +96,8 @@ def displacement(arm_dir_: str, arm_eval: str, sft_eval: str, negatives: int) ->
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--out", default=os.path.join(ROOT, "results", "demo_hard_negatives_cpu-2core.json"))
+    ap.add_argument("--out", default=os.path.join(ROOT, "results",
+                                                  "demo_hard_negatives_cpu-2core.json"))
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     res = {"command": f"python bench/demo_hard_negatives.py --seeds {args.seeds}",

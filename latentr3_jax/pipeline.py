@@ -172,8 +172,9 @@ def run_pipeline(cfg, variants: Optional[Sequence[str]] = None) -> list:
         # steady-state speed: variants share shapes, so only the first one pays the compile;
         # a reused decoding (same weights, nothing decoded now) has the speed measured for it
         timed = metrics
-        if reuse and not metrics.get("evaluated_now") and os.path.exists(os.path.join(reuse, METRICS)):
-            timed = read_json(os.path.join(reuse, METRICS))
+        reused = os.path.join(reuse or "", METRICS)
+        if reuse and not metrics.get("evaluated_now") and os.path.exists(reused):
+            timed = read_json(reused)
         ups = timed.get("users_per_s_after_compile") or timed.get("users_per_s") or 0.0
         rows.append({"variant": label, "name": name, "num_thoughts": int(vcfg.model.num_thoughts),
                      **{k: metrics.get(k) for k in ("HR@1", "HR@5", "HR@10", "HR@20", "NDCG@5",

@@ -42,7 +42,8 @@ def main() -> int:
         if not os.path.isdir(run):
             continue
         ev = os.path.join(run, f"eval_{args.split}_{args.mode}")
-        for src, dst in (("config.json", "config.json"), ("train_summary.json", "train_summary.json"),
+        for src, dst in (("config.json", "config.json"),
+                         ("train_summary.json", "train_summary.json"),
                          (os.path.join(os.path.basename(ev), "metrics.json"),
                           f"eval_{args.split}.json")):
             shutil.copyfile(os.path.join(run, src), os.path.join(args.out, f"{name}.{dst}"))
@@ -52,7 +53,8 @@ def main() -> int:
         r = study.prediction_ranks(os.path.join(ev, "predictions.jsonl"), summary["users"])
         ranks[name] = {rule: v.tolist() for rule, v in r.items()}
     beams = summary["config"]["eval"]["num_beams"]
-    with gzip.open(os.path.join(args.out, f"{args.split}_ranks.json.gz"), "wt", encoding="utf-8") as g:
+    ranks_path = os.path.join(args.out, f"{args.split}_ranks.json.gz")
+    with gzip.open(ranks_path, "wt", encoding="utf-8") as g:
         json.dump({"doc": f"0-based rank of the {args.split} target per user (row order of "
                           f"{args.split}.csv), -1 = not in the {beams} returned; rules: title "
                           f"(the release's) and id", "ranks": ranks}, g)

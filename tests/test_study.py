@@ -123,3 +123,44 @@ def test_study_two_seeds_end_to_end(tmp_path):
     bad = subprocess.run(cmd + ["--config.study.report_only=True"], capture_output=True,
                          text=True, timeout=1200, cwd=ROOT)
     assert bad.returncode == 2 and str(missing) in bad.stderr.strip().splitlines()[-1]
+
+
+def test_pool_seeds_reproduces_a_committed_study():
+    """bench/pool_seeds.py on one results folder gives the study.json that the study command
+    wrote for it."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import pool_seeds
+    folder = os.path.join(ROOT, "results", "h200_industrial_smollm2-135m_seed0")
+    got = pool_seeds.pool([folder], resamples=2000)
+    want = json.loads(open(os.path.join(folder, "study.json"), encoding="utf-8").read())
+    key = lambda p: (p["pair"], p["rule"], p["metric"])   # noqa: E731
+    for p, q in zip(sorted(got["pairs"], key=key), sorted(want["pairs"], key=key)):
+        assert key(p) == key(q)
+        for k in ("diff", "lo", "hi", "p"):
+            assert p[k] == pytest.approx(q[k], abs=1e-12)
+    rows = {r["name"]: r for r in want["table"]}
+    for name, row in got["table"].items():
+        assert row["NDCG@10_title"]["mean"] == pytest.approx(rows[name]["NDCG@10_title"]["mean"])
+
+
+def test_pool_seeds_two_folders(tmp_path):
+    import gzip
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import pool_seeds
+    rng = np.random.default_rng(0)
+    ranks = []
+    for s in range(2):
+        r = {n: {rule: rng.integers(-1, 10, 300).tolist() for rule in ("title", "id")}
+             for n in ("sft_baseline", "sft_latentr3", "lr_grpo")}
+        ranks.append(r)
+        d = tmp_path / f"seed{s}"
+        d.mkdir()
+        with gzip.open(d / "test_ranks.json.gz", "wt") as f:
+            json.dump({"doc": "", "ranks": r}, f)
+    got = pool_seeds.pool([str(tmp_path / "seed0"), str(tmp_path / "seed1")], resamples=500)
+    pair = next(p for p in got["pairs"] if p["pair"] == "LatentR³ − N=0"
+                and p["rule"] == "title" and p["metric"] == "NDCG@10")
+    a = np.stack([study.per_user(np.array(r["sft_latentr3"]["title"]))["NDCG@10"] for r in ranks])
+    b = np.stack([study.per_user(np.array(r["sft_baseline"]["title"]))["NDCG@10"] for r in ranks])
+    assert pair["diff"] == pytest.approx((a - b).mean(0).mean())
+    assert got["table"]["sft_latentr3"]["NDCG@10_title"]["lo"] is not None   # two seeds

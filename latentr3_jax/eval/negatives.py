@@ -14,7 +14,8 @@ split (whose noise-free reward `grpo.select=best` compares), by the same search 
 rerun reads what finished). They stay fixed while the latent trains. Each batch then
 carries, per row, `neg_ids`/`neg_mask` [b, C, T] (T = data.max_target_len, the titles as
 the model emits them, EOS included) and `neg_valid` [b, C] (False where the search
-returned fewer than C other titles).
+returned fewer than C other titles). With several hosts the run directory must be shared
+(the primary host writes the mined rankings, every host reads them), as for checkpoints.
 """
 
 from __future__ import annotations
@@ -29,9 +30,6 @@ from latentr3_jax import data as D
 from latentr3_jax.errors import InputError
 from latentr3_jax.eval import metrics as M
 from latentr3_jax.eval.evaluate import evaluate_run
-
-NEG_KEYS = ("neg_ids", "neg_mask", "neg_valid")
-
 
 def mine(cfg, sft, model_config, dataset, split: str, out_dir: str, *,
          progress: bool = True) -> list:

@@ -78,9 +78,10 @@ def train_grpo(cfg, *, progress: bool = True, resume_hint: Optional[str] = None,
     `stop_after` saves and returns after that many steps (batches) of this call, as a
     planned preemption. `negatives(cfg, sft, model_config, inputs, progress=)` mines the
     hard negatives of grpo.negative_source=model and has the batches carry them
-    (latentr3_jax.eval.negatives.attach, which `latentr3 grpo`, `run` and `study` pass). Returns a summary dict (see loop.train). Raises StopRequested
-    (after saving) on SIGTERM/SIGINT, NonFiniteError after `grpo.max_bad_steps` consecutive
-    non-finite steps, InputError on bad input.
+    (latentr3_jax.eval.negatives.attach, which `latentr3 grpo`, `run` and `study` pass).
+    Returns a summary dict (see loop.train). Raises StopRequested (after saving) on
+    SIGTERM/SIGINT, NonFiniteError after `grpo.max_bad_steps` consecutive non-finite steps,
+    InputError on bad input.
     """
     config_lib.validate(cfg, stage="grpo")
     g = cfg.grpo
