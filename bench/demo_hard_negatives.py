@@ -13,7 +13,9 @@ test once per seed and paired with its SFT run, user by user.
           (runs/demo_bn50[_seed<s>]/sft_latentr3), made by `latentr3 run` when missing;
   arms:   negatives (3, 7) x estimator (reinforce + rloo, pathwise) at lr 1e-3, and
           3 negatives with reinforce + rloo at 3e-3; 60 batches of 16 prompts, group 8,
-          sigma 1.5, the last step kept.
+          sigma 1.5, the last step kept. From the release start also three arms whose train
+          negatives are mined again from the current latent every 10 batches
+          (grpo.remine_every=10): 3 negatives, reinforce + rloo at 1e-3 and 3e-3, pathwise.
 
     python bench/demo_hard_negatives.py --seeds 0,1      # about 20 minutes a seed on 2 cores
 
@@ -38,24 +40,28 @@ from demo_bottleneck import cli, decode  # noqa: E402
 from demo_contrastive import STARTS, ndcg10, on_test, pooled, start_run  # noqa: E402
 from latentr3_jax.utils.jsonio import write_json  # noqa: E402
 
-ARMS = [  # name, negatives, estimator, advantage, learning rate
-    (f"mined{c} {est}+{adv} lr{lr:g}", c, est, adv, lr)
-    for c, est, adv, lr in ((3, "reinforce", "rloo", 1e-3), (3, "reinforce", "rloo", 3e-3),
-                            (3, "pathwise", "batch", 1e-3), (7, "reinforce", "rloo", 1e-3),
-                            (7, "pathwise", "batch", 1e-3))]
+ARMS = [  # name, negatives, estimator, advantage, learning rate, re-mined every K batches
+    (f"mined{c} {est}+{adv} lr{lr:g}" + (f" remine{k}" if k else ""), c, est, adv, lr, k)
+    for c, est, adv, lr, k in (
+        (3, "reinforce", "rloo", 1e-3, 0), (3, "reinforce", "rloo", 3e-3, 0),
+        (3, "pathwise", "batch", 1e-3, 0), (7, "reinforce", "rloo", 1e-3, 0),
+        (7, "pathwise", "batch", 1e-3, 0),
+        (3, "reinforce", "rloo", 1e-3, 10), (3, "reinforce", "rloo", 3e-3, 10),
+        (3, "pathwise", "batch", 1e-3, 10))]
+REMINE_STARTS = ("release",)   # the re-mined arms (a beam search over train every 10 batches)
 MINED = ("negatives_train", "negatives_valid")
 
 
 def arm_dir(start: str, arm: tuple, seed: int) -> str:
-    _, c, est, adv, lr = arm
+    _, c, est, adv, lr, k = arm
     return os.path.join(ROOT, "runs", "demo_hard_negatives",
-                        f"{start}_mined{c}_{est}_{adv}_{lr:g}_seed{seed}")
+                        f"{start}_mined{c}_{est}_{adv}_{lr:g}{f'_re{k}' if k else ''}_seed{seed}")
 
 
 def train_arm(sft: str, wd: str, arm: tuple, seed: int, mined_from: str = "") -> None:
     """One arm; the mined negatives of an earlier arm with the same start, seed and count
     are copied in first (the miner resumes from them: same model, same search)."""
-    _, c, est, adv, lr = arm
+    _, c, est, adv, lr, k = arm
     if os.path.exists(os.path.join(wd, "train_summary.json")):
         return
     if mined_from:
@@ -67,7 +73,8 @@ def train_arm(sft: str, wd: str, arm: tuple, seed: int, mined_from: str = "") ->
         f"--config.seed={seed}", "--config.grpo.reward=contrastive",
         "--config.grpo.negative_source=model", f"--config.grpo.negatives={c}",
         f"--config.grpo.estimator={est}", f"--config.grpo.advantage={adv}",
-        f"--config.grpo.learning_rate={lr:g}", "--config.grpo.eval_every=20",
+        f"--config.grpo.learning_rate={lr:g}", f"--config.grpo.remine_every={k}",
+        "--config.grpo.eval_every=20",
         "--config.grpo.select=last", "--config.eval.progress=False")
 
 
@@ -109,6 +116,8 @@ def main(argv=None) -> int:
     for start in STARTS:
         first = {}   # (seed, negatives) -> the arm whose mined negatives the others reuse
         for arm in ARMS:
+            if arm[5] and start not in REMINE_STARTS:
+                continue
             name = f"{start}: {arm[0]}"
             dirs, curves, train_curves = [], [], []
             for s in seeds:
@@ -125,6 +134,7 @@ def main(argv=None) -> int:
             moved = [displacement(arm_dir(start, arm, s), d, sv, arm[1])
                      for s, d, sv in zip(seeds, dirs, sft_valid[start])]
             res["arms"][name] = {"start": start, "negatives": arm[1], "estimator": arm[2],
+                                 "remine_every": arm[5],
                                  "valid_top10_per_seed": moved,
                                  "advantage": arm[3], "lr": arm[4],
                                  "valid_NDCG@10": nd, "valid_NDCG@10_mean": float(np.mean(nd)),

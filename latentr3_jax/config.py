@@ -163,6 +163,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.grpo.reward = "perplexity"    # perplexity (release) | contrastive (own title vs others)
     c.grpo.negatives = 3            # contrastive: other titles scored per sample
     c.grpo.negative_source = "batch"   # contrastive: batch (other users') | model (SFT top titles)
+    c.grpo.remine_every = 0         # negative_source=model: mine the train negatives again
+                                    # from the current latent every K batches; 0 = once
     c.grpo.diagnose_every = 0       # batches between pathwise-gradient cosines; 0 = never
     c.grpo.weight_decay = 0.0       # AdamW decay of the trained weights
     c.grpo.train_llm = False
@@ -374,6 +376,7 @@ RULES = {
     "grpo.reward": _choice(GRPO_REWARDS),
     "grpo.negatives": _integer(1),
     "grpo.negative_source": _choice(NEGATIVE_SOURCES),
+    "grpo.remine_every": _integer(0),
     "grpo.diagnose_every": _integer(0),
     "grpo.weight_decay": _number(ge=0),
     "grpo.train_llm": _boolean,
@@ -534,6 +537,9 @@ DOCS = {
                             "prompts' titles of the same (micro-)batch) | model (the SFT model's "
                             "own top titles for the prompt, mined once by beam search over the "
                             "train and valid splits before the first step)",
+    "grpo.remine_every": "negative_source=model: mine the train split's negatives again from "
+                         "the current latent after every K batches (one beam search over the "
+                         "train split each time); 0 = mined once from the SFT model",
     "grpo.diagnose_every": "batches between cosines of the update with the pathwise reward "
                            "gradient (one more forward and backward pass then); 0 = never",
     "grpo.weight_decay": "AdamW weight decay of the trained weights",

@@ -207,6 +207,8 @@ BAD = [  # key, bad value, what the message says
     ("grpo.diagnose_every", -1, "must be >= 0"),
     ("grpo.reward", "ndcg", "must be one of perplexity, contrastive"),
     ("grpo.negatives", 0, "must be >= 1"),
+    ("grpo.negative_source", "catalog", "must be one of batch, model"),
+    ("grpo.remine_every", -1, "must be >= 0"),
     ("grpo.weight_decay", -1.0, "must be >= 0"),
     ("grpo.train_llm", "no", "must be true or false"),
     ("grpo.grad_clip", math.inf, "must be a finite number"),

@@ -11,7 +11,9 @@ moving the title up the list that beam search returns; in-batch negatives
 The negatives are mined once, before the first step, for the train split and the valid
 split (whose noise-free reward `grpo.select=best` compares), by the same search as
 `latentr3 evaluate`, into `<workdir>/negatives_<split>/predictions.jsonl` (resumable: a
-rerun reads what finished). They stay fixed while the latent trains. Each batch then
+rerun reads what finished). They stay fixed while the latent trains, unless
+`grpo.remine_every` = K > 0: then the train split's are mined again from the current
+latent after every K batches (`Mined.wrap`). Each batch then
 carries, per row, `neg_ids`/`neg_mask` [b, C, T] (T = data.max_target_len, the titles as
 the model emits them, EOS included) and `neg_valid` [b, C] (False where the search
 returned fewer than C other titles). With several hosts the run directory must be shared
@@ -21,8 +23,9 @@ returned fewer than C other titles). With several hosts the run directory must b
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -45,16 +48,10 @@ def mine(cfg, sft, model_config, dataset, split: str, out_dir: str, *,
     evaluate_run(ecfg, model_config=model_config, params=sft.params, tokenizer=sft.tokenizer,
                  num_thoughts=sft.num_thoughts, latent_mode=sft.latent_mode, dataset=dataset,
                  split=split, mode="constrained", out_dir=out_dir, print_table=False)
-    rows = len(dataset.splits[split])
-    ranked = [None] * rows
-    for r in M.read_predictions(os.path.join(out_dir, "predictions.jsonl")):
-        i = int(r["row"])
-        if 0 <= i < rows:
-            ranked[i] = [int(x) for x in r["ranked_ids"]]
-    missing = [i for i, x in enumerate(ranked) if x is None]
-    if missing:
-        raise InputError(f"{out_dir}/predictions.jsonl: {len(missing)} of {rows} {split} rows "
-                         f"have no mined negatives (first: row {missing[0]}); rerun to finish")
+    ranked = read_mined(out_dir, len(dataset.splits[split]))
+    if ranked is None:
+        raise InputError(f"{out_dir}/predictions.jsonl: some {split} rows have no mined "
+                         f"negatives; rerun to finish")
     return ranked
 
 
@@ -97,20 +94,94 @@ def row_hook(tab: dict):
     return hook
 
 
-def attach(cfg, sft, model_config, inputs, *, progress: bool = True) -> dict:
-    """Mine the train and valid negatives and have the inputs' batches carry them; returns
-    {split: share of rows with all C negatives}."""
-    tok, dataset = inputs.tokenizer, inputs.dataset
-    title_ids = D.catalog_target_ids(tok, dataset.catalog, cfg.data.template)
-    max_len = max(int(cfg.data.max_target_len), *(int(b) for b in cfg.data.target_buckets or ()))
-    full = {}
-    for split, it in (("train", inputs.train_it), ("valid", inputs.valid_it)):
-        if it is None:
-            continue
-        out_dir = os.path.join(inputs.run_dir, f"negatives_{split}")
-        ranked = mine(cfg, sft, model_config, dataset, split, out_dir, progress=progress)
-        tab = table(dataset.splits[split], ranked, dataset.catalog, title_ids,
-                    int(cfg.grpo.negatives), max_len, tok.pad_id, tok.eos_id)
-        it.extra = row_hook(tab)
-        full[split] = float(tab["neg_valid"].all(1).mean())
-    return full
+class Mined:
+    """The mined negatives of a run: the valid split's (fixed) and the train split's, which
+    with grpo.remine_every = K > 0 are mined again from the current latent after every K
+    batches (negatives that follow the model, so that demoting one set brings up the
+    next). `complete`: {split: share of rows with all C negatives} of the first mining.
+
+    Re-mining happens in the step wrapper (`wrap`), before the batch after a multiple of K:
+    its negatives are replaced from the table of the last re-mining, each kept in
+    `<workdir>/negatives_train_b<k>/`. A resumed run reads that table back from disk, so
+    the data a batch sees does not depend on where the run was interrupted."""
+
+    def __init__(self, cfg, sft, model_config, inputs, *, progress: bool = True):
+        self.cfg, self.sft, self.model_config, self.inputs = cfg, sft, model_config, inputs
+        tok, dataset = inputs.tokenizer, inputs.dataset
+        self._title_ids = D.catalog_target_ids(tok, dataset.catalog, cfg.data.template)
+        self._max_len = max(int(cfg.data.max_target_len),
+                            *(int(b) for b in cfg.data.target_buckets or ()))
+        self.every = int(cfg.grpo.get("remine_every", 0))
+        self.complete = {}
+        self._tables = {}
+        for split, it in (("train", inputs.train_it), ("valid", inputs.valid_it)):
+            if it is None:
+                continue
+            ranked = mine(cfg, sft, model_config, dataset, split, self._dir(split, 0),
+                          progress=progress)
+            tab = self._table(split, ranked)
+            it.extra = row_hook(tab)
+            self.complete[split] = float(tab["neg_valid"].all(1).mean())
+            if split == "train":
+                self._tables[0] = tab
+        self.remined = []   # the batches after which train negatives were mined again
+
+    def _dir(self, split: str, after: int) -> str:
+        tail = f"_b{after}" if after else ""
+        return os.path.join(self.inputs.run_dir, f"negatives_{split}{tail}")
+
+    def _table(self, split: str, ranked) -> dict:
+        tok, dataset = self.inputs.tokenizer, self.inputs.dataset
+        return table(dataset.splits[split], ranked, dataset.catalog, self._title_ids,
+                     int(self.cfg.grpo.negatives), self._max_len, tok.pad_id, tok.eos_id)
+
+    def train_table(self, after: int, params) -> dict:
+        """The train negatives mined after batch `after` (a multiple of K): read back when
+        that mining finished, else mined now from `params` (the weights after that batch)."""
+        if after not in self._tables:
+            out_dir = self._dir("train", after)
+            rows = len(self.inputs.dataset.splits["train"])
+            ranked = read_mined(out_dir, rows)
+            if ranked is None:
+                sft = dataclasses.replace(self.sft, params=params)
+                ranked = mine(self.cfg, sft, self.model_config, self.inputs.dataset, "train",
+                              out_dir, progress=False)
+                self.remined.append(after)
+            self._tables = {0: self._tables[0], after: self._table("train", ranked)}
+        return self._tables[after]
+
+    def wrap(self, step_fn: Callable, iterations: int) -> Callable:
+        """step_fn(state, host batch) with the batch's train negatives taken from the last
+        re-mining (unchanged when K = 0)."""
+        if self.every <= 0:
+            return step_fn
+        done = {"batches": None}
+
+        def step(state, batch):
+            if done["batches"] is None:   # once per process: the restored batch count
+                done["batches"] = int(state.step) // iterations
+            after = done["batches"] // self.every * self.every
+            if after:
+                batch = {**batch, **row_hook(self.train_table(after, state.params))(batch["row"])}
+            state, metrics = step_fn(state, batch)
+            done["batches"] += 1
+            return state, metrics
+        return step
+
+
+def read_mined(out_dir: str, rows: int) -> Optional[list]:
+    """A finished mining's ranked ids per row, or None when it is missing or incomplete."""
+    path = os.path.join(out_dir, "predictions.jsonl")
+    if not os.path.exists(path):
+        return None
+    ranked = [None] * rows
+    for r in M.read_predictions(path):
+        i = int(r["row"])
+        if 0 <= i < rows:
+            ranked[i] = [int(x) for x in r["ranked_ids"]]
+    return None if any(x is None for x in ranked) else ranked
+
+
+def attach(cfg, sft, model_config, inputs, *, progress: bool = True) -> Mined:
+    """Mine the train and valid negatives and have the inputs' batches carry them."""
+    return Mined(cfg, sft, model_config, inputs, progress=progress)

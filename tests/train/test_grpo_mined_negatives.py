@@ -186,3 +186,85 @@ def test_run_mines_the_sft_models_own_top_titles(tmp_path):
     train_rows = [r for r in rows if "reward_eps0" in r]
     assert train_rows and all(np.isfinite(r["reward_eps0"]) and r["reward_eps0"] < 0
                               for r in train_rows)
+
+
+def test_remining_follows_the_latent_and_resumes_exactly(tmp_path):
+    """grpo.remine_every = 2 over 4 batches: the train negatives are mined again after batch
+    2 from the weights of that moment (an evaluator run on those weights gives the same
+    rankings), and a run stopped after batch 3 and resumed ends with the same weights as
+    one run straight through."""
+    from latentr3_jax.train import runs
+    sft = tmp_path / "sft"
+    _make_sft_run(sft, _grpo_cfg(sft, sft))
+    over = {"grpo.reward": "contrastive", "grpo.negative_source": "model",
+            "grpo.negatives": 3, "grpo.estimator": "pathwise", "grpo.advantage": "batch",
+            "grpo.max_steps": 4, "grpo.learning_rate": 0.3, "grpo.remine_every": 2,
+            "grpo.checkpoint_every": 1, "eval.batch_size": 8}
+    full = grpo.train_grpo(_grpo_cfg(tmp_path / "full", sft, **over), progress=False,
+                           negatives=neg.attach)
+    assert full["negatives_remined_after"] == [2]
+    part = _grpo_cfg(tmp_path / "part", sft, **over)
+    grpo.train_grpo(part, progress=False, negatives=neg.attach, stop_after=3)
+    rest = grpo.train_grpo(part, progress=False, negatives=neg.attach)
+    assert rest["negatives_remined_after"] == []      # read back from disk, not mined again
+    a = runs.load_run(str(tmp_path / "full"), which="latest").params["latent"]
+    b = runs.load_run(str(tmp_path / "part"), which="latest").params["latent"]
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+    # the mining after batch 2 is the evaluator's search with the weights after batch 2
+    two = grpo.train_grpo(_grpo_cfg(tmp_path / "two", sft, **{**over, "grpo.max_steps": 2}),
+                          progress=False, negatives=neg.attach)
+    assert two["negatives_remined_after"] == []
+    run = runs.load_run(str(tmp_path / "two"), which="latest")
+    ecfg = _grpo_cfg(tmp_path / "e", sft, **over)
+    ecfg.eval.num_beams = 4
+    evaluate_run(ecfg, split="train", out_dir=str(tmp_path / "e_out"), print_table=False,
+                 model_config=run.model_config, params=run.params, tokenizer=run.tokenizer,
+                 num_thoughts=run.num_thoughts, latent_mode=run.latent_mode)
+    ranked = lambda p: {int(r["row"]): r["ranked_ids"] for r in map(json.loads, open(p))}  # noqa
+    after2 = ranked(tmp_path / "full" / "negatives_train_b2" / "predictions.jsonl")
+    assert after2 == ranked(tmp_path / "e_out" / "predictions.jsonl")
+
+
+def test_remined_table_replaces_the_batch_negatives_from_the_next_batch():
+    """Mined.wrap with K = 2: batches 1-2 keep the negatives the iterator put in, batches
+    3-4 get the table mined after batch 2 (row by row), also in a process that resumes
+    after batch 3; the weights it mines from are those after batch 2."""
+    tab0 = {"neg_ids": np.zeros((6, 2, 3), np.int32), "neg_mask": np.ones((6, 2, 3), np.int32),
+            "neg_valid": np.ones((6, 2), bool)}
+    tab2 = {**tab0, "neg_ids": np.arange(36, dtype=np.int32).reshape(6, 2, 3)}
+    asked = []
+
+    class FakeMined(neg.Mined):
+        def __init__(self):
+            self.every, self._tables, self.remined = 2, {0: tab0}, []
+
+        def train_table(self, after, params):
+            asked.append((after, params))
+            return tab2
+
+    class State:
+        def __init__(self, step):
+            self.step, self.params = step, f"weights after batch {step}"
+
+    seen = []
+
+    def inner(state, batch):
+        seen.append(batch["neg_ids"].copy())
+        return State(state.step + 1), {}
+
+    rows = [np.array([0, 1, -1]), np.array([2, 3, 4]), np.array([5, 0, 1]), np.array([2, -1, 3])]
+    batches = [{"row": r, **neg.row_hook(tab0)(r)} for r in rows]
+    step = FakeMined().wrap(inner, iterations=1)
+    state = State(0)
+    for b in batches:
+        state, _ = step(state, b)
+    for k in (0, 1):
+        np.testing.assert_array_equal(seen[k], 0)
+    for k in (2, 3):
+        np.testing.assert_array_equal(seen[k], tab2["neg_ids"][np.where(rows[k] >= 0, rows[k], 0)])
+    assert asked[0] == (2, "weights after batch 2")
+    seen.clear()
+    resumed = FakeMined().wrap(inner, iterations=1)
+    resumed(State(3), batches[3])
+    np.testing.assert_array_equal(seen[0], tab2["neg_ids"][[2, 0, 3]])

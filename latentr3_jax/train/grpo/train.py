@@ -103,7 +103,7 @@ def train_grpo(cfg, *, progress: bool = True, resume_hint: Optional[str] = None,
                              "negatives.attach to train_grpo (the CLI commands do)")
         mined = negatives(cfg, sft, model_config, inputs, progress=progress)
         print(f"grpo: hard negatives mined; rows with all {g.negatives}: "
-              + ", ".join(f"{k} {v:.1%}" for k, v in mined.items()), flush=True)
+              + ", ".join(f"{k} {v:.1%}" for k, v in mined.complete.items()), flush=True)
     iters = int(g.iterations)
     settings = gl.GRPOSettings.from_config(cfg, num_thoughts=sft.num_thoughts,
                                            latent_mode=sft.latent_mode,
@@ -128,8 +128,13 @@ def train_grpo(cfg, *, progress: bool = True, resume_hint: Optional[str] = None,
 
     grpo_step = GRPOStep(model_config, settings, tx, inputs.mesh, shardings, schedule=schedule,
                          total_batches=inputs.total, ref_keys=keys)
+
+    def step(st, b):
+        return grpo_step(st, ref_params, b)
+    if mined is not None:   # with grpo.remine_every: the train negatives follow the latent
+        step = mined.wrap(step, iters)
     stage = loop.Stage(
-        name="grpo", step=lambda st, b: grpo_step(st, ref_params, b), record=record,
+        name="grpo", step=step, record=record,
         train_step=grpo_step.train_step,
         evaluate=loop.Evaluator(reward_fn(model_config, settings), inputs.mesh, shardings.params),
         valid_key="reward", valid_at_start=True, steps_per_batch=iters,
@@ -142,5 +147,6 @@ def train_grpo(cfg, *, progress: bool = True, resume_hint: Optional[str] = None,
             "final_reward_mean": curve[-1]["reward_mean"] if curve else None,
             "valid_reward_start": summary["valid_start"], "valid_reward_end": summary["valid_end"],
             "select": g.select, "best_valid_reward": summary["best_valid"],
-            "negatives_complete": mined,
+            "negatives_complete": None if mined is None else mined.complete,
+            "negatives_remined_after": None if mined is None else mined.remined,
             "prompts_per_s": (summary["steps_per_s"] or 0) * int(g.prompts_per_batch) or None}
