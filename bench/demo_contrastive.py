@@ -99,6 +99,25 @@ def on_test(name: str, arm_dirs, sft_dirs) -> dict:
     return out
 
 
+def choose_and_test(res: dict, families: dict, arms, arm_dir_of, seeds) -> None:
+    """In each family (label -> predicate on an arm's record in res['arms']) the arm with
+    the best mean valid NDCG@10, decoded on test once per seed and paired with its SFT
+    runs; fills res['chosen_on_valid'] {label: arm} and res['test'] {arm: on_test}."""
+    res["chosen_on_valid"], res["test"] = {}, {}
+    for label, keep in families.items():
+        names = [n for n, a in res["arms"].items() if keep(a)]
+        if not names:
+            continue
+        best = max(names, key=lambda n: res["arms"][n]["valid_NDCG@10_mean"])
+        res["chosen_on_valid"][label] = best
+        start = res["arms"][best]["start"]
+        arm = next(x for x in arms if x[0] == best.split(": ", 1)[1])
+        runs = [arm_dir_of(start, arm, s) for s in seeds]
+        sfts = [start_run(start, s) for s in seeds]
+        res["test"][best] = on_test(best, [decode(r, "test") for r in runs],
+                                    [decode(r, "test") for r in sfts])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", default="0,1")
@@ -131,21 +150,9 @@ def main(argv=None) -> int:
             print(f"{name:55s} valid NDCG@10 {np.mean(nd):.4f}  vs SFT {v['diff']:+.4f} "
                   f"[{v['lo']:+.4f}, {v['hi']:+.4f}]", flush=True)
             write_json(args.out, res)
-    # chosen on valid: the best arm per reward (and overall), then test once per seed
-    chosen = {}
-    for rw in ("perplexity", "contrastive"):
-        best = max((n for n, a in res["arms"].items() if a["reward"] == rw),
-                   key=lambda n: res["arms"][n]["valid_NDCG@10_mean"])
-        chosen[rw] = best
-    res["chosen_on_valid"] = chosen
-    res["test"] = {}
-    for rw, name in chosen.items():
-        a = res["arms"][name]
-        arm = next(x for x in ARMS if x[0] == name.split(": ", 1)[1])
-        runs = [arm_dir(a["start"], arm, s) for s in seeds]
-        sfts = [start_run(a["start"], s) for s in seeds]
-        res["test"][name] = on_test(name, [decode(r, "test") for r in runs],
-                                    [decode(r, "test") for r in sfts])
+    # chosen on valid: the best arm per reward, then test once per seed
+    choose_and_test(res, {rw: (lambda a, rw=rw: a["reward"] == rw)
+                          for rw in ("perplexity", "contrastive")}, ARMS, arm_dir, seeds)
     write_json(args.out, res)
     print(f"wrote {args.out}")
     return 0

@@ -38,7 +38,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 from demo_bottleneck import cli, decode  # noqa: E402
-from demo_contrastive import STARTS, ndcg10, on_test, pooled, start_run  # noqa: E402
+from demo_contrastive import STARTS, choose_and_test, ndcg10, pooled, start_run  # noqa: E402
 from latentr3_jax.utils.jsonio import write_json  # noqa: E402
 
 ARMS = [  # name, negatives, estimator, advantage, learning rate, re-mined every K batches
@@ -151,19 +151,8 @@ def main(argv=None) -> int:
                   f"{np.mean([m['negatives_kept_in_top10'] for m in moved]):.2f}", flush=True)
             write_json(args.out, res)
     # chosen on valid within each family (negatives mined once / re-mined), then test once
-    res["chosen_on_valid"], res["test"] = {}, {}
-    for family, remined in (("mined once", False), ("re-mined", True)):
-        names = [n for n, a in res["arms"].items() if bool(a["remine_every"]) == remined]
-        if not names:
-            continue
-        best = max(names, key=lambda n: res["arms"][n]["valid_NDCG@10_mean"])
-        res["chosen_on_valid"][family] = best
-        a = res["arms"][best]
-        arm = next(x for x in ARMS if x[0] == best.split(": ", 1)[1])
-        runs = [arm_dir(a["start"], arm, s) for s in seeds]
-        sfts = [start_run(a["start"], s) for s in seeds]
-        res["test"][best] = on_test(best, [decode(r, "test") for r in runs],
-                                    [decode(r, "test") for r in sfts])
+    choose_and_test(res, {"mined once": lambda a: not a["remine_every"],
+                          "re-mined": lambda a: bool(a["remine_every"])}, ARMS, arm_dir, seeds)
     write_json(args.out, res)
     print(f"wrote {args.out}")
     return 0

@@ -46,3 +46,21 @@ def assert_same_update(new_a, new_b, start) -> None:
                                    atol=2e-5 * max(np.abs(db).max(), 1e-12) + ulp)
         moved |= not np.array_equal(a, p)
     assert moved
+
+
+def fused_and_split(cfg, params, batch, s, lr=1e-2):
+    """One SGD step on LatentRATT from the same state through the fused single-pass step
+    and through rollout then update (same noise): (fused state, fused metrics, rollout
+    outputs, rollout metrics, split state, split metrics)."""
+    from latentr3_jax.train import grpo
+    from latentr3_jax.train import state as state_lib
+    from latentr3_jax.train import step as step_lib
+    tx = latent_sgd(params, lr)
+    state = state_lib.new_state(params, tx, jax.random.PRNGKey(1))
+    fused_state, fm = jax.jit(step_lib.make_step_fn(grpo.make_fused_loss(cfg, s), tx))(state, batch)
+    key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), grpo.ROLLOUT_SALT)
+    step_in, rm = jax.jit(lambda p, b: grpo.make_rollout_fn(cfg, s)(p, {}, b, key))(
+        state.params, batch)
+    split_state, sm = jax.jit(step_lib.make_step_fn(grpo.make_grpo_loss(cfg, s), tx))(
+        state, {**batch, **step_in})
+    return fused_state, fm, step_in, rm, split_state, sm

@@ -32,7 +32,8 @@ import numpy as np
 from latentr3_jax import data as D
 from latentr3_jax.errors import InputError
 from latentr3_jax.eval import metrics as M
-from latentr3_jax.eval.evaluate import evaluate_run
+from latentr3_jax.eval.evaluate import PREDICTIONS, evaluate_run
+
 
 def mine(cfg, sft, model_config, dataset, split: str, out_dir: str, *,
          progress: bool = True) -> list:
@@ -50,7 +51,7 @@ def mine(cfg, sft, model_config, dataset, split: str, out_dir: str, *,
                  split=split, mode="constrained", out_dir=out_dir, print_table=False)
     ranked = read_mined(out_dir, len(dataset.splits[split]))
     if ranked is None:
-        raise InputError(f"{out_dir}/predictions.jsonl: some {split} rows have no mined "
+        raise InputError(f"{os.path.join(out_dir, PREDICTIONS)}: some {split} rows have no mined "
                          f"negatives; rerun to finish")
     return ranked
 
@@ -113,7 +114,7 @@ class Mined:
                             *(int(b) for b in cfg.data.target_buckets or ()))
         self.every = int(cfg.grpo.get("remine_every", 0))
         self.complete = {}
-        self._tables = {}
+        self._last = (0, None)   # (batch after which the train table was mined, the table)
         for split, it in (("train", inputs.train_it), ("valid", inputs.valid_it)):
             if it is None:
                 continue
@@ -122,8 +123,6 @@ class Mined:
             tab = self._table(split, ranked)
             it.extra = row_hook(tab)
             self.complete[split] = float(tab["neg_valid"].all(1).mean())
-            if split == "train":
-                self._tables[0] = tab
         self.remined = []   # the batches after which train negatives were mined again
 
     def _dir(self, split: str, after: int) -> str:
@@ -138,7 +137,7 @@ class Mined:
     def train_table(self, after: int, params) -> dict:
         """The train negatives mined after batch `after` (a multiple of K): read back when
         that mining finished, else mined now from `params` (the weights after that batch)."""
-        if after not in self._tables:
+        if self._last[0] != after:
             out_dir = self._dir("train", after)
             rows = len(self.inputs.dataset.splits["train"])
             ranked = read_mined(out_dir, rows)
@@ -147,8 +146,8 @@ class Mined:
                 ranked = mine(self.cfg, sft, self.model_config, self.inputs.dataset, "train",
                               out_dir, progress=False)
                 self.remined.append(after)
-            self._tables = {0: self._tables[0], after: self._table("train", ranked)}
-        return self._tables[after]
+            self._last = (after, self._table("train", ranked))
+        return self._last[1]
 
     def wrap(self, step_fn: Callable, iterations: int) -> Callable:
         """step_fn(state, host batch) with the batch's train negatives taken from the last
@@ -171,7 +170,7 @@ class Mined:
 
 def read_mined(out_dir: str, rows: int) -> Optional[list]:
     """A finished mining's ranked ids per row, or None when it is missing or incomplete."""
-    path = os.path.join(out_dir, "predictions.jsonl")
+    path = os.path.join(out_dir, PREDICTIONS)
     if not os.path.exists(path):
         return None
     ranked = [None] * rows

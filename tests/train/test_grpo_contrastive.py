@@ -19,7 +19,7 @@ from latentr3_jax.train.grpo import loss as gl
 from latentr3_jax.train.grpo import rollout
 from latentr3_jax.train.grpo.train import reward_fn
 
-from _grpo_helpers import assert_same_update, latent_sgd as _latent_sgd, tiny_problem as _tiny_problem
+from _grpo_helpers import assert_same_update, fused_and_split, tiny_problem as _tiny_problem
 
 
 def _by_hand(token_logp, mask, neg_valid):
@@ -126,14 +126,7 @@ def test_fused_matches_split_contrastive(estimator):
     cfg, params, batch = _tiny_problem(P=4)
     s = grpo.GRPOSettings(group_size=4, estimator=estimator, advantage="rloo",
                           reward="contrastive", negatives=2)
-    tx = _latent_sgd(params, 1e-2)
-    state = state_lib.new_state(params, tx, jax.random.PRNGKey(1))
-    fused_state, fm = jax.jit(step_lib.make_step_fn(grpo.make_fused_loss(cfg, s), tx))(state, batch)
-    key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), grpo.ROLLOUT_SALT)
-    step_in, rm = jax.jit(lambda p, b: grpo.make_rollout_fn(cfg, s)(p, {}, b, key))(
-        state.params, batch)
-    split_state, sm = jax.jit(step_lib.make_step_fn(grpo.make_grpo_loss(cfg, s), tx))(
-        state, {**batch, **step_in})
+    fused_state, fm, step_in, rm, split_state, sm = fused_and_split(cfg, params, batch, s)
     assert step_in["old_logp"].shape == (4, 4, batch["target_ids"].shape[1])
     for k in ("reward_mean", "reward_eps0", "adv_std"):
         np.testing.assert_allclose(fm[k], rm[k], rtol=1e-5)

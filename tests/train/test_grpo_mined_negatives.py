@@ -18,13 +18,11 @@ from latentr3_jax.errors import InputError
 from latentr3_jax.eval import negatives as neg
 from latentr3_jax.eval.evaluate import evaluate_run
 from latentr3_jax.train import grpo
-from latentr3_jax.train import state as state_lib
-from latentr3_jax.train import step as step_lib
 from latentr3_jax.train.grpo import loss as gl
 from latentr3_jax.train.grpo import rollout
 from latentr3_jax.train.grpo.train import reward_fn
 
-from _grpo_helpers import assert_same_update, latent_sgd, tiny_problem
+from _grpo_helpers import assert_same_update, fused_and_split, tiny_problem
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_grpo_contrastive import _by_hand  # noqa: E402
@@ -129,14 +127,7 @@ def test_fused_matches_split_with_mined_negatives(estimator):
     cfg, params, b = _mined_batch()
     s = grpo.GRPOSettings(group_size=4, estimator=estimator, advantage="rloo",
                           reward="contrastive", negatives=2, negative_source="model")
-    tx = latent_sgd(params, 1e-2)
-    state = state_lib.new_state(params, tx, jax.random.PRNGKey(1))
-    fused_state, fm = jax.jit(step_lib.make_step_fn(grpo.make_fused_loss(cfg, s), tx))(state, b)
-    key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), grpo.ROLLOUT_SALT)
-    step_in, rm = jax.jit(lambda p, x: grpo.make_rollout_fn(cfg, s)(p, {}, x, key))(
-        state.params, b)
-    split_state, sm = jax.jit(step_lib.make_step_fn(grpo.make_grpo_loss(cfg, s), tx))(
-        state, {**b, **step_in})
+    fused_state, fm, step_in, rm, split_state, sm = fused_and_split(cfg, params, b, s)
     assert step_in["old_logp"].shape == (4, 4, b["target_ids"].shape[1])
     for k in ("reward_mean", "reward_eps0", "adv_std"):
         np.testing.assert_allclose(fm[k], rm[k], rtol=1e-5)

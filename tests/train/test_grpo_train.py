@@ -12,15 +12,13 @@ import numpy as np
 import optax
 import pytest
 
-from latentr3_jax.model import decoder
-from latentr3_jax.model import latent as latent_lib
-from latentr3_jax.model.config import tiny_config
 from latentr3_jax.train import grpo, optim
 from latentr3_jax.train import state as state_lib
 from latentr3_jax.train import step as step_lib
 from latentr3_jax.train import fingerprint, runs
 
-from _grpo_helpers import assert_same_update, latent_sgd as _latent_sgd, tiny_problem as _tiny_problem
+from _grpo_helpers import (assert_same_update, fused_and_split, latent_sgd as _latent_sgd,
+                           tiny_problem as _tiny_problem)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -68,14 +66,8 @@ def test_fused_step_matches_rollout_then_update_reinforce():
     """The single-pass step (batch used once) equals rollout + separate update, same noise.
     SGD, so the parameters compare the two gradients (see _sft_helpers.make_sgd_tx)."""
     cfg, params, batch = _tiny_problem()
-    tx = _latent_sgd(params, 1e-2)
-    state = state_lib.new_state(params, tx, jax.random.PRNGKey(1))
     s = grpo.GRPOSettings(group_size=4, estimator="reinforce")
-    fused_state, fm = jax.jit(step_lib.make_step_fn(grpo.make_fused_loss(cfg, s), tx))(state, batch)
-    key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), grpo.ROLLOUT_SALT)
-    step_in, rm = jax.jit(lambda p, b: grpo.make_rollout_fn(cfg, s)(p, {}, b, key))(state.params, batch)
-    split_state, sm = jax.jit(step_lib.make_step_fn(grpo.make_grpo_loss(cfg, s), tx))(
-        state, {**batch, **step_in})
+    fused_state, fm, _, rm, split_state, sm = fused_and_split(cfg, params, batch, s)
     for k in ("reward_mean", "reward_eps0", "adv_std"):
         np.testing.assert_allclose(fm[k], rm[k], rtol=1e-5)
     np.testing.assert_allclose(fm["loss"], sm["loss"], rtol=1e-5, atol=1e-7)
@@ -144,7 +136,7 @@ def sft_run(tmp_path_factory):
 
 
 def test_resume_is_exact(sft_run, tmp_path):
-    from latentr3_jax.train import checkpoint as ckpt_lib, runs
+    from latentr3_jax.train import runs
     full = grpo.train_grpo(_grpo_cfg(tmp_path / "full", sft_run), progress=False)
     assert full["finished"] and full["steps"] == 4
     part = grpo.train_grpo(_grpo_cfg(tmp_path / "part", sft_run), progress=False, stop_after=2)
@@ -311,7 +303,7 @@ def test_non_finite_steps_stop_with_a_clear_error(sft_run, tmp_path):
     """A learning rate that blows the latent up: the non-finite steps are skipped (never
     applied), and after grpo.max_bad_steps of them in a row the run stops, naming the last
     good checkpoint, which holds finite weights."""
-    from latentr3_jax.train import checkpoint as ckpt_lib, runs
+    from latentr3_jax.train import runs
     from latentr3_jax.train.step import NonFiniteError
     run = tmp_path / "nan"
     cfg = _grpo_cfg(run, sft_run, **{"grpo.learning_rate": 1e30, "grpo.warmup_steps": 0,

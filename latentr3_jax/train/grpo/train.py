@@ -25,6 +25,7 @@ data order and noise; SIGTERM / SIGINT save at the next step boundary first.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional
 
 import jax
@@ -47,14 +48,11 @@ def reward_fn(model_config, s: gl.GRPOSettings):
         v = batch["valid"].astype(jnp.float32)
         if s.reward == "contrastive":
             P = batch["target_ids"].shape[0]
-            if "neg_ids" in batch:     # mined hard negatives (negative_source=model)
-                ids, tmask, neg_valid = rollout.mined_targets(batch)
-            else:
-                negatives = min(s.negatives, P - 1)
-                if not negatives:
-                    return jnp.zeros((), jnp.float32), v.sum()   # a lone prompt wins every softmax
-                ids, tmask, neg_valid = rollout.contrastive_targets(
-                    batch["target_ids"], batch["target_mask"], batch["valid"], negatives)
+            negatives = min(s.negatives, P - 1)   # in-batch ones: a last, smaller batch
+            if not negatives and "neg_ids" not in batch:
+                return jnp.zeros((), jnp.float32), v.sum()   # a lone prompt wins every softmax
+            ids, tmask, neg_valid = rollout.scored_targets(
+                dataclasses.replace(s, negatives=negatives), batch)
             noise = jnp.zeros((P, 1, latent_lib.latent_width(model_config, params)), jnp.float32)
             scored, _ = rollout.group_logprobs(model_config, params, batch["prompt_ids"],
                                                batch["prompt_mask"], ids, tmask, noise,
