@@ -15,6 +15,10 @@ VM's drift hits each alike; bench/common.py, run_workers_in_turns), a choice of:
   jax_system_thp     glibc's defaults with glibc.malloc.hugetlb=1
   jax_onednn         the start-up default with XLA's oneDNN matmuls
                      (XLA_FLAGS=--xla_cpu_use_onednn=true)
+  jax_eigen          the start-up default with YNNPACK off, so every dot is Eigen's
+                     (XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=)
+  jax_ynn_fused      the start-up default with YNNPACK also fusing dots with their
+                     elementwise neighbours (...ynn_fusion_type=individual_dot,dot)
   torch              transformers, glibc's defaults
 
     python bench/malloc_ab.py [--arms a,b,...] [--steps 4] [--dtypes float32,bfloat16]
@@ -42,6 +46,8 @@ ARMS = {   # name: (engine, environment, XLA_FLAGS)
     "jax_system_thp": ("jax", {"LATENTR3_CPU_MALLOC": "system", "GLIBC_TUNABLES": THP}, ""),
     "jax_auto": ("jax", {}, ""),
     "jax_onednn": ("jax", {}, "--xla_cpu_use_onednn=true"),
+    "jax_eigen": ("jax", {}, "--xla_cpu_experimental_ynn_fusion_type="),
+    "jax_ynn_fused": ("jax", {}, "--xla_cpu_experimental_ynn_fusion_type=individual_dot,dot"),
     "torch": ("torch", {}, ""),
 }
 

@@ -87,7 +87,9 @@ def cmd_sft(argv: Sequence[str]) -> int:
 def cmd_grpo(argv: Sequence[str]) -> int:
     train_grpo = _lazy("latentr3_jax.train.grpo").train_grpo
     attach = _lazy("latentr3_jax.eval.negatives").attach   # grpo.negative_source=model
-    code, cfg, s = _train("grpo", argv, functools.partial(train_grpo, negatives=attach))
+    ranking = _lazy("latentr3_jax.eval.selection").valid_ndcg   # grpo.select_metric=ndcg
+    code, cfg, s = _train("grpo", argv, functools.partial(train_grpo, negatives=attach,
+                                                          valid_ranking=ranking))
     if s is None:
         return code
     print(f"grpo done: {s['steps']} batches ({s['optimizer_steps']} optimizer steps), last mean "

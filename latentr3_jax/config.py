@@ -46,6 +46,7 @@ ESTIMATORS = ("ppo", "reinforce", "pathwise")   # LR-GRPO gradient estimator
 GRPO_REWARDS = ("perplexity", "contrastive")    # LR-GRPO reward of a noisy sample
 NEGATIVE_SOURCES = ("batch", "model")           # where the contrastive negatives come from
 GRPO_SELECT = ("best", "last")   # which LR-GRPO checkpoint is the run's model
+SELECT_METRICS = ("reward", "ndcg")   # what grpo.select=best compares on valid
 SIGMA_SCHEDULES = ("linear", "cosine")          # LR-GRPO noise decay (grpo.sigma_final)
 EVAL_MODES = ("constrained", "bigrec")          # trie beam search | BIGRec grounding
 SPLITS = ("train", "valid", "test")
@@ -175,7 +176,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.grpo.max_bad_steps = 10
     c.grpo.evaluate = True          # HR/NDCG on the valid split after training
     c.grpo.eval_every = 0           # batches between valid rewards; 0 = at epoch ends only
-    c.grpo.select = "best"          # best (highest valid reward, the SFT start included) | last
+    c.grpo.select = "best"          # best (highest valid value, the SFT start included) | last
+    c.grpo.select_metric = "reward"  # reward (noise-free valid reward) | ndcg (valid NDCG@10
+                                    # of the beam search, eval settings)
+    c.grpo.select_users = 512       # select_metric=ndcg: the first this many valid users; -1 all
 
     # ---- `latentr3 run` (the whole recipe)
     c.pipeline = ml_collections.ConfigDict()
@@ -388,6 +392,8 @@ RULES = {
     "grpo.evaluate": _boolean,
     "grpo.eval_every": _integer(0),
     "grpo.select": _choice(GRPO_SELECT),
+    "grpo.select_metric": _choice(SELECT_METRICS),
+    "grpo.select_users": _integer(1, or_=-1),
     "pipeline.base_epochs": _integer(0),
     "study.seeds": _int_tuple(lo=0),
     "study.bootstrap": _integer(100),
@@ -552,9 +558,16 @@ DOCS = {
     "grpo.evaluate": "`latentr3 grpo`: HR/NDCG on the valid split after training",
     "grpo.eval_every": "batches between noise-free valid rewards (also at the start and at "
                        "each epoch's end); 0 = start and epoch ends only",
-    "grpo.select": "the run's model: best (the checkpoint with the highest valid reward, the "
-                   "SFT starting point included, so a stage that lowers it returns the SFT "
-                   "latent) | last (the final step's, as the release keeps)",
+    "grpo.select": "the run's model: best (the checkpoint with the highest valid value, "
+                   "grpo.select_metric, the SFT starting point included, so a stage that lowers "
+                   "it returns the SFT latent) | last (the final step's, as the release keeps)",
+    "grpo.select_metric": "the valid value of each evaluation (start, every grpo.eval_every "
+                          "batches, epoch ends) that select=best compares: reward (the "
+                          "noise-free valid reward) | ndcg (NDCG@10, title rule, of the "
+                          "evaluator's search with the eval settings over the first "
+                          "grpo.select_users valid users; the reward is still logged)",
+    "grpo.select_users": "select_metric=ndcg: valid users whose NDCG@10 is compared (the "
+                         "first this many of the split; -1 = all)",
     "pipeline.base_epochs": "epochs of a shared N=0 SFT stage the variants start from; 0 = none",
     "study.seeds": "one `run` per seed, under <workdir>/seed_<s>",
     "study.bootstrap": "resamples of the users for the paired 95% intervals",

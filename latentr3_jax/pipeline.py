@@ -30,6 +30,7 @@ from latentr3_jax.data import baselines
 from latentr3_jax.errors import InputError
 from latentr3_jax.eval.evaluate import META, METRICS, PREDICTIONS, evaluate_run
 from latentr3_jax.eval.negatives import attach
+from latentr3_jax.eval.selection import valid_ndcg
 from latentr3_jax.train.grpo import train_grpo
 from latentr3_jax.train.runs import read_metrics, save_tokenizer
 from latentr3_jax.train.sft import train_sft
@@ -113,7 +114,8 @@ def _timed_stage(name: str, stage: str, vcfg) -> dict:
         return summary
     print(f"\n[{name}] training ({stage}) -> {vcfg.workdir}", flush=True)
     t0 = time.perf_counter()
-    train = train_sft if stage == "sft" else functools.partial(train_grpo, negatives=attach)
+    train = train_sft if stage == "sft" else functools.partial(train_grpo, negatives=attach,
+                                                                   valid_ranking=valid_ndcg)
     summary = train(vcfg, resume_hint="latentr3 run with the same arguments")
     summary = {k: v for k, v in summary.items() if k != "curve"}
     summary["train_time_s"] = time.perf_counter() - t0 + float(summary.get("train_time_s", 0) or 0)

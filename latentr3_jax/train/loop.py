@@ -152,7 +152,8 @@ class Stage:
     step: Callable                             # (state, host batch) -> (state, device metrics)
     record: Callable[[dict], dict]             # a step's host metrics -> its own record fields
     train_step: Any                            # the TrainStep (compile count)
-    evaluate: Optional[Callable] = None        # params -> validation value
+    evaluate: Optional[Callable] = None        # (params, valid iterator) -> validation value,
+                                               # or a dict of values holding valid_key
     valid_key: str = "loss"                    # that value's name in the records
     keep_best: bool = False                    # best validation value: best checkpoint, patience
     higher_is_better: bool = False             # the validation value is a reward, not a loss
@@ -193,6 +194,16 @@ def _best_key(stage: Stage, value: float) -> float:
     return -float(value) if stage.higher_is_better else float(value)
 
 
+def _valid_value(stage: Stage, out) -> tuple:
+    """(the value the stage selects on, the record's fields) of one validation."""
+    if isinstance(out, dict):
+        if stage.valid_key not in out:
+            raise KeyError(f"{stage.name}: the validation returned {sorted(out)}, "
+                           f"not {stage.valid_key!r}")
+        return float(out[stage.valid_key]), {k: float(v) for k, v in out.items()}
+    return float(out), {stage.valid_key: float(out)}
+
+
 def train(cfg, inputs: Inputs, stage: Stage, state, shardings, *, model_config,
           num_thoughts: int, latent_mode: str, progress: bool = True,
           resume_hint: Optional[str] = None, stop_after: Optional[int] = None):
@@ -229,8 +240,9 @@ def train(cfg, inputs: Inputs, stage: Stage, state, shardings, *, model_config,
         trainer.update(meta.get("trainer", {}))
         log.info("%s: resumed after step %d", stage.name, trainer["batches"])
     elif evaluate is not None and stage.valid_at_start:
-        trainer["valid_start"] = evaluate(state.params, valid_it)
-        writer.write({"split": "valid", "step": 0, stage.valid_key: trainer["valid_start"]})
+        trainer["valid_start"], fields = _valid_value(stage, evaluate(state.params, valid_it))
+        trainer["valid_start_fields"] = fields
+        writer.write({"split": "valid", "step": 0, **fields})
         if stage.keep_best and math.isfinite(trainer["valid_start"]):
             # the starting point competes: a stage that only lowers the validation value
             # leaves its starting weights as the run's best
@@ -282,10 +294,11 @@ def train(cfg, inputs: Inputs, stage: Stage, state, shardings, *, model_config,
         pending.clear()
 
     def validate():
-        value = evaluate(state.params, valid_it)
+        value, fields = _valid_value(stage, evaluate(state.params, valid_it))
         trainer["valid"].append([step, value])
+        trainer["valid_last_fields"] = fields
         writer.write({"split": "valid", "step": step * stage.steps_per_batch,
-                      "epoch": (step - 1) // spe, stage.valid_key: value})
+                      "epoch": (step - 1) // spe, **fields})
         if not stage.keep_best:
             return
         best = trainer["best"]
@@ -357,6 +370,9 @@ def train(cfg, inputs: Inputs, stage: Stage, state, shardings, *, model_config,
         "optimizer_steps": int(jax.device_get(state.step)), "curve": curve,
         "final_loss": curve[-1]["loss"] if curve else None,
         "valid": trainer["valid"], "valid_start": trainer["valid_start"], "valid_end": valid_end,
+        # every value of the first and the final validation (a dict-valued evaluate)
+        "valid_start_fields": trainer.get("valid_start_fields"),
+        "valid_end_fields": trainer.get("valid_last_fields") if valid_end is not None else None,
         "best_valid": trainer["best"], "best_step": trainer["best_step"],
         "stopped_early": trainer["stopped_early"],
         "compile_count": stage.train_step.compile_count,

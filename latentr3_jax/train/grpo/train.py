@@ -18,7 +18,10 @@ With one iteration and no accumulation the two parts run as one pass (step.make_
 Each step's record also carries diagnostics of the latent and the rewards (step.record).
 The noise-free valid reward is measured at the start, every `grpo.eval_every` batches and
 at each epoch's end; with `grpo.select=best` (the default) the run's model is the
-checkpoint with the highest one, the SFT starting point included.
+checkpoint with the highest one, the SFT starting point included. With
+`grpo.select_metric=ndcg` each of those validations also ranks the first
+`grpo.select_users` valid users with the evaluator's beam search, and the checkpoint with
+the highest valid NDCG@10 is the run's model instead (latentr3_jax/eval/selection.py).
 Rerunning the same command resumes from the run directory's latest checkpoint with the same
 data order and noise; SIGTERM / SIGINT save at the next step boundary first.
 """
@@ -69,14 +72,26 @@ def reward_fn(model_config, s: gl.GRPOSettings):
     return fn
 
 
+def _reward_of(summary: dict, when: str, by_ndcg: bool):
+    """The noise-free valid reward of the first or final validation (None if none ran)."""
+    if not by_ndcg:
+        return summary[f"valid_{when}"]
+    fields = summary.get(f"valid_{when}_fields") or {}
+    return fields.get("reward")
+
+
 def train_grpo(cfg, *, progress: bool = True, resume_hint: Optional[str] = None,
-               stop_after: Optional[int] = None, negatives: Optional[Callable] = None) -> dict:
+               stop_after: Optional[int] = None, negatives: Optional[Callable] = None,
+               valid_ranking: Optional[Callable] = None) -> dict:
     """Train stage 2 into `cfg.workdir`, starting from the SFT run `cfg.grpo.init_from`.
 
     `stop_after` saves and returns after that many steps (batches) of this call, as a
     planned preemption. `negatives(cfg, sft, model_config, inputs, progress=)` mines the
     hard negatives of grpo.negative_source=model and has the batches carry them
     (latentr3_jax.eval.negatives.attach, which `latentr3 grpo`, `run` and `study` pass).
+    `valid_ranking(cfg, sft, model_config, inputs, progress=)` returns params -> valid
+    NDCG@10 for grpo.select_metric=ndcg (latentr3_jax.eval.selection.valid_ndcg, passed by
+    the same commands).
     Returns a summary dict (see loop.train). Raises StopRequested (after saving) on
     SIGTERM/SIGINT, NonFiniteError after `grpo.max_bad_steps` consecutive non-finite steps,
     InputError on bad input.
@@ -102,6 +117,13 @@ def train_grpo(cfg, *, progress: bool = True, resume_hint: Optional[str] = None,
         mined = negatives(cfg, sft, model_config, inputs, progress=progress)
         print(f"grpo: hard negatives mined; rows with all {g.negatives}: "
               + ", ".join(f"{k} {v:.1%}" for k, v in mined.complete.items()), flush=True)
+    by_ndcg = g.get("select_metric", "reward") == "ndcg"
+    if by_ndcg and valid_ranking is None:
+        raise InputError("grpo.select_metric=ndcg ranks the valid users with the evaluator's "
+                         "beam search: pass valid_ranking=latentr3_jax.eval.selection.valid_ndcg "
+                         "to train_grpo (the CLI commands do)")
+    if by_ndcg and inputs.valid_it is None:
+        raise InputError("grpo.select_metric=ndcg needs a valid split (the dataset has none)")
     iters = int(g.iterations)
     settings = gl.GRPOSettings.from_config(cfg, num_thoughts=sft.num_thoughts,
                                            latent_mode=sft.latent_mode,
@@ -131,11 +153,17 @@ def train_grpo(cfg, *, progress: bool = True, resume_hint: Optional[str] = None,
         return grpo_step(st, ref_params, b)
     if mined is not None:   # with grpo.remine_every: the train negatives follow the latent
         step = mined.wrap(step, iters)
+    reward_eval = loop.Evaluator(reward_fn(model_config, settings), inputs.mesh,
+                                 shardings.params)
+    evaluate = reward_eval
+    if by_ndcg:   # select on the ranking; the reward is still logged beside it
+        ndcg = valid_ranking(cfg, sft, model_config, inputs, progress=progress)
+        evaluate = lambda params, valid_it: {   # noqa: E731
+            "ndcg10": ndcg(params), "reward": reward_eval(params, valid_it)}
     stage = loop.Stage(
         name="grpo", step=step, record=record,
-        train_step=grpo_step.train_step,
-        evaluate=loop.Evaluator(reward_fn(model_config, settings), inputs.mesh, shardings.params),
-        valid_key="reward", valid_at_start=True, steps_per_batch=iters,
+        train_step=grpo_step.train_step, evaluate=evaluate,
+        valid_key="ndcg10" if by_ndcg else "reward", valid_at_start=True, steps_per_batch=iters,
         keep_best=g.select == "best", higher_is_better=True, eval_every=int(g.eval_every))
     _, summary = loop.train(cfg, inputs, stage, state, shardings, model_config=model_config,
                             num_thoughts=sft.num_thoughts, latent_mode=sft.latent_mode,
@@ -143,8 +171,11 @@ def train_grpo(cfg, *, progress: bool = True, resume_hint: Optional[str] = None,
     curve = summary["curve"]
     return {**summary,
             "final_reward_mean": curve[-1]["reward_mean"] if curve else None,
-            "valid_reward_start": summary["valid_start"], "valid_reward_end": summary["valid_end"],
-            "select": g.select, "best_valid_reward": summary["best_valid"],
+            "valid_reward_start": _reward_of(summary, "start", by_ndcg),
+            "valid_reward_end": _reward_of(summary, "end", by_ndcg),
+            "select": g.select, "select_metric": "ndcg10" if by_ndcg else "reward",
+            "best_valid": summary["best_valid"],
+            "best_valid_reward": None if by_ndcg else summary["best_valid"],
             "negatives_complete": None if mined is None else mined.complete,
             "negatives_remined_after": None if mined is None else mined.remined,
             "prompts_per_s": (summary["steps_per_s"] or 0) * int(g.prompts_per_batch) or None}
