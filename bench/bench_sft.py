@@ -21,6 +21,7 @@ The parent prints a table and writes bench/results/sft.json (sft_<shape>.json).
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import string
 import sys
@@ -233,6 +234,9 @@ def worker_jax(args) -> dict:
                                           res["peak"][dname]))
             res[f"{kind}/{dname}"] = r
             print(f"  jax[{args.variant}] {kind}/{dname}: {r['step_s'] * 1e3:.0f} ms", file=sys.stderr)
+            del st, step   # the next row's heap does not stack on this one's (cpu_alloc)
+            gc.collect()
+            cpu_alloc.release()
     return _final_peaks(res, "jax")
 
 

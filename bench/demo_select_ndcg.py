@@ -108,13 +108,23 @@ def main(argv=None) -> int:
                 os.path.join(wd, "metrics.jsonl"), encoding="utf-8")) if r.get("split") == "valid"])
             best.append(max(curves[-1], key=lambda x: x[1])[0])   # the first of the highest
         ho = held_out(dirs, sft_valid)
+        # what grpo.select_metric=reward would have kept: the first checkpoint with the
+        # highest valid reward, and its NDCG@10 on the selection half against the start's
+        by_reward = [max(c, key=lambda x: x[2]) for c in curves]
         res["arms"][arm[0]] = {"reward": arm[1], "estimator": arm[2], "advantage": arm[3],
                                "lr": arm[4], "best_step": best,
+                               "reward_select_step": [b[0] for b in by_reward],
+                               "reward_select_minus_start_selection_half": float(np.mean(
+                                   [b[1] - c[0][1] for b, c in zip(by_reward, curves)])),
+                               "ndcg_select_minus_start_selection_half": float(np.mean(
+                                   [max(x[1] for x in c) - c[0][1] for c in curves])),
                                "valid_curves_step_ndcg10_reward": curves,
                                "valid_NDCG@10": ndcg10(dirs), "held_out_valid": ho}
         v = ho["NDCG@10"]
-        sel = [max(c, key=lambda x: x[1])[1] - c[0][1] for c in curves]
-        print(f"{arm[0]:38s} best step {best}  selection-half gain {np.mean(sel):+.4f}  "
+        sel = res["arms"][arm[0]]["ndcg_select_minus_start_selection_half"]
+        rsel = res["arms"][arm[0]]["reward_select_minus_start_selection_half"]
+        print(f"{arm[0]:38s} best step {best}  selection-half gain {sel:+.4f} (by reward "
+              f"{rsel:+.4f})  "
               f"held-out half vs SFT {v['diff']:+.4f} [{v['lo']:+.4f}, {v['hi']:+.4f}] "
               f"p {v['p']:.3f}", flush=True)
         write_json(args.out, res)

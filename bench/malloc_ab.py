@@ -1,15 +1,15 @@
 """Host settings at the SmolLM2-135M shape: the plain SFT step (fwd + bwd + AdamW) of JAX
 under each heap policy (and with XLA's oneDNN matmuls), and transformers', all in turns.
 
-latentr3 chooses glibc's heap policy at start-up (latentr3_jax/utils/cpu_alloc.py: `auto`
-reuses the heap, one arena with no mmap-backed chunks and no trimming, for models of up to
-32M parameters). This runs, as separate processes whose timed steps alternate (so the
+latentr3 sets glibc's heap policy at start-up (latentr3_jax/utils/cpu_alloc.py: `auto`
+reuses the heap, one arena with no mmap-backed chunks and trimming only above 2 GiB, for
+models of up to 32M parameters; `keep` turns trimming off). This runs, as separate processes whose timed steps alternate (so the
 VM's drift hits each alike; bench/common.py, run_workers_in_turns), a choice of:
 
-  jax_reuse          heap reuse (LATENTR3_CPU_MALLOC=reuse; the start-up default before
-                     `auto`)
+  jax_reuse          heap reuse (LATENTR3_CPU_MALLOC=reuse; `auto` for small models)
+  jax_keep           heap reuse with trimming off (LATENTR3_CPU_MALLOC=keep)
   jax_system         glibc's defaults (LATENTR3_CPU_MALLOC=system)
-  jax_auto           the start-up default (`auto`: glibc's defaults at the 135M shape)
+  jax_auto           the start-up default (`auto`)
   jax_reuse_thp      heap reuse with glibc.malloc.hugetlb=1 (transparent huge pages on
                      malloc's memory, through GLIBC_TUNABLES)
   jax_system_thp     glibc's defaults with glibc.malloc.hugetlb=1
@@ -20,10 +20,15 @@ VM's drift hits each alike; bench/common.py, run_workers_in_turns), a choice of:
   jax_ynn_fused      the start-up default with YNNPACK also fusing dots with their
                      elementwise neighbours (...ynn_fusion_type=individual_dot,dot)
   torch              transformers, glibc's defaults
+  torch_reuse        transformers under the same heap policy (through GLIBC_TUNABLES)
 
     python bench/malloc_ab.py [--arms a,b,...] [--steps 4] [--dtypes float32,bfloat16]
 
-Default arms: jax_reuse, jax_system, jax_reuse_thp, torch. Writes
+Default arms: jax_auto, jax_keep, torch. Every arm's process stays
+alive while the others take their turns, and an arm under the heap-reuse policy holds its
+step's whole heap meanwhile (about 8 GB for the 135M fp32 step): on a 24 GB machine run at
+most two such arms at that shape (four arms, two of them keeping their heap, ran out of
+memory: bench/results/malloc_ab_oom_smollm2-135m.json). Writes
 bench/results/malloc_ab_<shape>.json (or --out). With --shape smollm2-135m it needs
 ../shared/models (the tokenizer of the batches).
 """
@@ -45,10 +50,12 @@ ARMS = {   # name: (engine, environment, XLA_FLAGS)
     "jax_reuse_thp": ("jax", {"LATENTR3_CPU_MALLOC": "reuse", "GLIBC_TUNABLES": THP}, ""),
     "jax_system_thp": ("jax", {"LATENTR3_CPU_MALLOC": "system", "GLIBC_TUNABLES": THP}, ""),
     "jax_auto": ("jax", {}, ""),
+    "jax_keep": ("jax", {"LATENTR3_CPU_MALLOC": "keep"}, ""),
     "jax_onednn": ("jax", {}, "--xla_cpu_use_onednn=true"),
     "jax_eigen": ("jax", {}, "--xla_cpu_experimental_ynn_fusion_type="),
     "jax_ynn_fused": ("jax", {}, "--xla_cpu_experimental_ynn_fusion_type=individual_dot,dot"),
     "torch": ("torch", {}, ""),
+    "torch_reuse": ("torch", {"GLIBC_TUNABLES": bench_sft.MALLOC["GLIBC_TUNABLES"]}, ""),
 }
 
 
@@ -57,7 +64,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shape", default="smollm2-135m", choices=("small", "smollm2-135m"))
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--arms", default="jax_reuse,jax_system,jax_reuse_thp,torch",
+    ap.add_argument("--arms", default="jax_auto,jax_keep,torch",
                     help=f"comma list of {', '.join(ARMS)}")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="")

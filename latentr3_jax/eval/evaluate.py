@@ -29,6 +29,7 @@ from latentr3_jax.eval import metrics as M
 from latentr3_jax.eval.ranker import MODES, ROW_FIELDS, Ranker, ensemble_meta, ensemble_options
 from latentr3_jax.parallel.mesh import batch_size_multiple, make_mesh
 from latentr3_jax.train.runs import load_run
+from latentr3_jax.utils import cpu_alloc
 from latentr3_jax.train.setup import compute_dtype, execution_config
 from latentr3_jax.utils.atomic import atomic_write_text
 from latentr3_jax.utils.jsonio import read_json
@@ -215,6 +216,7 @@ def evaluate_run(cfg, run_dir: Optional[str] = None, *, model_config=None, param
             writer.close()
     elapsed = time.time() - t0
 
+    cpu_alloc.release()   # the decoding's heap, kept for its batches (utils/cpu_alloc.py)
     rows = M.read_predictions(os.path.join(out_dir, PREDICTIONS)) if is_primary else []
     complete = len({int(r["row"]) for r in rows}) == len(samples)
     result = M.summarize(rows, e.ks)

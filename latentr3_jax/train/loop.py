@@ -41,6 +41,7 @@ from latentr3_jax.train import runs, setup
 from latentr3_jax.train.fingerprint import make_fingerprint
 from latentr3_jax.train.signals import GracefulStop, StopRequested
 from latentr3_jax.train.step import NonFiniteError
+from latentr3_jax.utils import cpu_alloc
 
 log = logging.getLogger(__name__)
 
@@ -360,6 +361,7 @@ def train(cfg, inputs: Inputs, stage: Stage, state, shardings, *, model_config,
             ckpt.wait()
         finally:
             ckpt.close()
+            cpu_alloc.release()   # the stage's heap, kept for its steps (utils/cpu_alloc.py)
 
     elapsed = time.perf_counter() - t_start
     ran = step - start

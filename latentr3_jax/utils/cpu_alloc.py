@@ -22,6 +22,17 @@ in bf16. The cross-over between the two sizes is not measured. So the default, `
 applies it only to models of at most AUTO_MAX_PARAMS parameters, or when the size is
 unknown. `latentr3` calls it at start-up with the size of the model its config names;
 LATENTR3_CPU_MALLOC=reuse or =system forces either.
+
+Why it costs at 135M: XLA takes the step's temporaries in one block, about 5.6 GB for that
+fp32 step, and `mallopt` takes an int, so the highest finite trim threshold is 2 GiB; the
+freed block is handed back to the kernel with `brk` after every step and faulted in again
+(1.38 million faults per step either way). `keep` (LATENTR3_CPU_MALLOC=keep) turns
+trimming off outright (`M_TRIM_THRESHOLD=-1`): the 135M step then faults nothing after its
+first steps and runs about 1.3 s faster (bench/malloc_ab.py). It is opt-in because the
+process never hands memory back: one that moves on to differently shaped jobs stacks
+their heaps (a benchmark worker timing four 135M rows one after another reached 22.7 GB
+and was killed). `release()` (glibc's `malloc_trim`) returns the free memory at a job's
+end; the training loop and the evaluator call it.
 """
 
 from __future__ import annotations
@@ -36,15 +47,16 @@ log = logging.getLogger(__name__)
 
 ENV = "LATENTR3_CPU_MALLOC"
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
-MODES = ("auto", "reuse", "system")
+MODES = ("auto", "reuse", "keep", "system")
 AUTO_MAX_PARAMS = 32_000_000   # `auto`: heap reuse for models up to this size
 _applied = None
 
 
 def configure(mode: Optional[str] = None, num_params: Optional[int] = None) -> bool:
     """Apply the heap-reuse policy per `mode` (default: $LATENTR3_CPU_MALLOC, else
-    'auto'): 'reuse' always, 'system' never, 'auto' unless `num_params` is known and
-    above AUTO_MAX_PARAMS. Returns whether it is in effect. Idempotent once applied."""
+    'auto'): 'reuse' always, 'keep' always and with trimming off, 'system' never, 'auto'
+    unless `num_params` is known and above AUTO_MAX_PARAMS. Returns whether it is in
+    effect. Idempotent once applied."""
     global _applied
     mode = (mode or os.environ.get(ENV, "auto")).strip().lower()
     if mode not in MODES:
@@ -64,7 +76,8 @@ def configure(mode: Optional[str] = None, num_params: Optional[int] = None) -> b
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     ok = all(mallopt(param, value) == 1 for param, value in (
-        (M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2 ** 31 - 1)))
+        (M_ARENA_MAX, 1), (M_MMAP_MAX, 0),
+        (M_TRIM_THRESHOLD, -1 if mode == "keep" else 2 ** 31 - 1)))
     _applied = ok
     if not ok:
         log.debug("mallopt refused the heap-reuse settings; keeping the system allocator")
@@ -76,3 +89,16 @@ def choose(num_params: Optional[int]) -> str:
     if num_params is not None and int(num_params) > AUTO_MAX_PARAMS:
         return "system"
     return "reuse"
+
+
+def release() -> bool:
+    """Return the heap's free memory to the OS (glibc's `malloc_trim(0)`) when the policy
+    is in effect; a job boundary, not a per-step call. Returns whether memory was freed."""
+    if not _applied:
+        return False
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return bool(trim(0))

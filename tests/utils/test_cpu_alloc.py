@@ -15,22 +15,24 @@ import json, resource, sys
 from latentr3_jax.utils import cpu_alloc
 applied = cpu_alloc.configure()
 import jax, jax.numpy as jnp
-f = jax.jit(lambda a, w: jnp.tanh(a @ w))   # a fresh 64 MiB float32 buffer per call
-a, w = jnp.ones((4096, 64)), jnp.ones((64, 4096)) / 64
+ROWS, COLS = ROWS_COLS   # a fresh float32 buffer of ROWS x COLS per call
+f = jax.jit(lambda a, w: jnp.tanh(a @ w))
+a, w = jnp.ones((ROWS, 8)), jnp.ones((8, COLS)) / 8
 for _ in range(4):
     f(a, w).block_until_ready()
 faults = []
-for _ in range(9):  # the median call: the buffers free asynchronously, once in a while late
+for _ in range(CALLS):  # the median call: the buffers free asynchronously, once in a while late
     r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     f(a, w).block_until_ready()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
-print(json.dumps({"applied": applied, "mib_per_call": sorted(faults)[4] * 4096 / 2 ** 20}))
+print(json.dumps({"applied": applied, "mib_per_call": sorted(faults)[CALLS // 2] * 4096 / 2 ** 20}))
 """
 
 
-def _probe(mode, num_params=None):
+def _probe(mode, num_params=None, rows=4096, cols=4096, calls=9):
     env = dict(os.environ, JAX_PLATFORMS="cpu", LATENTR3_CPU_MALLOC=mode)
     code = _PROBE.replace("cpu_alloc.configure()", f"cpu_alloc.configure(num_params={num_params!r})")
+    code = code.replace("ROWS_COLS", f"{rows}, {cols}").replace("CALLS", str(calls))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -54,6 +56,24 @@ def test_heap_reuse_removes_per_step_page_faults():
         if tries[-1]["mib_per_call"] < 8:
             break
     assert tries[-1]["mib_per_call"] < 8, tries
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                    reason="the policy is a glibc mallopt setting")
+def test_keep_holds_a_buffer_larger_than_2_gib():
+    """A 2.25 GiB buffer per call (the 135M training step's temporaries are 5.6 GB): the
+    highest finite trim threshold mallopt takes is 2 GiB, so under 'reuse' the freed block
+    goes back to the kernel and is faulted in again on every call; 'keep' holds it."""
+    big = dict(rows=16384, cols=36864, calls=3)
+    reuse = _probe("reuse", **big)
+    assert reuse["applied"] is True and reuse["mib_per_call"] > 1024, reuse
+    tries = []
+    for _ in range(3):
+        tries.append(_probe("keep", **big))
+        assert tries[-1]["applied"] is True
+        if tries[-1]["mib_per_call"] < 64:
+            break
+    assert tries[-1]["mib_per_call"] < 64, tries
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
@@ -94,3 +114,36 @@ def test_cli_sizes_the_model_without_weights_or_jax_computation(tmp_path, monkey
     assert cli._model_size_hint("sft", ["--config", str(tmp_path / "missing.py")]) is None
     monkeypatch.setenv("LATENTR3_CPU_MALLOC", "reuse")
     assert cli._model_size_hint("run", []) is None
+
+
+_RELEASE_PROBE = r"""
+import json, os
+from latentr3_jax.utils import cpu_alloc
+applied = cpu_alloc.configure()
+import jax, jax.numpy as jnp
+def rss_mib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+f = jax.jit(lambda a, w: jnp.tanh(a @ w))
+a, w = jnp.ones((16384, 8)), jnp.ones((8, 16384)) / 8    # 1 GiB out
+f(a, w).block_until_ready()
+f(a, w).block_until_ready()
+held = rss_mib()
+released = cpu_alloc.release()
+print(json.dumps({"applied": applied, "released": released, "held": held, "after": rss_mib()}))
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                    reason="the policy is a glibc mallopt setting")
+def test_release_hands_the_kept_heap_back():
+    """Under the policy a freed 1 GiB buffer (below the 2 GiB trim threshold) stays in the
+    process until `release()`, which the loop and the evaluator call at the end of a job."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", LATENTR3_CPU_MALLOC="auto")
+    out = subprocess.run([sys.executable, "-c", _RELEASE_PROBE], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["applied"] and got["released"], got
+    assert got["held"] - got["after"] > 512, got
+    assert cpu_alloc.release() in (True, False)   # callable without the policy too
