@@ -27,12 +27,14 @@ Why it costs at 135M: XLA takes the step's temporaries in one block, about 5.6 G
 fp32 step, and `mallopt` takes an int, so the highest finite trim threshold is 2 GiB; the
 freed block is handed back to the kernel with `brk` after every step and faulted in again
 (1.38 million faults per step either way). `keep` (LATENTR3_CPU_MALLOC=keep) turns
-trimming off outright (`M_TRIM_THRESHOLD=-1`): the 135M step then faults nothing after its
-first steps and runs about 1.3 s faster (bench/malloc_ab.py). It is opt-in because the
-process never hands memory back: one that moves on to differently shaped jobs stacks
-their heaps (a benchmark worker timing four 135M rows one after another reached 22.7 GB
-and was killed). `release()` (glibc's `malloc_trim`) returns the free memory at a job's
-end; the training loop and the evaluator call it.
+trimming off outright (`M_TRIM_THRESHOLD=-1`): the 135M plain step then faults nothing
+after its first step and runs 1.08x transformers' in turns instead of below it
+(bench/step_faults.py, bench/malloc_ab.py). It is opt-in because it is not enough and not
+safe: the LatentR³ SFT step at that shape keeps faulting 1.9 million pages per step under
+it, the process never hands memory back (5 GB more resident on the plain step), and a bf16
+worker's heap grew under it until the out-of-memory killer took it at 17.3 GB. `release()`
+(glibc's `malloc_trim`) returns the free memory at a job's end; the training loop and the
+evaluator call it.
 """
 
 from __future__ import annotations
