@@ -29,8 +29,8 @@ from latentr3_jax.eval import metrics as M
 from latentr3_jax.eval.ranker import MODES, ROW_FIELDS, Ranker, ensemble_meta, ensemble_options
 from latentr3_jax.parallel.mesh import batch_size_multiple, make_mesh
 from latentr3_jax.train.runs import load_run
-from latentr3_jax.utils import cpu_alloc
 from latentr3_jax.train.setup import compute_dtype, execution_config
+from latentr3_jax.utils import cpu_alloc
 from latentr3_jax.utils.atomic import atomic_write_text
 from latentr3_jax.utils.jsonio import read_json
 
