@@ -10,7 +10,8 @@ turns), so that per-step counters from `getrusage` belong to that step only:
 
 Shape: bench/bench_sft.py's (SmolLM2-135M, batch 8 of CDs prompts with SmolLM2's
 tokenizer, random weights, fp32 AdamW, 2 threads; needs ../shared/models for the
-tokenizer). Each call adds its row to bench/results/step_faults_smollm2-135m.json under
+tokenizer; `--batches FILE` reads batches made beforehand, so the process does no
+tokenising before its steps). Each call adds its row to bench/results/step_faults_smollm2-135m.json under
 '<engine>/<kind>/<dtype>/<allocator>'.
 """
 
@@ -41,12 +42,17 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=common.DTYPES, default="float32")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--out", default=os.path.join(common.RESULTS, "step_faults_smollm2-135m.json"))
+    ap.add_argument("--batches", default="", help="a bench_sft.make_batches file to read "
+                    "instead of tokenising the batches in this process")
+    ap.add_argument("--tag", default="", help="suffix of the row's key")
     args = ap.parse_args(argv)
     if not common.have_smollm2():
         print(f"skipped: {common.smollm2_missing()}")
         return 0
-    bpath = os.path.join(tempfile.mkdtemp(), "batches.npz")
-    bench_sft.make_batches(bpath, tokenizer="smollm2")
+    bpath = args.batches
+    if not bpath:
+        bpath = os.path.join(tempfile.mkdtemp(), "batches.npz")
+        bench_sft.make_batches(bpath, tokenizer="smollm2")
     batches, vocab, thought = bench_sft.load_batches(bpath)
     config = common.shape_config("smollm2-135m", vocab)
     allocator = os.environ.get(cpu_alloc.ENV, "auto")
@@ -94,6 +100,7 @@ def main(argv=None) -> int:
                        for k, v in rows[-1].items()), flush=True)
     med = lambda k: sorted(r[k] for r in rows)[len(rows) // 2]   # noqa: E731
     key = f"{args.engine}/{args.kind}/{args.dtype}/{allocator if args.engine == 'jax' else 'glibc'}"
+    key += f"/{args.tag}" if args.tag else ""
     res = read_json(args.out) if os.path.exists(args.out) else {"machine": common.machine(),
                                                                 "rows": {}}
     res["rows"][key] = {"policy_applied": applied, "steps": rows,

@@ -30,9 +30,10 @@ freed block is handed back to the kernel with `brk` after every step and faulted
 trimming off outright (`M_TRIM_THRESHOLD=-1`): the 135M plain step then faults nothing
 after its first step and runs 1.08x transformers' in turns instead of below it
 (bench/step_faults.py, bench/malloc_ab.py). It is opt-in because it is not enough and not
-safe: the LatentR³ SFT step at that shape keeps faulting 1.9 million pages per step under
-it, the process never hands memory back (5 GB more resident on the plain step), and a bf16
-worker's heap grew under it until the out-of-memory killer took it at 17.3 GB. `release()`
+safe (experimental): the LatentR³ SFT step at that shape kept faulting 1.9 million pages
+per step under it in one run and in another grew its heap step after step until the
+out-of-memory killer took it, the process never hands memory back (5 GB more resident on
+the plain step), and a bf16 worker's heap grew under it until the killer took it at 17.3 GB. `release()`
 (glibc's `malloc_trim`) returns the free memory at a job's end; the training loop and the
 evaluator call it.
 """
