@@ -72,15 +72,17 @@ def train_arm(sft: str, wd: str, arm: tuple, seed: int) -> None:
         "--config.grpo.select=last")
 
 
-def per_user(eval_dir: str) -> dict:
+def per_user(eval_dir: str, start: int = 0) -> dict:
+    """Per-user metrics of an evaluation's rows from `start` on (title rule)."""
     pred = os.path.join(eval_dir, "predictions.jsonl")
     rows = sum(1 for _ in open(pred, encoding="utf-8"))
-    return study.per_user(study.prediction_ranks(pred, rows)["title"])
+    return study.per_user(study.prediction_ranks(pred, rows)["title"][start:])
 
 
-def pooled(a_dirs, b_dirs) -> dict:
-    """Paired difference a - b per user, per-user differences averaged over seeds."""
-    ua, ub = [per_user(d) for d in a_dirs], [per_user(d) for d in b_dirs]
+def pooled(a_dirs, b_dirs, start: int = 0) -> dict:
+    """Paired difference a - b per user (rows from `start` on), per-user differences
+    averaged over seeds."""
+    ua, ub = [per_user(d, start) for d in a_dirs], [per_user(d, start) for d in b_dirs]
     return {m: study.paired_difference(np.stack([u[m] for u in ua]),
                                        np.stack([u[m] for u in ub]), resamples=RESAMPLES)
             for m in ("NDCG@10", "HR@10")}

@@ -35,8 +35,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 from demo_bottleneck import cli, decode  # noqa: E402
-from demo_contrastive import RESAMPLES, ndcg10, on_test, start_run  # noqa: E402
-from latentr3_jax import study  # noqa: E402
+from demo_contrastive import ndcg10, on_test, per_user, pooled, start_run  # noqa: E402
 from latentr3_jax.utils.jsonio import write_json  # noqa: E402
 
 SELECT_USERS = 194    # the first half of the demo's 387 valid users; the rest is held out
@@ -74,16 +73,11 @@ def train_arm(sft: str, wd: str, arm: tuple, seed: int) -> None:
 def held_out(arm_dirs, sft_dirs) -> dict:
     """Paired difference arm - SFT over the valid users no run selected on (rows from
     SELECT_USERS on), per-user differences averaged over seeds."""
-    def users(d):
-        pred = os.path.join(d, "predictions.jsonl")
-        rows = sum(1 for _ in open(pred, encoding="utf-8"))
-        return study.per_user(study.prediction_ranks(pred, rows)["title"][SELECT_USERS:])
-    ua, ub = [users(d) for d in arm_dirs], [users(d) for d in sft_dirs]
-    out = {m: study.paired_difference(np.stack([u[m] for u in ua]), np.stack([u[m] for u in ub]),
-                                      resamples=RESAMPLES) for m in ("NDCG@10", "HR@10")}
-    out["arm_NDCG@10"] = float(np.mean([u["NDCG@10"].mean() for u in ua]))
-    out["sft_NDCG@10"] = float(np.mean([u["NDCG@10"].mean() for u in ub]))
-    out["users"] = int(len(ua[0]["NDCG@10"]))
+    out = pooled(arm_dirs, sft_dirs, start=SELECT_USERS)
+    ua, ub = ([per_user(d, SELECT_USERS)["NDCG@10"] for d in dirs] for dirs in (arm_dirs, sft_dirs))
+    out["arm_NDCG@10"] = float(np.mean([u.mean() for u in ua]))
+    out["sft_NDCG@10"] = float(np.mean([u.mean() for u in ub]))
+    out["users"] = int(len(ua[0]))
     return out
 
 

@@ -17,15 +17,7 @@ from latentr3_jax.eval.evaluate import evaluate_run
 from latentr3_jax.train import grpo, runs, setup
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_grpo_train import _grpo_cfg, _make_sft_run  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def sft_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("select")
-    sft_dir = root / "sft"
-    _make_sft_run(sft_dir, _grpo_cfg(sft_dir, sft_dir))
-    return sft_dir
+from test_grpo_train import _grpo_cfg, sft_run  # noqa: E402,F401  (the SFT run fixture)
 
 
 def _cfg(workdir, sft, **over):
