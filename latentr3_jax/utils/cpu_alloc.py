@@ -33,7 +33,7 @@ after its first step and runs 1.08x transformers' in turns instead of below it
 safe (experimental): the LatentR³ SFT step at that shape kept faulting 1.9 million pages
 per step under it in one run and in another grew its heap step after step until the
 out-of-memory killer took it, the process never hands memory back (5 GB more resident on
-the plain step), and a bf16 worker's heap grew under it until the killer took it at 17.3 GB. `release()`
+the plain step), and a bf16 worker's heap grew under it until the killer took it. `release()`
 (glibc's `malloc_trim`) returns the free memory at a job's end; the training loop and the
 evaluator call it.
 """
