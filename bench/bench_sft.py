@@ -10,6 +10,9 @@ Each engine runs in its own process (XLA flags are per process) and measures its
 matmul peak there (bench/common.py); the two processes take turns (one runs at a time,
 their timed steps alternate: common.run_workers_in_turns), and every row has its FLOP
 count, FLOP/s and fraction of that peak. float32 is true float32 on both sides (common.jax_precision, torch TF32 off).
+Both processes start with the host setting `latentr3` would start this model with
+(cpu_alloc.hugepage_env: glibc malloc on transparent huge pages above 32M parameters;
+recorded as host_env).
 The parent prints a table and writes bench/results/sft.json (sft_<shape>.json).
 
   python bench/bench_sft.py                  # main table
@@ -348,6 +351,10 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--shape", default="small", choices=("small", "smollm2-135m"))
+    ap.add_argument("--turn-block", type=int, default=1, help="timed steps per turn: with "
+                    "2 or more, each row also gives the median of steps that follow a step of "
+                    "the same engine (back_to_back_step_s) and of steps that follow the other "
+                    "engine's turn (after_turn_step_s)")
     ap.add_argument("--investigate", action="store_true")
     ap.add_argument("--variants", default="", help="comma list of variant names (default: all)")
     ap.add_argument("--out", default="", help="default bench/results/sft.json (sft_<shape>.json)")
@@ -377,10 +384,18 @@ def main():
     result["parity"] = check_parity(bpath, args.shape)
     print(f"parity: JAX prefix-cached loss {result['parity']['jax_prefix_cached_loss']:.6f} vs "
           f"torch release two-pass {result['parity']['torch_release_loss']:.6f}")
+    # the host setting `latentr3` starts a model this size with (cpu_alloc.hugepage_env:
+    # malloc huge pages above 32M parameters), given to both engines alike
+    start = cpu_alloc.hugepage_env(config.num_params(), dict(os.environ, JAX_PLATFORMS="cpu"),
+                                   accelerator=False) or {}
+    host = {k: start[k] for k in ("GLIBC_TUNABLES",) if k in start}
+    result["host_env"] = host
     # both engines in turns: their timed steps alternate, so the VM's drift hits both alike
     result["jax"], result["torch"] = common.run_workers_in_turns([
-        _worker_spec("jax", bpath, steps=args.steps, shape=args.shape),
-        _worker_spec("torch", bpath, steps=args.steps, threads=args.threads, shape=args.shape)])
+        _worker_spec("jax", bpath, steps=args.steps, shape=args.shape, env=host),
+        _worker_spec("torch", bpath, steps=args.steps, threads=args.threads, shape=args.shape,
+                     env=host)], block=args.turn_block)
+    result["turn_block"] = args.turn_block
     result["timing"] = ("JAX and torch in two processes taking turns: one runs at a time, and "
                         "their timed steps alternate (bench/common.py, run_workers_in_turns)")
     if args.investigate:
@@ -420,6 +435,13 @@ def main():
               f"{common.fmt_flops(j.get('flops_per_s')):>8}{pct(j):>6}"
               f"{t['step_s'] * 1e3:>9.0f}{t['tokens_per_s']:>7.0f}"
               f"{common.fmt_flops(t.get('flops_per_s')):>8}{pct(t):>6}{ratio:>9.2f}x")
+        for kind in ("back_to_back", "after_turn"):   # --turn-block > 1
+            k = f"{kind}_step_s"
+            if k in j and k in t:
+                table[-1][f"jax_{k}"], table[-1][f"torch_{k}"] = j[k], t[k]
+                table[-1][f"speedup_{kind}"] = t[k] / j[k]
+                print(f"  {kind.replace('_', '-')} steps: JAX {j[k] * 1e3:.0f} ms, torch "
+                      f"{t[k] * 1e3:.0f} ms, {t[k] / j[k]:.2f}x")
     for eng in ("jax", "torch"):
         for d, pk in result[eng].get("peak", {}).items():
             print(f"peak {eng} {d}: {common.fmt_flops(pk['peak_flops_per_s'])}FLOP/s ({pk['peak_source']})")

@@ -61,6 +61,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import resource
 import subprocess
 import sys
 import time
@@ -188,6 +189,9 @@ def autocast_dtype(name: str):
 # --------------------------------------------------------------------------- timing
 
 
+LAST_USAGE: list = []   # per timed call of the latest time_steps: user and sys CPU s, minor faults
+
+
 def time_steps(fn: Callable[[int], object], steps: int, warmup: int = 0) -> list:
     """Call fn(0..warmup-1) untimed, then fn(0..steps-1) timed one by one; the seconds of
     each timed call. `fn` must wait for its result (block_until_ready, a host value).
@@ -195,12 +199,19 @@ def time_steps(fn: Callable[[int], object], steps: int, warmup: int = 0) -> list
     every timed call (outside the timing) and goes on when it is handed back."""
     for i in range(warmup):
         fn(i)
-    times = []
+    times, usage, block = [], [], turn_block()
     for i in range(steps):
-        t = time.perf_counter()
+        u, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         fn(i)
         times.append(time.perf_counter() - t)
-        pass_turn()
+        v = resource.getrusage(resource.RUSAGE_SELF)
+        usage.append({"user_s": v.ru_utime - u.ru_utime, "sys_s": v.ru_stime - u.ru_stime,
+                      "minor_faults": v.ru_minflt - u.ru_minflt,
+                      # the step came right after another worker's turn (an idle spell)
+                      "after_turn": bool(_turn_fds()) and i > 0 and i % block == 0})
+        if (i + 1) % block == 0:
+            pass_turn()
+    LAST_USAGE[:] = usage
     return times
 
 
@@ -208,8 +219,17 @@ def step_stats(times: Sequence[float], tokens_per_step: float) -> dict:
     """Median step (the machine is shared: the median resists interference), the fastest
     one, and tokens per second at the median."""
     med = float(np.median(times))
-    return {"step_s": med, "min_s": float(np.min(times)),
-            "tokens_per_s": float(tokens_per_step / med), "times_s": [float(t) for t in times]}
+    out = {"step_s": med, "min_s": float(np.min(times)),
+           "tokens_per_s": float(tokens_per_step / med), "times_s": [float(t) for t in times]}
+    if len(LAST_USAGE) == len(times):   # the process's CPU time and faults in those steps
+        out.update({f"{k}_median": float(np.median([u[k] for u in LAST_USAGE]))
+                    for k in ("user_s", "sys_s", "minor_faults")})
+        after = [u["after_turn"] for u in LAST_USAGE]
+        if turn_block() > 1 and any(after) and not all(after):   # both kinds apart
+            out["after_turn_step_s"] = float(np.median([t for t, a in zip(times, after) if a]))
+            out["back_to_back_step_s"] = float(np.median([t for t, a in zip(times, after)
+                                                          if not a]))
+    return out
 
 
 def batch_tokens(batches: Sequence[dict]) -> float:
@@ -232,16 +252,33 @@ def cpu_model() -> dict:
                   if ln.startswith("flags")), [])
     keep = [f for f in flags if f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16",
                                       "avx512_vnni", "amx_bf16", "amx_tile", "amx_int8")]
-    return {"cpu_model": name, "cpu_flags": keep}
+    family = next((ln.split(":", 1)[1].strip() for ln in text.splitlines()
+                   if ln.startswith("cpu family")), "")
+    model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines()
+                  if ln.split(":", 1)[0].strip() == "model"), "")
+    # the family tells the generations apart where the name does not ("AMD EPYC": family
+    # 25 is Zen 3/4, whose AVX-512 runs on 256-bit units; 26 is Zen 5, with 512-bit ones)
+    return {"cpu_model": name, "cpu_flags": keep, "cpu_family": family, "cpu_model_number": model}
 
 
 def machine() -> dict:
     """What ran the JAX side: CPU count and model, load average now, JAX version, backend,
-    device."""
+    device, the kernel's transparent-huge-page mode and glibc's tunables (whether malloc
+    asks for huge pages: glibc.malloc.hugetlb)."""
     import jax  # not at the top: see the module docstring
     return {"cpus": os.cpu_count(), **cpu_model(), "load_avg": list(os.getloadavg()),
             "jax": jax.__version__, "backend": jax.default_backend(),
-            "device": str(jax.devices()[0].device_kind)}
+            "device": str(jax.devices()[0].device_kind), "thp": thp_mode(),
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
+
+
+def thp_mode() -> str:
+    """The kernel's transparent huge page setting, e.g. 'always [madvise] never'."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown"
 
 
 # --------------------------------------------------------------------------- FLOP count
@@ -527,7 +564,15 @@ def run_worker(script: str, args: Sequence[str], env: Optional[dict] = None,
 # over two pipes per worker whose descriptors are in $LATENTR3_BENCH_TURNS ("go,done").
 
 TURNS_ENV = "LATENTR3_BENCH_TURNS"
+BLOCK_ENV = "LATENTR3_BENCH_TURN_BLOCK"   # timed steps per turn (default 1)
 _turns = {"fds": None, "started": False}
+
+
+def turn_block() -> int:
+    """Timed steps a worker runs per turn. With more than one, the first step of a turn
+    follows an idle spell (the other workers' steps) and the others follow a step of the
+    same worker, as in a training loop; step_stats then reports the two medians apart."""
+    return max(1, int(os.environ.get(BLOCK_ENV, "1") or 1))
 
 
 def _turn_fds():
@@ -568,14 +613,16 @@ def _worker_answer(returncode: int, stdout: str, stderr: str, stderr_tail: int) 
     return json.loads(line[len("RESULT"):])
 
 
-def run_workers_in_turns(specs: Sequence[tuple], stderr_tail: int = 600, seed: int = 0) -> list:
+def run_workers_in_turns(specs: Sequence[tuple], stderr_tail: int = 600, seed: int = 0,
+                         block: int = 1) -> list:
     """Run each (script, args, env) of `specs` as `run_worker` does, all started at once
     but taking turns (see above): one step of each per round until each has exited. With
     three or more workers the order is shuffled every round (seeded by `seed`): on this VM
     a step that follows a step of another process can be slower than one that follows a
     different one (two JAX arms running byte-identical executables read 15.6 s and 12.9 s
     per step when one always followed transformers), so no worker keeps one predecessor.
-    Returns their answers in the order of `specs`."""
+    `block`: timed steps per turn (common.turn_block). Returns their answers in the order
+    of `specs`."""
     import tempfile
 
     workers = []
@@ -584,6 +631,7 @@ def run_workers_in_turns(specs: Sequence[tuple], stderr_tail: int = 600, seed: i
         done_r, done_w = os.pipe()
         env = dict(os.environ if env is None else env)
         env[TURNS_ENV] = f"{go_r},{done_w}"
+        env[BLOCK_ENV] = str(block)
         out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
         proc = subprocess.Popen([sys.executable, os.path.abspath(script), *args], env=env,
                                 stdout=out, stderr=err, pass_fds=(go_r, done_w), text=True)

@@ -91,7 +91,7 @@ def main(argv=None) -> int:
               "arms": {a: {"env": ARMS[a][1], "xla_flags": ARMS[a][2], **ans}
                        for a, ans in zip(arms, answers)},
               "machine": common.machine(),
-              "thp": _read("/sys/kernel/mm/transparent_hugepage/enabled"),
+              "thp": common.thp_mode(),
               "timing": "one process per arm, taking turns step by step (run_workers_in_turns)"}
     print(f"plain step at the {args.shape} shape, {args.steps} timed steps per arm "
           f"(THP: {result['thp']}):")
@@ -111,14 +111,6 @@ def main(argv=None) -> int:
         print(f"  {a:<16} " + "; ".join(cells))
     common.write_result(out, result)
     return 0
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return "unknown"
 
 
 if __name__ == "__main__":

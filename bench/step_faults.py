@@ -4,15 +4,19 @@ kernel CPU time, minor page faults, context switches and resident memory.
 One engine, one step kind and one host-allocator setting per call, timed alone (not in
 turns), so that per-step counters from `getrusage` belong to that step only:
 
-    python bench/step_faults.py --engine jax --kind plain          # latentr3's start-up policy
+    python bench/step_faults.py --engine jax --kind plain          # latentr3's heap policy
     LATENTR3_CPU_MALLOC=keep python bench/step_faults.py --engine jax --kind latent
     python bench/step_faults.py --engine torch --kind plain
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python bench/step_faults.py --engine jax --tag thp
+    python bench/step_faults.py --engine jax --pause 8 --tag pause8   # idle before each step
 
 Shape: bench/bench_sft.py's (SmolLM2-135M, batch 8 of CDs prompts with SmolLM2's
 tokenizer, random weights, fp32 AdamW, 2 threads; needs ../shared/models for the
 tokenizer; `--batches FILE` reads batches made beforehand, so the process does no
 tokenising before its steps). Each call adds its row to bench/results/step_faults_smollm2-135m.json under
-'<engine>/<kind>/<dtype>/<allocator>'.
+'<engine>/<kind>/<dtype>/<allocator>[/<tag>]'; the latentr3 command line's own start-up
+setting (malloc on huge pages for this model size, cpu_alloc.hugepage_env) is not applied
+here: set GLIBC_TUNABLES yourself to time it.
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="", help="a bench_sft.make_batches file to read "
                     "instead of tokenising the batches in this process")
     ap.add_argument("--tag", default="", help="suffix of the row's key")
+    ap.add_argument("--pause", type=float, default=0.0, help="seconds to sleep between "
+                    "timed steps (untimed): as long as the other engine's step in a run that "
+                    "takes turns, to see what an idle spell does to the next step")
     args = ap.parse_args(argv)
     if not common.have_smollm2():
         print(f"skipped: {common.smollm2_missing()}")
@@ -98,6 +105,7 @@ def main(argv=None) -> int:
                      "involuntary_switches": r1.ru_nivcsw - r0.ru_nivcsw, "rss_gib": rss_gib()})
         print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
                        for k, v in rows[-1].items()), flush=True)
+        time.sleep(args.pause)
     med = lambda k: sorted(r[k] for r in rows)[len(rows) // 2]   # noqa: E731
     key = f"{args.engine}/{args.kind}/{args.dtype}/{allocator if args.engine == 'jax' else 'glibc'}"
     key += f"/{args.tag}" if args.tag else ""
@@ -106,7 +114,10 @@ def main(argv=None) -> int:
     res["rows"][key] = {"policy_applied": applied, "steps": rows,
                         "median": {k: med(k) for k in rows[0]},
                         "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
-                        "command": (f"{cpu_alloc.ENV}={allocator} " if allocator != "auto" else "")
+                        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+                        "command": "".join(f"{k}={os.environ[k]} " for k in (cpu_alloc.ENV,
+                                                                             "GLIBC_TUNABLES")
+                                           if os.environ.get(k))
                         + "python bench/step_faults.py " + " ".join(argv or sys.argv[1:])}
     write_json(args.out, res)
     print(f"{key}: median wall {med('wall_s'):.2f} s, sys {med('sys_s'):.2f} s, "

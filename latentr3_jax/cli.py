@@ -506,11 +506,12 @@ def _command_help(name: str, argv: Sequence[str]) -> str:
 
 def _model_size_hint(name: str, argv: Sequence[str]) -> Optional[int]:
     """Parameters of the model a config command will train or load, read cheaply (no JAX,
-    no weights) for the host allocator's `auto` policy; None when it cannot tell. The SFT
-    run's model_config.json for `grpo.init_from`, else what `latentr3 memory` sizes
-    (memory.decoder_config_from_cfg: the from-scratch shape, a checkpoint's config.json
-    or a GGUF file's metadata)."""
-    if name not in CONFIG_FILES or os.environ.get("LATENTR3_CPU_MALLOC", "auto") != "auto":
+    no weights) for the host allocator's `auto` policies (heap reuse, huge pages); None
+    when it cannot tell. The SFT run's model_config.json for `grpo.init_from`, else what
+    `latentr3 memory` sizes (memory.decoder_config_from_cfg: the from-scratch shape, a
+    checkpoint's config.json or a GGUF file's metadata)."""
+    if name not in CONFIG_FILES or os.environ.get("LATENTR3_CPU_MALLOC", "auto") not in (
+            "auto", "system"):
         return None
     try:
         cfg, _ = config_lib.parse_config(
@@ -529,6 +530,7 @@ def _model_size_hint(name: str, argv: Sequence[str]) -> Optional[int]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    command_line = argv is None   # only a process of its own may restart itself
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["help"] and len(argv) > 1:
         argv = [argv[1], "--help"]      # `latentr3 help sft` = `latentr3 sft --help`
@@ -551,12 +553,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     cpu_alloc = _lazy("latentr3_jax.utils.cpu_alloc")
     try:
-        # before XLA starts its threads; `auto` reuses the heap for small models only
-        cpu_alloc.configure(num_params=_model_size_hint(name, rest))
+        size = _model_size_hint(name, rest)
+        restart = (cpu_alloc.hugepage_env(size, idle=name == "serve") if command_line
+                   else None)
+        if restart is None:
+            # before XLA starts its threads; `auto` reuses the heap for small models only
+            cpu_alloc.configure(num_params=size)
     except ValueError as e:
         print(f"latentr3: error: {e}", file=sys.stderr)
         return 2
+    if restart is not None:   # glibc reads its tunables at start-up only
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            os.execve(sys.executable, list(sys.orig_argv), restart)
+        except OSError as e:   # carry on as is
+            print(f"latentr3: could not restart with huge pages ({e})", file=sys.stderr)
+            cpu_alloc.configure(num_params=size)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if os.environ.get(cpu_alloc.RESTARTED_ENV):
+        logging.getLogger(__name__).info(
+            "host memory: glibc malloc with transparent huge pages (%s=off turns this off)",
+            cpu_alloc.HUGEPAGES_ENV)
     logging.getLogger("absl").setLevel(logging.WARNING)   # Orbax's per-save INFO lines
     try:
         return int(COMMANDS[name][0](rest) or 0)

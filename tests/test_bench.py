@@ -3,6 +3,7 @@ computations (that it computes what the release computes, and what our JAX code 
 
 Tiny shapes only; the benchmarks themselves are run by hand (bench/*.py)."""
 
+import mmap
 import os
 import pathlib
 import sys
@@ -271,6 +272,22 @@ def test_cpu_model_reads_proc_cpuinfo():
         flags = next(ln for ln in f if ln.startswith("flags")).split()
     assert set(got["cpu_flags"]) <= set(flags)
     assert ("avx2" in flags) == ("avx2" in got["cpu_flags"])
+    with open("/proc/cpuinfo") as f:
+        family = next((ln.split(":")[1].strip() for ln in f if ln.startswith("cpu family")), "")
+    assert got["cpu_family"] == family
+
+
+def test_step_stats_carry_the_steps_cpu_time_and_faults():
+    def touch(i):   # a fresh 64 MiB mapping each call (whatever malloc's policy), every page
+        m = mmap.mmap(-1, 1 << 26)
+        np.frombuffer(m, np.uint8)[::4096] = 1
+        m.close()
+    times = common.time_steps(touch, 3, warmup=1)
+    assert len(common.LAST_USAGE) == 3
+    stats = common.step_stats(times, 10.0)
+    assert stats["minor_faults_median"] > 0 and stats["user_s_median"] >= 0
+    assert stats["sys_s_median"] >= 0
+    assert common.step_stats([1.0, 2.0], 10.0).keys().isdisjoint({"user_s_median"})  # other lengths
 
 
 _TURN_WORKER = '''
@@ -307,6 +324,22 @@ def test_workers_in_turns_alternate_and_survive_a_crash(tmp_path):
     # outside run_workers_in_turns the turn calls do nothing
     common.pass_turn()
     common.take_turn()
+
+
+def test_turn_blocks_run_steps_back_to_back_and_report_them_apart(tmp_path):
+    script = tmp_path / "turn_worker.py"
+    code = _TURN_WORKER.replace("common.time_steps(step, 4", "common.time_steps(step, 6")
+    code = code.replace('"spans": spans[1:]}', '"spans": spans[1:], "after": [u["after_turn"] '
+                        'for u in common.LAST_USAGE], "stats": common.step_stats([0.1, 0.1, 0.3, '
+                        '0.1, 0.3, 0.1], 1.0)}')
+    script.write_text(code.format(bench=str(BENCH)))
+    a, b = common.run_workers_in_turns([(str(script), [n], None) for n in "ab"], block=2)
+    spans = sorted([(s, e, "a") for s, e in a["spans"]] + [(s, e, "b") for s, e in b["spans"]])
+    names = "".join(n for _, _, n in spans)
+    assert names == "aabbaabbaabb", names    # two steps a turn, one worker at a time
+    assert a["after"] == [False, False, True, False, True, False]
+    assert a["stats"]["after_turn_step_s"] == pytest.approx(0.3)
+    assert a["stats"]["back_to_back_step_s"] == pytest.approx(0.1)
 
 
 def test_three_workers_in_turns_do_not_keep_one_predecessor(tmp_path):

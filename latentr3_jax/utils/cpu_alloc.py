@@ -27,14 +27,13 @@ Why it costs at 135M: XLA takes the step's temporaries in one block, about 5.6 G
 fp32 step, and `mallopt` takes an int, so the highest finite trim threshold is 2 GiB; the
 freed block is handed back to the kernel with `brk` after every step and faulted in again
 (1.38 million faults per step either way). `keep` (LATENTR3_CPU_MALLOC=keep) turns
-trimming off outright (`M_TRIM_THRESHOLD=-1`): the 135M plain step then faults nothing
-after its first step and runs 1.08x transformers' in turns instead of below it
-(bench/step_faults.py, bench/malloc_ab.py). It is opt-in because it is not enough and not
-safe (experimental): the LatentR³ SFT step at that shape kept faulting 1.9 million pages
-per step under it in one run and in another grew its heap step after step until the
-out-of-memory killer took it, the process never hands memory back (5 GB more resident on
-the plain step), and a bf16 worker's heap grew under it until the killer took it. `release()`
-(glibc's `malloc_trim`) returns the free memory at a job's end; the training loop and the
+trimming off outright (`M_TRIM_THRESHOLD=-1`): when the heap's layout lets the next step
+reuse the block, nothing is faulted any more, but in other runs the heap grew step after
+step (to 23 GB on a 24 GB machine, bench/results/step_faults_smollm2-135m.json), so it is
+experimental and opt-in. What large models get instead is malloc on transparent huge
+pages (`hugepage_env` below: the command line restarts itself with the glibc tunable),
+which leaves the faults in place but makes them 512 times fewer. `release()` (glibc's
+`malloc_trim`) returns the free memory at a job's end; the training loop and the
 evaluator call it.
 """
 
@@ -44,6 +43,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import platform
 from typing import Optional
 
 log = logging.getLogger(__name__)
@@ -105,3 +105,91 @@ def release() -> bool:
         return False
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     return bool(trim(0))
+
+
+# ----------------------------------------------------------------- transparent huge pages
+#
+# glibc serves the big step buffer of a large model from a fresh mmap every step (the
+# `system` policy above), and the kernel faults it in 4 KiB at a time. glibc 2.35+ can ask
+# for transparent huge pages on its own memory (MADV_HUGEPAGE on every mmap'd chunk and on
+# the heap), but only through the GLIBC_TUNABLES environment variable, read once when the
+# process starts. So `latentr3`, run from the command line, restarts itself once with
+# `glibc.malloc.hugetlb=1` added when this pays: at SmolLM2-135M's shape the fp32 plain
+# step then faults 3.4 thousand pages instead of 1.38 million and ran 4.61 s against 6.75 s
+# alone (bench/step_faults.py, bench/results/step_faults_smollm2-135m.json). On a VM with
+# free page reporting, memory freed during an idle spell goes back to the host and the
+# step after the spell pays more for it (9.20 s after an 8 s pause); steps back to back,
+# as in a training loop, do not.
+
+HUGEPAGES_ENV = "LATENTR3_CPU_HUGEPAGES"
+HUGEPAGE_MODES = ("auto", "on", "off")
+HUGETLB_TUNABLE = "glibc.malloc.hugetlb=1"
+RESTARTED_ENV = "LATENTR3_RESTARTED_FOR_HUGEPAGES"   # set in the restarted process
+THP_SYSFS = "/sys/kernel/mm/transparent_hugepage/enabled"
+ACCELERATOR_DEVICES = ("/dev/nvidia0", "/dev/accel0", "/dev/kfd", "/dev/vfio/0")
+
+
+def thp_mode(path: str = THP_SYSFS) -> str:
+    """The kernel's transparent-huge-page mode ('always', 'madvise', 'never'; '' unknown)."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return ""
+    chosen = [w[1:-1] for w in text.split() if w.startswith("[") and w.endswith("]")]
+    return chosen[0] if chosen else ""
+
+
+def _glibc_version() -> tuple:
+    name, version = platform.libc_ver()
+    if name != "glibc":
+        return ()
+    try:
+        return tuple(int(p) for p in version.split(".")[:2])
+    except ValueError:
+        return ()
+
+
+def hugepage_env(num_params: Optional[int], environ=None, *, idle: bool = False,
+                 thp: Optional[str] = None, glibc: Optional[tuple] = None,
+                 accelerator: Optional[bool] = None) -> Optional[dict]:
+    """The environment to restart the process with so that glibc's malloc asks for
+    transparent huge pages, or None to carry on as is. Mode from $LATENTR3_CPU_HUGEPAGES:
+    'off' never; 'on' whenever the system can ('madvise' THP mode, glibc 2.35 or newer);
+    'auto' (default) also needs a model known to be above AUTO_MAX_PARAMS under the
+    `system` heap policy, the size where it was measured to pay, and no accelerator (no
+    NVIDIA, TPU or ROCm device file; JAX_PLATFORMS, if set, naming cpu) and a job that
+    runs back to back (`idle`: a service that waits between requests, where freed huge
+    pages cost more on a VM that hands them back to its host). Never when
+    GLIBC_TUNABLES already sets glibc.malloc.hugetlb, or in a process restarted for it.
+    `thp`, `glibc`, `accelerator`: the system's facts, read here unless given (tests)."""
+    env = dict(os.environ if environ is None else environ)
+    mode = env.get(HUGEPAGES_ENV, "auto").strip().lower()
+    if mode not in HUGEPAGE_MODES:
+        raise ValueError(f"{HUGEPAGES_ENV} must be one of {', '.join(HUGEPAGE_MODES)}, "
+                         f"got {mode!r}")
+    tunables = env.get("GLIBC_TUNABLES", "")
+    if (mode == "off" or env.get(RESTARTED_ENV) or "glibc.malloc.hugetlb" in tunables):
+        return None
+    thp = thp_mode() if thp is None else thp
+    glibc = _glibc_version() if glibc is None else glibc
+    if thp != "madvise" or not glibc or glibc < (2, 35):
+        # 'always' gives big mappings huge pages already; 'never' cannot
+        if mode == "on":
+            log.warning("%s=on: no effect here (transparent huge pages %r, glibc %s)",
+                        HUGEPAGES_ENV, thp or "unknown",
+                        ".".join(map(str, glibc)) or "absent")
+        return None
+    if mode == "auto":
+        if accelerator is None:
+            platforms = env.get("JAX_PLATFORMS", "")
+            accelerator = ((bool(platforms) and "cpu" not in platforms.split(","))
+                           or any(os.path.exists(p) for p in ACCELERATOR_DEVICES))
+        heap = env.get(ENV, "auto").strip().lower()
+        if (accelerator or idle or num_params is None or int(num_params) <= AUTO_MAX_PARAMS
+                or heap not in ("auto", "system")):
+            return None
+    env["GLIBC_TUNABLES"] = f"{tunables}:{HUGETLB_TUNABLE}" if tunables else HUGETLB_TUNABLE
+    env[RESTARTED_ENV] = "1"
+    return env
+

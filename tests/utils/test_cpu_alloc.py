@@ -147,3 +147,90 @@ def test_release_hands_the_kept_heap_back():
     assert got["applied"] and got["released"], got
     assert got["held"] - got["after"] > 512, got
     assert cpu_alloc.release() in (True, False)   # callable without the policy too
+
+
+_BIG, _SMALL = 134_515_584, 650_368   # SmolLM2-135M, the demo model
+_SYSTEM = dict(thp="madvise", glibc=(2, 36), accelerator=False)
+
+
+def test_hugepage_env_restarts_only_where_it_was_measured_to_pay():
+    env = cpu_alloc.hugepage_env(_BIG, {"PATH": "/bin"}, **_SYSTEM)
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1" and env["PATH"] == "/bin"
+    assert env[cpu_alloc.RESTARTED_ENV] == "1"
+    # other tunables are kept
+    env = cpu_alloc.hugepage_env(_BIG, {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, **_SYSTEM)
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    # auto: small or unknown models, forced heap policies, accelerators -> no restart
+    assert cpu_alloc.hugepage_env(_SMALL, {}, **_SYSTEM) is None
+    assert cpu_alloc.hugepage_env(cpu_alloc.AUTO_MAX_PARAMS, {}, **_SYSTEM) is None
+    assert cpu_alloc.hugepage_env(None, {}, **_SYSTEM) is None
+    assert cpu_alloc.hugepage_env(_BIG, {"LATENTR3_CPU_MALLOC": "keep"}, **_SYSTEM) is None
+    assert cpu_alloc.hugepage_env(_BIG, {"LATENTR3_CPU_MALLOC": "system"}, **_SYSTEM)
+    assert cpu_alloc.hugepage_env(_BIG, {}, thp="madvise", glibc=(2, 36), accelerator=True) is None
+    assert cpu_alloc.hugepage_env(_BIG, {"JAX_PLATFORMS": "cuda"}, thp="madvise",
+                                  glibc=(2, 36)) is None
+    # a service that idles between requests: only when asked for
+    assert cpu_alloc.hugepage_env(_BIG, {}, idle=True, **_SYSTEM) is None
+    assert cpu_alloc.hugepage_env(_BIG, {cpu_alloc.HUGEPAGES_ENV: "on"}, idle=True, **_SYSTEM)
+    # on: any size; off: never
+    assert cpu_alloc.hugepage_env(_SMALL, {cpu_alloc.HUGEPAGES_ENV: "on"}, **_SYSTEM)
+    assert cpu_alloc.hugepage_env(None, {cpu_alloc.HUGEPAGES_ENV: "ON "}, **_SYSTEM)
+    assert cpu_alloc.hugepage_env(_BIG, {cpu_alloc.HUGEPAGES_ENV: "off"}, **_SYSTEM) is None
+    # nothing to gain or no way to: THP always/never, old or no glibc; already set; restarted
+    for system in (dict(thp="always", glibc=(2, 36)), dict(thp="never", glibc=(2, 36)),
+                   dict(thp="madvise", glibc=(2, 34)), dict(thp="madvise", glibc=())):
+        assert cpu_alloc.hugepage_env(_BIG, {cpu_alloc.HUGEPAGES_ENV: "on"}, accelerator=False,
+                                      **system) is None, system
+    assert cpu_alloc.hugepage_env(_BIG, {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"},
+                                  **_SYSTEM) is None
+    assert cpu_alloc.hugepage_env(_BIG, {cpu_alloc.RESTARTED_ENV: "1"}, **_SYSTEM) is None
+    with pytest.raises(ValueError, match=cpu_alloc.HUGEPAGES_ENV):
+        cpu_alloc.hugepage_env(_BIG, {cpu_alloc.HUGEPAGES_ENV: "yes"}, **_SYSTEM)
+
+
+def test_thp_mode_reads_the_bracketed_choice(tmp_path):
+    f = tmp_path / "enabled"
+    f.write_text("always [madvise] never\n")
+    assert cpu_alloc.thp_mode(str(f)) == "madvise"
+    f.write_text("[always] madvise never\n")
+    assert cpu_alloc.thp_mode(str(f)) == "always"
+    assert cpu_alloc.thp_mode(str(tmp_path / "missing")) == ""
+
+
+def _cli(env_extra, *args):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GLIBC_TUNABLES", cpu_alloc.RESTARTED_ENV, cpu_alloc.HUGEPAGES_ENV)}
+    env.update(env_extra, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "latentr3_jax.cli", "memory", *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.skipif(cpu_alloc.thp_mode() != "madvise" or cpu_alloc._glibc_version() < (2, 35),
+                    reason="needs transparent huge pages in madvise mode and glibc >= 2.35")
+def test_command_line_restarts_itself_with_malloc_huge_pages():
+    line = "glibc malloc with transparent huge pages"
+    on = _cli({cpu_alloc.HUGEPAGES_ENV: "on"})
+    assert on.returncode == 0, on.stderr[-2000:]
+    assert line in on.stderr and "GiB per device" in on.stdout    # restarted, then ran
+    off = _cli({cpu_alloc.HUGEPAGES_ENV: "off"})
+    assert off.returncode == 0 and line not in off.stderr
+    # auto with the small default model: no restart; a user's own tunable is left alone
+    assert line not in _cli({}).stderr
+    assert line not in _cli({cpu_alloc.HUGEPAGES_ENV: "on",
+                             "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}).stderr
+    bad = _cli({cpu_alloc.HUGEPAGES_ENV: "maybe"})
+    assert bad.returncode == 2 and cpu_alloc.HUGEPAGES_ENV in bad.stderr
+
+
+def test_in_process_main_never_restarts(monkeypatch, capsys):
+    from latentr3_jax import cli
+
+    def no_exec(*a):
+        raise AssertionError("main(argv) must not replace the calling process")
+    monkeypatch.setattr(os, "execve", no_exec)
+    monkeypatch.setenv(cpu_alloc.HUGEPAGES_ENV, "on")
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv(cpu_alloc.RESTARTED_ENV, raising=False)
+    assert cli.main(["memory"]) == 0
+    assert "GiB per device" in capsys.readouterr().out
+
