@@ -387,8 +387,8 @@ def main():
     # the host setting `latentr3` starts a model this size with (cpu_alloc.hugepage_env:
     # malloc huge pages above 32M parameters), given to both engines alike
     start = cpu_alloc.hugepage_env(config.num_params(), dict(os.environ, JAX_PLATFORMS="cpu"),
-                                   accelerator=False) or {}
-    host = {k: start[k] for k in ("GLIBC_TUNABLES",) if k in start}
+                                   accelerator=False)
+    host = {"GLIBC_TUNABLES": start["GLIBC_TUNABLES"]} if start else {}
     result["host_env"] = host
     # both engines in turns: their timed steps alternate, so the VM's drift hits both alike
     result["jax"], result["torch"] = common.run_workers_in_turns([

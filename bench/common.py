@@ -274,8 +274,9 @@ def machine() -> dict:
 
 def thp_mode() -> str:
     """The kernel's transparent huge page setting, e.g. 'always [madvise] never'."""
+    from latentr3_jax.utils.cpu_alloc import THP_SYSFS   # (loads no JAX)
     try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+        with open(THP_SYSFS) as f:
             return f.read().strip()
     except OSError:
         return "unknown"
