@@ -54,6 +54,7 @@ from latentr3_jax.data.synthetic import write_synthetic  # noqa: E402
 from latentr3_jax.model import latent as latent_lib  # noqa: E402
 from latentr3_jax.model.config import bench_config  # noqa: E402
 from latentr3_jax.parallel import mesh as mesh_lib  # noqa: E402
+from latentr3_jax.train import setup  # noqa: E402
 from latentr3_jax.train import grpo, loop, optim, runs, state as state_lib  # noqa: E402
 from latentr3_jax.train import step as step_lib  # noqa: E402
 from latentr3_jax.train.sft import train_sft  # noqa: E402
@@ -429,6 +430,8 @@ def main() -> int:
 def speed_part(args, result) -> None:
     tok, enc, source = cds_prompts(tokenizer="smollm2" if args.shape == "smollm2-135m" else "bpe")
     cfg = common.shape_config(args.shape, tok.vocab_size)
+    # what `latentr3 grpo` runs for this model and backend (model.scan_layers=auto)
+    cfg = cfg.with_execution(scan_layers=setup.scan_layers_option("auto", cfg.num_layers))
     lens = [len(e.prompt_ids) for e in enc]
     tl = [len(e.target_ids) for e in enc]
     result["shape"], result["model"] = args.shape, cfg.to_dict()

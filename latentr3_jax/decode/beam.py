@@ -126,9 +126,14 @@ def decode_step(config: DecoderConfig, params: dict, tokens, positions, prefix: 
 
     Attention reads each user's prompt cache once for all of its beams (`prefix`: k, v
     [L, b, S, K, D], mask [b, S]) plus the beams' own decode cache (`dec`: k, v
-    [L, b*B, T, K, D], slots 0..t visible; the new token is written at slot t). The
+    [L, b*B, T, K, D], slots 0..t-1 visible) plus the new token itself, whose k, v are
+    written at slot t after the layers have run: one in-place update of the whole cache
+    per step. (Written inside the layer scan, the cache became a per-layer output that XLA
+    copied whole at every step, and in bf16 also converted to float32 and back.) The
     decoder's own layer (`decoder.decoder_layer`) with that attention plugged in: same
     arithmetic as `decoder.apply` on a per-beam copy of the prompt cache, without the copy.
+    The layer weights and both caches may be held as `decoder.to_bits` (bf16 / fp16 as
+    uint16, read as `dtype`); the new cache comes back in the form `dec` came in.
     """
     c = config
     bB, B = tokens.shape[0], num_beams
@@ -138,32 +143,39 @@ def decode_step(config: DecoderConfig, params: dict, tokens, positions, prefix: 
     x = decoder.embed_tokens(c, params, tokens[:, None], dtype)                # [bB, 1, d]
     cos, sin = decoder.rope_tables(c, positions[:, None], dtype)
     prefix_mask = prefix["mask"].astype(bool)[:, None, None, None, :]          # [b,1,1,1,S]
-    dec_visible = (jnp.arange(T) <= t)[None, None, None, None, :]
+    dec_visible = (jnp.arange(T) < t)[None, None, None, None, :]
 
     def layer(x, xs):
         lp, pk, pv, dk, dv = xs
 
-        def attend(q, k, v):   # one softmax over the user's prompt and the beam's own tokens
-            new_dk, new_dv = decoder.write_kv((dk, dv), k, v, t)
+        def attend(q, k, v):   # one softmax over the user's prompt, the beam's past and itself
             qg = q.reshape(b, B, K, G, D)
-            dk5 = new_dk.reshape(b, B, T, K, D).astype(q.dtype)
-            dv5 = new_dv.reshape(b, B, T, K, D).astype(q.dtype)
+            kn = k.reshape(b, B, K, 1, D).astype(q.dtype)
+            vn = v.reshape(b, B, K, 1, D).astype(q.dtype)
+            dk5 = dk.reshape(b, B, T, K, D).astype(q.dtype)
+            dv5 = dv.reshape(b, B, T, K, D).astype(q.dtype)
             s_pre = mixed.einsum("bnkgd,bskd->bkgns", qg, pk, jnp.float32)
             s_dec = mixed.einsum("bnkgd,bntkd->bkgnt", qg, dk5, jnp.float32)
+            s_new = mixed.einsum("bnkgd,bnkod->bkgno", qg, kn, jnp.float32)
             s_pre = jnp.where(prefix_mask, s_pre / math.sqrt(D), decoder.NEG_INF)
             s_dec = jnp.where(dec_visible, s_dec / math.sqrt(D), decoder.NEG_INF)
-            scores = jnp.concatenate([s_pre, s_dec], axis=-1)
+            scores = jnp.concatenate([s_pre, s_dec, s_new / math.sqrt(D)], axis=-1)
             probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
             out = (mixed.einsum("bkgns,bskd->bnkgd", probs[..., :S], pv)
-                   + mixed.einsum("bkgnt,bntkd->bnkgd", probs[..., S:], dv5))
-            return out.reshape(bB, 1, H, D), (new_dk, new_dv)
+                   + mixed.einsum("bkgnt,bntkd->bnkgd", probs[..., S:S + T], dv5)
+                   + mixed.einsum("bkgno,bnkod->bnkgd", probs[..., S + T:], vn))
+            return out.reshape(bB, 1, H, D), (k.astype(dk.dtype), v.astype(dv.dtype))
 
         return decoder.decoder_layer(c, lp, x, cos, sin, attend)
 
-    x, (dk, dv) = jax.lax.scan(layer, x, (params["layers"], prefix["k"], prefix["v"],
-                                          dec["k"], dec["v"]))
+    x, (new_k, new_v) = decoder.scan_bits(layer, x, (params["layers"], prefix["k"], prefix["v"],
+                                                     dec["k"], dec["v"]), dtype)  # [L, bB, 1, K, D]
+    if dec["k"].dtype != jnp.uint16:
+        new_k, new_v = decoder.from_bits((new_k, new_v), dtype)
+    dec = {"k": jax.lax.dynamic_update_slice_in_dim(dec["k"], new_k, t, axis=2),
+           "v": jax.lax.dynamic_update_slice_in_dim(dec["v"], new_v, t, axis=2)}
     hidden = decoder.rms_norm(x, params["final_norm"]["scale"], c.rms_norm_eps)
-    return decoder.lm_head(c, params, hidden)[:, 0], {"k": dk, "v": dv}
+    return decoder.lm_head(c, params, hidden)[:, 0], dec
 
 
 def _gather_beams(x, idx):
@@ -204,6 +216,12 @@ def beam_search(config: DecoderConfig, params: dict, trie: Optional[TrieArrays],
     dec = {"k": jnp.zeros(dec_shape, prefix["k"].dtype), "v": jnp.zeros(dec_shape, prefix["v"].dtype)}
     logits = jnp.repeat(first_logits, B, axis=0)           # [b*B, V]
 
+    # The decode loop's frozen weights and caches, cast once and held as `decoder.to_bits`
+    # (see `decoder.scan_bits`): the loop then never converts them.
+    step_params = decoder.matmul_weights(params, dtype)
+    step_params = dict(step_params, layers=decoder.to_bits(step_params["layers"]))
+    prefix = dict(prefix, k=decoder.to_bits(prefix["k"]), v=decoder.to_bits(prefix["v"]))
+    dec = decoder.to_bits(dec)
     state = dict(
         t=jnp.zeros((), jnp.int32), dec=dec, logits=logits,
         run_scores=jnp.tile(jnp.array([0.0] + [_DUMMY] * (B - 1), jnp.float32), (b, 1)),
@@ -270,7 +288,8 @@ def beam_search(config: DecoderConfig, params: dict, trie: Optional[TrieArrays],
             kv = jnp.take_along_axis(kv, run_beam[None, :, :, None, None, None], axis=2)
             dec[name] = kv.reshape((kv.shape[0], b * B) + kv.shape[3:])
         new_tok = _gather_beams(top_tok, keep).reshape(-1)
-        logits, dec = decode_step(config, params, new_tok, positions0 + t, prefix, dec, t, B, dtype)
+        logits, dec = decode_step(config, step_params, new_tok, positions0 + t, prefix, dec, t, B,
+                                  dtype)
 
         # HF's early-stopping heuristic, at the new length
         best_possible = run_scores[:, 0] / length ** length_penalty

@@ -188,6 +188,64 @@ def dense(p: dict, x: jax.Array, n_in: int = 1) -> jax.Array:
     return y.reshape(lead + out_shape)
 
 
+def matmul_weights(params: dict, dtype) -> dict:
+    """`params` with every matmul weight ("kernel", "embedding" leaves) cast to `dtype` when
+    that is a low-precision compute dtype; biases, norm scales and everything else as is.
+
+    Each matmul casts its weight to the activations' dtype (`mixed.einsum`), so a function
+    of these params computes exactly what it computes on the originals. It is for loops
+    that apply the same frozen weights many times, such as beam search's decode steps: cast
+    once before the loop, instead of all 135M (say) weights being read in float32 and
+    rounded at every step, which on a CPU cost more than the bf16 arithmetic saved."""
+    dtype = jnp.dtype(dtype)
+    if dtype not in mixed.LOW_PRECISION:
+        return params
+
+    def cast(path, x):
+        name = getattr(path[-1], "key", None) if path else None
+        if name in ("kernel", "embedding") and x.dtype == jnp.float32:
+            return x.astype(dtype)
+        return x
+
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
+def to_bits(tree):
+    """bf16 / fp16 leaves of `tree` as uint16 arrays holding the same bits; others as is."""
+    def one(x):
+        if hasattr(x, "dtype") and jnp.dtype(x.dtype) in mixed.LOW_PRECISION:
+            return jax.lax.bitcast_convert_type(x, jnp.uint16)
+        return x
+    return jax.tree.map(one, tree)
+
+
+def from_bits(tree, dtype):
+    """The inverse of `to_bits` for a model computing in `dtype`: uint16 leaves are read
+    as `dtype` (the model holds no genuine uint16 arrays)."""
+    def one(x):
+        if hasattr(x, "dtype") and x.dtype == jnp.uint16:
+            return jax.lax.bitcast_convert_type(x, dtype)
+        return x
+    return jax.tree.map(one, tree)
+
+
+def scan_bits(f, carry, xs, dtype):
+    """`jax.lax.scan(f, carry, xs)` over xs that are not differentiated (frozen weights, KV
+    caches) and may hold low-precision arrays as `to_bits` uint16: `f` sees them as `dtype`,
+    and the low-precision arrays it stacks come back as bits.
+
+    Why: XLA's CPU backend does not slice bf16 arrays natively in a loop. It converted every
+    bf16 array a layer scan reads (the weights, the KV caches) to float32 before the loop
+    and back inside it, at every call, which made a bf16 decode step slower than a float32
+    one. Slices of uint16 arrays are plain copies. Callers that loop (beam search) keep
+    their weights and caches as bits for the whole loop, so the bitcasts, which XLA also
+    materialises, happen once."""
+    def body(c, x):
+        c, y = f(c, from_bits(x, dtype))
+        return c, to_bits(y)
+    return jax.lax.scan(body, carry, to_bits(xs))
+
+
 def attention_bias(mask: jax.Array) -> jax.Array:
     """bool [B,T,S] -> additive float32 bias (0 / NEG_INF)."""
     return jnp.where(mask, 0.0, NEG_INF).astype(jnp.float32)

@@ -295,3 +295,26 @@ def test_latent_ensemble_without_noise_is_the_plain_search():
     with pytest.raises(ValueError, match="latent thoughts"):
         constrained_beam_search(config, params, trie.arrays(), ids, mask, max_len=trie.max_len,
                                 num_beams=5, num_thoughts=0, latent_samples=2, latent_sigma=1.0)
+
+
+def test_matmul_weights_cast_once_changes_nothing_in_bf16(monkeypatch):
+    """Beam search casts the matmul weights to bf16 once before its decode loop; the
+    search must return bit for bit what it returns when every step casts them itself."""
+    config, params = _model(seed=4)
+    cast = decoder.matmul_weights(params, jnp.bfloat16)
+    assert decoder.matmul_weights(params, jnp.float32) is params
+    flat = jax.tree_util.tree_flatten_with_path(cast)[0]
+    kinds = {getattr(p[-1], "key", None): x.dtype for p, x in flat}
+    assert kinds["kernel"] == jnp.bfloat16 and kinds["embedding"] == jnp.bfloat16
+    assert all(x.dtype == jnp.float32 for p, x in flat
+               if getattr(p[-1], "key", None) not in ("kernel", "embedding"))
+    trie = ItemTrie(_catalog(seed=4), V)
+    ids, mask = _prompts(seed=4)
+    kw = dict(max_len=trie.max_len, num_beams=4, num_thoughts=1, dtype=jnp.bfloat16)
+    once = constrained_beam_search(config, params, trie.arrays(), ids, mask, **kw)
+    monkeypatch.setattr(decoder, "matmul_weights", lambda p, dtype: p)
+    jax.clear_caches()
+    every_step = constrained_beam_search(config, params, trie.arrays(), ids, mask, **kw)
+    jax.clear_caches()
+    for a, b in zip(jax.tree.leaves(once), jax.tree.leaves(every_step)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
