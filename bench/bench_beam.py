@@ -59,6 +59,7 @@ from latentr3_jax.decode.beam import constrained_beam_search
 from latentr3_jax.decode.trie import ItemTrie
 from latentr3_jax.hf import load_pretrained, resize_vocab, save_pretrained
 from latentr3_jax.model import decoder, latent
+from latentr3_jax.train import setup
 
 HEAD_LEN = 5   # the release keys a title's first token by the 5 ids before generation
 
@@ -325,6 +326,8 @@ def main(argv=None) -> int:
                     f"{args.finetune_batch}, lr {args.finetune_lr:g}) on CDs train rows")
     elif real:
         weights += ", not fine-tuned (titles may not end where real ones do)"
+    # the prompt pass as `latentr3 eval` runs it on this backend (model.scan_layers=auto)
+    config = config.with_execution(scan_layers=setup.scan_layers_option("auto", config.num_layers))
     titles = D.catalog_target_ids(tok, ds.catalog, "latentr3")
     trie = ItemTrie(titles, config.vocab_size)
     batches, width, mean_prompt = make_batches(tok, ds, args.users, args.batch)
@@ -345,6 +348,7 @@ def main(argv=None) -> int:
                    "users": args.users, "batch": args.batch, "num_beams": args.num_beams,
                    "length_penalty": args.length_penalty, "prompt_tokens_mean": mean_prompt,
                    "prompt_width": width, "shape": args.shape, "model": config.to_dict(),
+                   "scan_layers": bool(config.scan_layers),
                    "non_embedding_params": common.non_embedding_params(config),
                    "weights": weights, "finetune_losses": losses, "init_std": args.std,
                    "torch_threads": torch.get_num_threads(), "torch_device": device,

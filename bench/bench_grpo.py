@@ -435,6 +435,7 @@ def speed_part(args, result) -> None:
     lens = [len(e.prompt_ids) for e in enc]
     tl = [len(e.target_ids) for e in enc]
     result["shape"], result["model"] = args.shape, cfg.to_dict()
+    result["scan_layers"] = bool(cfg.scan_layers)
     result["weights"] = "random (seed 0): a step's time does not depend on their values"
     result["data"] = {"source": source, "vocab_size": tok.vocab_size, "rows": len(enc),
                       "prompt_tokens_mean": float(np.mean(lens)), "target_tokens_mean": float(np.mean(tl))}

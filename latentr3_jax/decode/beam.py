@@ -161,10 +161,12 @@ def decode_step(config: DecoderConfig, params: dict, tokens, positions, prefix: 
             s_dec = jnp.where(dec_visible, s_dec / math.sqrt(D), decoder.NEG_INF)
             scores = jnp.concatenate([s_pre, s_dec, s_new / math.sqrt(D)], axis=-1)
             probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-            out = (mixed.einsum("bkgns,bskd->bnkgd", probs[..., :S], pv)
-                   + mixed.einsum("bkgnt,bntkd->bnkgd", probs[..., S:S + T], dv5)
-                   + mixed.einsum("bkgno,bnkod->bnkgd", probs[..., S + T:], vn))
-            return out.reshape(bB, 1, H, D), (k.astype(dk.dtype), v.astype(dv.dtype))
+            f32 = jnp.float32   # the three parts summed before the one rounding
+            out = (mixed.einsum("bkgns,bskd->bnkgd", probs[..., :S], pv, f32)
+                   + mixed.einsum("bkgnt,bntkd->bnkgd", probs[..., S:S + T], dv5, f32)
+                   + mixed.einsum("bkgno,bnkod->bnkgd", probs[..., S + T:], vn, f32))
+            return (out.astype(q.dtype).reshape(bB, 1, H, D),
+                    (k.astype(dk.dtype), v.astype(dv.dtype)))
 
         return decoder.decoder_layer(c, lp, x, cos, sin, attend)
 
