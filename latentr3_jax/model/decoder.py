@@ -211,7 +211,12 @@ def matmul_weights(params: dict, dtype) -> dict:
 
 
 def to_bits(tree):
-    """bf16 / fp16 leaves of `tree` as uint16 arrays holding the same bits; others as is."""
+    """On a CPU backend, bf16 / fp16 leaves of `tree` as uint16 arrays holding the same
+    bits, others as is; on other backends `tree` unchanged (their loops slice bf16 arrays
+    natively, and a bitcast there could cost a relayout). See `scan_bits`."""
+    if jax.default_backend() != "cpu":
+        return tree
+
     def one(x):
         if hasattr(x, "dtype") and jnp.dtype(x.dtype) in mixed.LOW_PRECISION:
             return jax.lax.bitcast_convert_type(x, jnp.uint16)
@@ -232,7 +237,8 @@ def from_bits(tree, dtype):
 def scan_bits(f, carry, xs, dtype):
     """`jax.lax.scan(f, carry, xs)` over xs that are not differentiated (frozen weights, KV
     caches) and may hold low-precision arrays as `to_bits` uint16: `f` sees them as `dtype`,
-    and the low-precision arrays it stacks come back as bits.
+    and the low-precision arrays it stacks come back as bits (on a CPU; elsewhere this is
+    `jax.lax.scan`).
 
     Why: XLA's CPU backend does not slice bf16 arrays natively in a loop. It converted every
     bf16 array a layer scan reads (the weights, the KV caches) to float32 before the loop

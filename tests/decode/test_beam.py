@@ -318,3 +318,18 @@ def test_matmul_weights_cast_once_changes_nothing_in_bf16(monkeypatch):
     jax.clear_caches()
     for a, b in zip(jax.tree.leaves(once), jax.tree.leaves(every_step)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_bits_round_trip_and_stay_off_accelerators(monkeypatch):
+    tree = {"w": jnp.asarray([1.5, -2.25, 3e-3], jnp.bfloat16), "s": jnp.ones(2, jnp.float32),
+            "i": jnp.arange(3)}
+    bits = decoder.to_bits(tree)
+    assert bits["w"].dtype == jnp.uint16 and bits["s"].dtype == jnp.float32
+    assert bits["i"].dtype == tree["i"].dtype
+    back = decoder.from_bits(bits, jnp.bfloat16)
+    for k in tree:
+        assert back[k].dtype == tree[k].dtype
+        np.testing.assert_array_equal(np.asarray(back[k], np.float32),
+                                      np.asarray(tree[k], np.float32))
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert decoder.to_bits(tree) is tree
