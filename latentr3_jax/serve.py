@@ -198,6 +198,10 @@ def make_server(rec: Recommender, host: str = "127.0.0.1", port: int = 8080, *,
     class Server(ThreadingHTTPServer):
         daemon_threads = True
         allow_reuse_address = True
+        # socketserver's default listen backlog is 5: with more clients connecting at once
+        # the kernel dropped their handshakes, which came back after a 1 s retransmit or
+        # as a reset connection
+        request_queue_size = 128
 
         def server_close(self):
             super().server_close()
