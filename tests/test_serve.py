@@ -74,6 +74,8 @@ def test_32_concurrent_clients_get_their_own_answers(server, run):
     ds = D.load_dataset(runs.load_run(run[0]).config)
     histories = [list(s.history_titles) for s in ds.splits["test"][:32]]
     ks = [1 + n % 4 for n in range(32)]
+    # 32 clients may connect at once: the listen backlog must hold their handshakes
+    assert srv.request_queue_size >= 32
     before = srv.batcher.batches
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
         got = list(pool.map(lambda hk: _request(srv, "POST", "/recommend",
