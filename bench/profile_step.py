@@ -21,7 +21,6 @@ import gzip
 import json
 import os
 import re
-import sys
 import tempfile
 import time
 

@@ -5,7 +5,6 @@ title rules), written to results/reference_rows_seed<S>.json.
 """
 
 import argparse
-import json
 import os
 import time
 

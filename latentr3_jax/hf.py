@@ -15,7 +15,6 @@ import json
 import math
 import os
 import re
-import shutil
 from typing import Iterable, Optional
 
 import jax.numpy as jnp

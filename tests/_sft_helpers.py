@@ -1,7 +1,6 @@
 """Small builders shared by the SFT / sharding / checkpoint tests."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from latentr3_jax.model import decoder, latent

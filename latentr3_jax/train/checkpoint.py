@@ -21,7 +21,6 @@ import warnings
 from typing import Optional
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from latentr3_jax.errors import InputError

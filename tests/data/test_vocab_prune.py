@@ -17,7 +17,6 @@ from latentr3_jax.data.synthetic import generate
 from latentr3_jax.errors import InputError
 from latentr3_jax.model import decoder
 from latentr3_jax.model.config import tiny_config
-from tokenizers import Tokenizer as Backend
 
 SHARED = pathlib.Path(__file__).resolve().parents[3] / "shared"
 SMOL = SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -9,7 +9,6 @@ import jax
 import numpy as np
 import pytest
 
-from latentr3_jax.train import checkpoint as ckpt_lib
 
 import _crash_helpers as ch
 from latentr3_jax.train import runs

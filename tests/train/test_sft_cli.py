@@ -7,15 +7,13 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 import pytest
 
 from latentr3_jax.config import default_config_file, parse_config
-from latentr3_jax.train import checkpoint as ckpt_lib, runs
+from latentr3_jax.train import runs
 from latentr3_jax.train.sft import train_sft
 from latentr3_jax.train.step import NonFiniteError
-from latentr3_jax.train import runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

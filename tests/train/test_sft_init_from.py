@@ -12,7 +12,7 @@ from latentr3_jax import data, pipeline
 from latentr3_jax.config import default_config_file, parse_config
 from latentr3_jax.errors import InputError
 from latentr3_jax.model import latent
-from latentr3_jax.train import checkpoint as ckpt_lib, runs, setup
+from latentr3_jax.train import setup
 from latentr3_jax.train.sft import train_sft
 from latentr3_jax.train import fingerprint, runs
 

@@ -3,8 +3,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-import pytest
 
 from latentr3_jax.parallel import make_mesh
 from latentr3_jax.train import optim
