@@ -298,8 +298,9 @@ def test_latent_ensemble_without_noise_is_the_plain_search():
 
 
 def test_matmul_weights_cast_once_changes_nothing_in_bf16(monkeypatch):
-    """Beam search casts the matmul weights to bf16 once before its decode loop; the
-    search must return bit for bit what it returns when every step casts them itself."""
+    """Beam search casts the matmul weights to bf16 once before its decode loop and, on a
+    CPU, holds weights and caches as uint16 bits; the search must return bit for bit what
+    it returns when every step casts the weights itself and no bits are used."""
     config, params = _model(seed=4)
     cast = decoder.matmul_weights(params, jnp.bfloat16)
     assert decoder.matmul_weights(params, jnp.float32) is params
@@ -315,9 +316,13 @@ def test_matmul_weights_cast_once_changes_nothing_in_bf16(monkeypatch):
     monkeypatch.setattr(decoder, "matmul_weights", lambda p, dtype: p)
     jax.clear_caches()
     every_step = constrained_beam_search(config, params, trie.arrays(), ids, mask, **kw)
+    monkeypatch.setattr(decoder, "to_bits", lambda tree: tree)
     jax.clear_caches()
-    for a, b in zip(jax.tree.leaves(once), jax.tree.leaves(every_step)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    no_bits = constrained_beam_search(config, params, trie.arrays(), ids, mask, **kw)
+    jax.clear_caches()
+    for other in (every_step, no_bits):
+        for a, b in zip(jax.tree.leaves(once), jax.tree.leaves(other)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_bits_round_trip_and_stay_off_accelerators(monkeypatch):
