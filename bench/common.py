@@ -274,12 +274,8 @@ def machine() -> dict:
 
 def thp_mode() -> str:
     """The kernel's transparent huge page setting, e.g. 'always [madvise] never'."""
-    from latentr3_jax.utils.cpu_alloc import THP_SYSFS   # (loads no JAX)
-    try:
-        with open(THP_SYSFS) as f:
-            return f.read().strip()
-    except OSError:
-        return "unknown"
+    from latentr3_jax.utils.cpu_alloc import thp_setting   # (loads no JAX)
+    return thp_setting() or "unknown"
 
 
 # --------------------------------------------------------------------------- FLOP count

@@ -129,14 +129,19 @@ THP_SYSFS = "/sys/kernel/mm/transparent_hugepage/enabled"
 ACCELERATOR_DEVICES = ("/dev/nvidia0", "/dev/accel0", "/dev/kfd", "/dev/vfio/0")
 
 
-def thp_mode(path: str = THP_SYSFS) -> str:
-    """The kernel's transparent-huge-page mode ('always', 'madvise', 'never'; '' unknown)."""
+def thp_setting(path: str = THP_SYSFS) -> str:
+    """The kernel's transparent-huge-page line as it reads, e.g. 'always [madvise] never'
+    ('' unknown)."""
     try:
         with open(path) as f:
-            text = f.read()
+            return f.read().strip()
     except OSError:
         return ""
-    chosen = [w[1:-1] for w in text.split() if w.startswith("[") and w.endswith("]")]
+
+
+def thp_mode(path: str = THP_SYSFS) -> str:
+    """The kernel's transparent-huge-page mode ('always', 'madvise', 'never'; '' unknown)."""
+    chosen = [w[1:-1] for w in thp_setting(path).split() if w.startswith("[") and w.endswith("]")]
     return chosen[0] if chosen else ""
 
 
