@@ -14,6 +14,9 @@ left-padded user prompts, in float32 and bfloat16:
   N=1  jax        our search with one latent thought
        torch      the release's latent model (torch_reference.latent_generation_model)
                   + its processor
+  jax0_whole, jax1_whole: our search with the decode cache sized to the longest title
+       from the first step (`cache_buckets=(max_len,)`, one stage) instead of the default
+       stages 16, 32, 64, ...: what the staged cache saves
 
 Each row gives users/s, the FLOPs of the passes it runs (bench/common.py: the decode
 steps are the longest returned title of each batch, EOS included), FLOP/s and fraction
@@ -183,13 +186,14 @@ def finetune(config, params, tok, ds, steps: int, batch: int, lr: float):
 # --------------------------------------------------------------------------- engines
 
 
-def run_jax(config, params, trie, batches, dtype, num_beams, length_penalty, num_thoughts):
+def run_jax(config, params, trie, batches, dtype, num_beams, length_penalty, num_thoughts,
+            cache_buckets=None):
     """(leaves [users, beams], users/s, compile seconds, decode steps per batch)."""
     arrays = jax.device_put(trie.arrays())
     call = lambda ids, mask: constrained_beam_search(
         config, params, arrays, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32),
         max_len=trie.max_len, num_beams=num_beams, length_penalty=length_penalty,
-        num_thoughts=num_thoughts, dtype=dtype)
+        num_thoughts=num_thoughts, dtype=dtype, cache_buckets=cache_buckets)
     t = time.perf_counter()
     jax.block_until_ready(call(*batches[0]))
     compile_s = time.perf_counter() - t
@@ -298,8 +302,9 @@ def main(argv=None) -> int:
                     help="LatentR³ SFT steps on CDs train rows before timing (real weights)")
     ap.add_argument("--finetune-batch", type=int, default=8)
     ap.add_argument("--finetune-lr", type=float, default=1e-4)
-    ap.add_argument("--rows", default="jax0,release0,hf0,jax1,release1",
-                    help="which rows to run (N=0: jax0, release0, hf0; N=1: jax1, release1)")
+    ap.add_argument("--rows", default="jax0,jax0_whole,release0,hf0,jax1,jax1_whole,release1",
+                    help="which rows to run (N=0: jax0, jax0_whole, release0, hf0; N=1: jax1, "
+                         "jax1_whole, release1)")
     args = ap.parse_args(argv)
     real = args.shape == "smollm2-135m" and args.weights == "auto"
     if real and not common.have_smollm2():
@@ -376,6 +381,8 @@ def _run_rows(args, config, params, trie, titles, batches, latent_batches, width
     def flops(kind, steps):
         f = {"jax0": lambda u, s: common.flops_beam_ours(config, u, B, width, s, 0),
              "jax1": lambda u, s: common.flops_beam_ours(config, u, B, width, s, 1),
+             "jax0_whole": lambda u, s: common.flops_beam_ours(config, u, B, width, s, 0),
+             "jax1_whole": lambda u, s: common.flops_beam_ours(config, u, B, width, s, 1),
              "release0": lambda u, s: common.flops_beam_hf(config, u, B, width, s, False),
              "hf0": lambda u, s: common.flops_beam_hf(config, u, B, width, s, False),
              "release1": lambda u, s: common.flops_beam_hf(config, u, B, width + 1, s, True)}[kind]
@@ -385,15 +392,19 @@ def _run_rows(args, config, params, trie, titles, batches, latent_batches, width
     for name in args.dtypes.split(","):
         jdt, tdt = common.jax_dtype(name), common.torch_dtype(name)
         found = {}
-        for kind in ("jax0", "jax1"):
+        for kind in ("jax0", "jax0_whole", "jax1", "jax1_whole"):
             if kind not in rows_wanted:
                 continue
+            n, whole = int(kind[3]), kind.endswith("_whole")
             with common.jax_precision(name):
                 leaves, ups, compile_s, steps, elapsed = run_jax(
-                    config, params, trie, batches, jdt, B, args.length_penalty, int(kind[-1]))
+                    config, params, trie, batches, jdt, B, args.length_penalty, n,
+                    cache_buckets=(trie.max_len,) if whole else None)
             found[kind] = leaves
-            rows.append({"dtype": name, "engine": "jax", "row": kind, "num_thoughts": int(kind[-1]),
-                         "impl": f"ours, N={kind[-1]}", "users_per_s": ups, "compile_s": compile_s,
+            impl = f"ours, N={n}" + (", one decode-cache stage of the longest title" if whole
+                                     else "")
+            rows.append({"dtype": name, "engine": "jax", "row": kind, "num_thoughts": n,
+                         "impl": impl, "users_per_s": ups, "compile_s": compile_s,
                          "decode_steps": steps, "precision": common.precision_note("jax", name),
                          **common.flop_fields(flops(kind, steps), elapsed, peaks["jax"][name])})
             print(f"  {name} {kind}: {ups:.2f} users/s", flush=True)
@@ -429,7 +440,7 @@ def _run_rows(args, config, params, trie, titles, batches, latent_batches, width
                 del model
         # agreement and speed-ups: each torch row against the JAX row of the same N
         for r in rows:
-            if r["dtype"] != name or r["engine"] != "torch":
+            if r["dtype"] != name or not (r["engine"] == "torch" or r["row"].endswith("_whole")):
                 continue
             mine = f"jax{r['num_thoughts']}"
             j = next((x for x in rows if x["dtype"] == name and x["row"] == mine), None)

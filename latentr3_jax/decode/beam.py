@@ -16,7 +16,11 @@ num_beams=B, length_penalty=...)` with a prefix-trie `prefix_allowed_tokens_fn`:
 
 The prompt cache is not copied per beam: each decode step attends to the user's prompt
 cache (shared by its B beams) and to the beams' own small decode cache, which is the only
-thing reordered by parent beam each step.
+thing reordered by parent beam each step. The decode cache grows in stages
+(`cache_buckets`, by default 16, 32, 64, ... up to `max_len`): a step's attention and
+reorder cost what the cache holds, not the longest title, and a search whose users all
+end within the first stage never touches the larger ones (one `lax.while_loop` per stage,
+the next behind a `lax.cond`; each stage compiles once).
 
 Without a trie (`trie=None`) the same loop is free generation: every token is allowed and
 a hypothesis finishes at EOS or at `max_len` (used for BIGRec grounding).
@@ -180,6 +184,27 @@ def decode_step(config: DecoderConfig, params: dict, tokens, positions, prefix: 
     return decoder.lm_head(c, params, hidden)[:, 0], dec
 
 
+def decode_cache_buckets(max_len: int, first: int = 16) -> tuple:
+    """The decode cache's capacities, stage by stage: first, 2 x first, ... then max_len."""
+    if max_len < 1 or first < 1:
+        raise ValueError(f"max_len and the first cache bucket must be positive, got "
+                         f"{max_len} and {first}")
+    caps, c = [], int(first)
+    while c < max_len:
+        caps.append(c)
+        c *= 2
+    return tuple(caps) + (int(max_len),)
+
+
+def _check_buckets(buckets, max_len: int) -> tuple:
+    caps = tuple(int(c) for c in buckets)
+    if (not caps or caps[-1] != max_len or any(c < 1 for c in caps)
+            or any(a >= b for a, b in zip(caps, caps[1:]))):
+        raise ValueError(f"cache_buckets must rise strictly and end at max_len={max_len}, "
+                         f"got {buckets}")
+    return caps
+
+
 def _gather_beams(x, idx):
     """x [b, k, ...], idx [b, m] -> [b, m, ...]."""
     return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
@@ -187,12 +212,13 @@ def _gather_beams(x, idx):
 
 @functools.partial(jax.jit, static_argnames=(
     "config", "num_beams", "max_len", "length_penalty", "num_thoughts", "latent_mode", "eos_id",
-    "dtype", "latent_samples", "latent_combine"))
+    "dtype", "latent_samples", "latent_combine", "cache_buckets"))
 def beam_search(config: DecoderConfig, params: dict, trie: Optional[TrieArrays], prompt_ids,
                 prompt_mask, *, num_beams: int = 10, max_len: int, length_penalty: float = 1.0,
                 num_thoughts: int = 0, latent_mode: str = "ratt", eos_id: int = -1,
                 dtype=jnp.float32, latent_noise=None, latent_samples: int = 1,
-                latent_combine: str = "logmeanexp") -> BeamResult:
+                latent_combine: str = "logmeanexp",
+                cache_buckets: Optional[tuple] = None) -> BeamResult:
     """Beam search for a batch of left-padded prompts [b, P].
 
     With a trie, `max_len` is the trie's longest title (`ItemTrie.max_len`) and `eos_id` is
@@ -202,7 +228,13 @@ def beam_search(config: DecoderConfig, params: dict, trie: Optional[TrieArrays],
     `latent_sample_noise`, a model with thoughts): each user's prompt runs once, M latents
     go in the thought slot, M independent searches of `num_beams` run side by side as
     M x num_beams rows, and `combine_samples` merges them per user.
+
+    `cache_buckets`: the decode cache's capacity stage by stage (rising, the last equal to
+    `max_len`; default `decode_cache_buckets(max_len)`). `(max_len,)` is one stage with
+    the whole cache. The stages change how much masked cache a step reads, not the result.
     """
+    caps = _check_buckets(cache_buckets if cache_buckets is not None
+                          else decode_cache_buckets(max_len), max_len)
     ensemble = int(latent_samples) > 1
     if ensemble and (not num_thoughts or trie is None or latent_noise is None
                      or latent_noise.shape[0] != latent_samples):
@@ -214,7 +246,7 @@ def beam_search(config: DecoderConfig, params: dict, trie: Optional[TrieArrays],
     b = first_logits.shape[0]     # users x samples
     B, V = num_beams, config.vocab_size
     positions0 = jnp.repeat(prefix["next_pos"], B)                        # [b*B]
-    dec_shape = (config.num_layers, b * B, max_len, config.num_kv_heads, config.head_dim)
+    dec_shape = (config.num_layers, b * B, caps[0], config.num_kv_heads, config.head_dim)
     dec = {"k": jnp.zeros(dec_shape, prefix["k"].dtype), "v": jnp.zeros(dec_shape, prefix["v"].dtype)}
     logits = jnp.repeat(first_logits, B, axis=0)           # [b*B, V]
 
@@ -303,7 +335,22 @@ def beam_search(config: DecoderConfig, params: dict, trie: Optional[TrieArrays],
                     run_nodes=run_nodes, run_tokens=run_tokens, fin_scores=fin_scores,
                     fin_leaf=fin_leaf, fin_tokens=fin_tokens, fin_len=fin_len, open=open_)
 
-    s = jax.lax.while_loop(cond, body, state)
+    def grow(s, capacity):     # zero slots appended to the decode cache (never visible yet)
+        pad = [(0, 0)] * 5
+        pad[2] = (0, capacity - s["dec"]["k"].shape[2])
+        return dict(s, dec={k: jnp.pad(v, pad) for k, v in s["dec"].items()})
+
+    def finished(s):
+        return {k: s[k] for k in ("fin_scores", "fin_leaf", "fin_tokens", "fin_len")}
+
+    def stage(i, s):           # steps until the cache of caps[i] is full, then the next stage
+        cap = caps[i]
+        s = jax.lax.while_loop(lambda s: cond(s) & (s["t"] < cap), body, s)
+        if i + 1 == len(caps):
+            return finished(s)
+        return jax.lax.cond(cond(s), lambda s: stage(i + 1, grow(s, caps[i + 1])), finished, s)
+
+    s = stage(0, state)
     valid = s["fin_scores"] > _VALID
     res = BeamResult(scores=s["fin_scores"], valid=valid, leaf=jnp.where(valid, s["fin_leaf"], -1),
                      tokens=s["fin_tokens"], length=jnp.where(valid, s["fin_len"], 0))
@@ -315,7 +362,8 @@ def constrained_beam_search(config, params, trie: TrieArrays, prompt_ids, prompt
                             num_thoughts: int = 0, latent_mode: str = "ratt",
                             dtype=jnp.float32, latent_samples: int = 1,
                             latent_sigma: float = 0.0, latent_combine: str = "logmeanexp",
-                            latent_seed: int = 0) -> BeamResult:
+                            latent_seed: int = 0, cache_buckets: Optional[tuple] = None
+                            ) -> BeamResult:
     """Top-`num_beams` distinct catalog titles (trie leaves) per user, best first.
 
     `latent_samples` = M > 1 (a model with thoughts): a test-time latent ensemble of the
@@ -332,14 +380,16 @@ def constrained_beam_search(config, params, trie: TrieArrays, prompt_ids, prompt
     return beam_search(config, params, trie, prompt_ids, prompt_mask, num_beams=num_beams,
                        max_len=max_len, length_penalty=float(length_penalty),
                        num_thoughts=num_thoughts, latent_mode=latent_mode, dtype=dtype,
-                       latent_noise=noise, latent_samples=M, latent_combine=latent_combine)
+                       latent_noise=noise, latent_samples=M, latent_combine=latent_combine,
+                       cache_buckets=cache_buckets)
 
 
 def free_generate(config, params, prompt_ids, prompt_mask, *, max_len: int, eos_id: int,
                   num_beams: int = 1, length_penalty: float = 1.0, num_thoughts: int = 0,
-                  latent_mode: str = "ratt", dtype=jnp.float32) -> BeamResult:
+                  latent_mode: str = "ratt", dtype=jnp.float32,
+                  cache_buckets: Optional[tuple] = None) -> BeamResult:
     """Unconstrained beam search (num_beams=1: greedy), ending at EOS or `max_len`."""
     return beam_search(config, params, None, prompt_ids, prompt_mask, num_beams=num_beams,
                        max_len=max_len, length_penalty=float(length_penalty),
                        num_thoughts=num_thoughts, latent_mode=latent_mode, eos_id=int(eos_id),
-                       dtype=dtype)
+                       dtype=dtype, cache_buckets=cache_buckets)

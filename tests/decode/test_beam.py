@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from _eval_helpers import random_params
-from latentr3_jax.decode.beam import constrained_beam_search, free_generate
+from latentr3_jax.decode.beam import constrained_beam_search, decode_cache_buckets, free_generate
 from latentr3_jax.decode.trie import ItemTrie
 from latentr3_jax.model import decoder, latent
 from latentr3_jax.model.config import tiny_config
@@ -110,8 +110,17 @@ def _assert_same_order(got_leaves, got_scores, ref_scores_by_leaf):
     assert np.all(gaps >= -1e-6)
 
 
-@pytest.mark.parametrize("num_thoughts,length_penalty", [(0, 0.0), (1, 1.0), (2, 0.5)])
-def test_wide_beam_equals_brute_force(num_thoughts, length_penalty):
+def _buckets(kind, max_len):
+    """The decode cache's stages: the default, one stage of max_len, or a new stage every
+    step or two (1, 2, 4, ...: every stage boundary and the cond that skips a stage run)."""
+    return {"default": None, "whole": (max_len,),
+            "every": decode_cache_buckets(max_len, first=1)}[kind]
+
+
+@pytest.mark.parametrize("num_thoughts,length_penalty,buckets",
+                         [(0, 0.0, "default"), (1, 1.0, "default"), (2, 0.5, "default"),
+                          (0, 0.0, "every"), (1, 1.0, "every"), (1, 1.0, "whole")])
+def test_wide_beam_equals_brute_force(num_thoughts, length_penalty, buckets):
     """With B >= distinct titles the search is exhaustive: the full brute-force ranking."""
     config, params = _model()
     trie = ItemTrie(_catalog(), V, width=3)
@@ -119,7 +128,8 @@ def test_wide_beam_equals_brute_force(num_thoughts, length_penalty):
     B = trie.num_leaves + 2
     res = constrained_beam_search(config, params, trie.arrays(), ids, mask, max_len=trie.max_len,
                                   num_beams=B, length_penalty=length_penalty,
-                                  num_thoughts=num_thoughts)
+                                  num_thoughts=num_thoughts,
+                                  cache_buckets=_buckets(buckets, trie.max_len))
     bf, _ = _brute_force(config, params, trie, ids, mask, num_thoughts, length_penalty)
     leaf, scores, valid = map(np.asarray, (res.leaf, res.scores, res.valid))
     for u in range(ids.shape[0]):
@@ -136,8 +146,9 @@ def test_wide_beam_equals_brute_force(num_thoughts, length_penalty):
             assert tuple(np.asarray(res.tokens[u, k, :n])) == trie.leaf_tokens[j]
 
 
-@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
-def test_narrow_beam_matches_reference_search(length_penalty):
+@pytest.mark.parametrize("length_penalty,buckets", [(0.0, "default"), (1.0, "default"),
+                                                    (1.0, "every")])
+def test_narrow_beam_matches_reference_search(length_penalty, buckets):
     """With B < titles: same hypotheses as an HF-rule Python beam search; top-1 = brute force
     whenever the brute-force winner survives the pruning with a clear margin."""
     config, params = _model(seed=1)
@@ -145,7 +156,8 @@ def test_narrow_beam_matches_reference_search(length_penalty):
     ids, mask = _prompts(seed=1, lengths=(7, 3, 5, 7, 6, 2))
     B = 4
     res = constrained_beam_search(config, params, trie.arrays(), ids, mask, max_len=trie.max_len,
-                                  num_beams=B, length_penalty=length_penalty, num_thoughts=1)
+                                  num_beams=B, length_penalty=length_penalty, num_thoughts=1,
+                                  cache_buckets=_buckets(buckets, trie.max_len))
     bf, edges = _brute_force(config, params, trie, ids, mask, 1, length_penalty)
     leaf, scores, valid = map(np.asarray, (res.leaf, res.scores, res.valid))
     agree = 0
@@ -165,10 +177,12 @@ def test_narrow_beam_matches_reference_search(length_penalty):
     assert agree >= 2
 
 
-def test_free_generate_greedy_matches_argmax_loop():
+@pytest.mark.parametrize("buckets", ["default", "every"])
+def test_free_generate_greedy_matches_argmax_loop(buckets):
     config, params = _model(seed=2)
     ids, mask = _prompts(seed=2)
-    res = free_generate(config, params, ids, mask, max_len=6, eos_id=EOS, num_beams=1)
+    res = free_generate(config, params, ids, mask, max_len=6, eos_id=EOS, num_beams=1,
+                        cache_buckets=_buckets(buckets, 6))
     width = ids.shape[1] + 6
     for u in range(ids.shape[0]):
         seq = list(np.asarray(ids[u][mask[u] > 0]))
@@ -338,3 +352,43 @@ def test_bits_round_trip_and_stay_off_accelerators(monkeypatch):
                                       np.asarray(tree[k], np.float32))
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
     assert decoder.to_bits(tree) is tree
+
+
+@pytest.mark.parametrize("dtype,samples", [(jnp.float32, 1), (jnp.bfloat16, 1), (jnp.float32, 3)])
+def test_cache_stages_change_no_ranking(dtype, samples):
+    """Titles of up to 40 tokens, so the default stages (16, 32, 40) all run for some users
+    and are skipped for others: same titles, same order and the same scores (up to
+    rounding: a stage's attention sums fewer masked slots) as one cache of 40 slots."""
+    rng = np.random.default_rng(5)
+    cat = {}
+    for i in range(12):
+        n = int(rng.integers(1, 40)) if i % 3 else int(rng.integers(14, 40))
+        cat[i] = [int(t) for t in rng.integers(3, 40, size=n)] + [EOS]
+    config, params = _model(seed=5)
+    trie = ItemTrie(cat, V)
+    assert len(decode_cache_buckets(trie.max_len)) == 3   # 16, 32, the longest title
+    ids, mask = _prompts(seed=5, lengths=(7, 4, 6, 5))
+    kw = dict(max_len=trie.max_len, num_beams=6, num_thoughts=1, dtype=dtype,
+              latent_samples=samples, latent_sigma=0.5 if samples > 1 else 0.0)
+    staged = constrained_beam_search(config, params, trie.arrays(), ids, mask, **kw)
+    whole = constrained_beam_search(config, params, trie.arrays(), ids, mask,
+                                    cache_buckets=(trie.max_len,), **kw)
+    assert int(np.asarray(staged.length).max()) > 16   # some search ran past the first stage
+    np.testing.assert_array_equal(np.asarray(staged.leaf), np.asarray(whole.leaf))
+    np.testing.assert_array_equal(np.asarray(staged.length), np.asarray(whole.length))
+    np.testing.assert_array_equal(np.asarray(staged.tokens), np.asarray(whole.tokens))
+    tol = 2e-2 if dtype == jnp.bfloat16 else 1e-5
+    np.testing.assert_allclose(np.asarray(staged.scores), np.asarray(whole.scores), atol=tol)
+
+
+def test_cache_buckets_are_checked():
+    assert decode_cache_buckets(104) == (16, 32, 64, 104)
+    assert decode_cache_buckets(16) == (16,) and decode_cache_buckets(5) == (5,)
+    assert decode_cache_buckets(9, first=4) == (4, 8, 9)
+    config, params = _model()
+    trie = ItemTrie(_catalog(), V)
+    ids, mask = _prompts()
+    for bad in [(2, trie.max_len + 1), (3, 2, trie.max_len), (0, trie.max_len), ()]:
+        with pytest.raises(ValueError, match="cache_buckets"):
+            constrained_beam_search(config, params, trie.arrays(), ids, mask,
+                                    max_len=trie.max_len, num_beams=3, cache_buckets=bad)

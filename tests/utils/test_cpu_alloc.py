@@ -76,8 +76,12 @@ def test_keep_holds_a_buffer_larger_than_2_gib():
     big = dict(rows=16384, cols=36864, calls=3)
     reuse = _probe("reuse", **big)
     assert reuse["applied"] is True and reuse["mib_per_call"] > 1024, reuse
+    # 'keep' reuses the block only when the heap's layout lets it (cpu_alloc's docstring:
+    # in some runs the heap grows instead). With another process churning memory (the
+    # suite's other worker), one probe in four faulted the whole buffer on every call in
+    # a reproduction here, and three in a row happened in a suite run; six tries.
     tries = []
-    for _ in range(3):
+    for _ in range(6):
         tries.append(_probe("keep", **big))
         assert tries[-1]["applied"] is True
         if tries[-1]["mib_per_call"] < 64:
