@@ -205,6 +205,11 @@ def _check_buckets(buckets, max_len: int) -> tuple:
     return caps
 
 
+def _static(buckets):
+    """A list of buckets as the hashable tuple a static jit argument must be."""
+    return None if buckets is None else tuple(int(c) for c in buckets)
+
+
 def _gather_beams(x, idx):
     """x [b, k, ...], idx [b, m] -> [b, m, ...]."""
     return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
@@ -381,7 +386,7 @@ def constrained_beam_search(config, params, trie: TrieArrays, prompt_ids, prompt
                        max_len=max_len, length_penalty=float(length_penalty),
                        num_thoughts=num_thoughts, latent_mode=latent_mode, dtype=dtype,
                        latent_noise=noise, latent_samples=M, latent_combine=latent_combine,
-                       cache_buckets=cache_buckets)
+                       cache_buckets=_static(cache_buckets))
 
 
 def free_generate(config, params, prompt_ids, prompt_mask, *, max_len: int, eos_id: int,
@@ -392,4 +397,4 @@ def free_generate(config, params, prompt_ids, prompt_mask, *, max_len: int, eos_
     return beam_search(config, params, None, prompt_ids, prompt_mask, num_beams=num_beams,
                        max_len=max_len, length_penalty=float(length_penalty),
                        num_thoughts=num_thoughts, latent_mode=latent_mode, eos_id=int(eos_id),
-                       dtype=dtype, cache_buckets=cache_buckets)
+                       dtype=dtype, cache_buckets=_static(cache_buckets))

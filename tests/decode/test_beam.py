@@ -372,7 +372,7 @@ def test_cache_stages_change_no_ranking(dtype, samples):
               latent_samples=samples, latent_sigma=0.5 if samples > 1 else 0.0)
     staged = constrained_beam_search(config, params, trie.arrays(), ids, mask, **kw)
     whole = constrained_beam_search(config, params, trie.arrays(), ids, mask,
-                                    cache_buckets=(trie.max_len,), **kw)
+                                    cache_buckets=[trie.max_len], **kw)   # a list is taken too
     assert int(np.asarray(staged.length).max()) > 16   # some search ran past the first stage
     np.testing.assert_array_equal(np.asarray(staged.leaf), np.asarray(whole.leaf))
     np.testing.assert_array_equal(np.asarray(staged.length), np.asarray(whole.length))
@@ -388,7 +388,7 @@ def test_cache_buckets_are_checked():
     config, params = _model()
     trie = ItemTrie(_catalog(), V)
     ids, mask = _prompts()
-    for bad in [(2, trie.max_len + 1), (3, 2, trie.max_len), (0, trie.max_len), ()]:
+    for bad in [(2, trie.max_len + 1), [3, 2, trie.max_len], (0, trie.max_len), ()]:
         with pytest.raises(ValueError, match="cache_buckets"):
             constrained_beam_search(config, params, trie.arrays(), ids, mask,
                                     max_len=trie.max_len, num_beams=3, cache_buckets=bad)
