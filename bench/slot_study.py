@@ -283,7 +283,8 @@ PROBE_KEYS = ("reward", "reward_other_latent", "reward_zero_latent", "reward_noi
               "reward_blind_other_latent", "reward_own_prompt", "reward_other_prompt")
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    """The study's options (bench/fresh_users.py rebuilds a study's runs from them)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default=gs.DATASET)
     p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "slot_study"),
@@ -301,7 +302,11 @@ def main(argv=None):
                         "base stage")
     p.add_argument("--dtype", default="float32", help="compute dtype (--model smollm2)")
     p.add_argument("--sft-batch", type=int, default=16, help="SFT batch (--model smollm2)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if args.model == "smollm2" and not os.path.exists(SMOLLM2_GGUF):
         raise SystemExit(f"--model smollm2 needs {SMOLLM2_GGUF} (../shared/models); not found")
     if "n0" not in args.arms.split(","):

@@ -80,3 +80,22 @@ def test_smollm2_config_has_no_base_stage_and_the_study_subsample(tmp_path):
         assert "--dataset must be one of" in str(e)
     else:
         raise AssertionError("an unknown dataset folder must be refused")
+
+
+def test_fresh_users_compares_the_study_rows_and_the_rest_apart():
+    import fresh_users
+    rows, skip = 10, 4
+    zero = {"NDCG@10": np.zeros(rows), "HR@10": np.zeros(rows)}
+    late = np.r_[np.zeros(skip), np.ones(rows - skip)]        # better on the fresh rows only
+    early = np.r_[np.full(skip, 0.5), np.zeros(rows - skip)]  # better on the study rows only
+    users = {"n0": [zero, zero],
+             "ratt": [{"NDCG@10": late, "HR@10": early}, {"NDCG@10": late, "HR@10": early}]}
+    got = fresh_users.compare_parts(users, skip, rows, resamples=200)
+    assert set(got) == {"n0", "ratt"} and "vs_n0" not in got["n0"]["study_rows"]
+    r = got["ratt"]
+    assert r["study_rows"]["vs_n0"]["NDCG@10"]["diff"] == 0.0
+    assert r["fresh_rows"]["vs_n0"]["NDCG@10"]["diff"] == 1.0
+    assert r["fresh_rows"]["vs_n0"]["NDCG@10"]["users"] == rows - skip
+    assert r["study_rows"]["vs_n0"]["HR@10"]["diff"] == 0.5
+    assert r["fresh_rows"]["vs_n0"]["HR@10"]["diff"] == 0.0
+    assert r["fresh_rows"]["mean"]["NDCG@10"] == 1.0 and r["study_rows"]["mean"]["HR@10"] == 0.5
