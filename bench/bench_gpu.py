@@ -133,14 +133,29 @@ def worker_jax(args) -> dict:
                 print(f"  jax {args.shape} grpo/{dname}: {r['prompts_per_s']:.1f} prompts/s",
                       file=sys.stderr)
                 continue
-            with common.jax_precision(dname):
-                st, step = bench_sft.make_train_step(config, mesh, kind, common.jax_dtype(dname))
-                devb = [step.shard_batch(b) for b in batches]   # on the device, as torch's are
-                r = bench_sft.time_train_step(step, st, batches, args.steps, warmup=3, inputs=devb)
-            res[f"{kind}/{dname}"] = _sft_fields(r, config, batches, kind, "jax", dname,
-                                                 res["peak"][dname])
-            print(f"  jax {args.shape} {kind}/{dname}: {r['step_s'] * 1e3:.1f} ms", file=sys.stderr)
-            del st, step, devb
+            for impl in args.attention_impls.split(","):
+                # the einsum rows keep their old keys; other attention paths get their own
+                key = f"{kind}/{dname}" + ("" if impl == "einsum" else f"/{impl}")
+                if impl == "cudnn" and dname == "float32":
+                    continue                       # cuDNN's fused kernel: bf16 / fp16 only
+                cimpl = config.with_execution(attention_impl=impl)
+                try:
+                    with common.jax_precision(dname):
+                        st, step = bench_sft.make_train_step(cimpl, mesh, kind,
+                                                             common.jax_dtype(dname))
+                        devb = [step.shard_batch(b) for b in batches]   # on the device
+                        r = bench_sft.time_train_step(step, st, batches, args.steps, warmup=3,
+                                                      inputs=devb)
+                except Exception as e:   # e.g. a cuDNN version or shape the kernel refuses
+                    if impl == "einsum":
+                        raise
+                    res[key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+                    print(f"  jax {args.shape} {key}: failed ({res[key]['error']})", file=sys.stderr)
+                    continue
+                res[key] = dict(_sft_fields(r, cimpl, batches, kind, "jax", dname,
+                                            res["peak"][dname]), attention_impl=impl)
+                print(f"  jax {args.shape} {key}: {r['step_s'] * 1e3:.1f} ms", file=sys.stderr)
+                del st, step, devb
     return res
 
 
@@ -195,7 +210,8 @@ def _run_worker(engine: str, args, shape: str) -> dict:
     return common.run_worker(__file__, [
         "--worker", engine, "--batches", args.batches, "--shape", shape, "--kinds", args.kinds,
         "--dtypes", args.dtypes, "--steps", str(args.steps),
-        "--grpo-prompts", str(args.grpo_prompts)], stderr_tail=3000)
+        "--grpo-prompts", str(args.grpo_prompts), "--attention-impls", args.attention_impls],
+        stderr_tail=3000)
 
 
 def main() -> int:
@@ -211,6 +227,9 @@ def main() -> int:
     ap.add_argument("--dtypes", default="bfloat16,float32")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--grpo-prompts", type=int, default=8, help="prompts per JAX LR-GRPO batch")
+    ap.add_argument("--attention-impls", default="einsum",
+                    help="JAX SFT rows per attention path (model.attention_impl): e.g. "
+                         "einsum,cudnn times cuDNN's fused attention beside ours (bf16 only)")
     ap.add_argument("--out", default=os.path.join(common.RESULTS, "gpu.json"))
     args = ap.parse_args()
     if args.make_batches:

@@ -41,6 +41,7 @@ TOKENIZER_SPLITS = ("qwen", "gpt2")             # trained BPE pre-tokeniser
 BPE_MIN_VOCAB = 260                             # 256 bytes + <|endoftext|> + <|Thought|> + merges
 DTYPES = ("float32", "bfloat16")
 SCAN_LAYERS = ("auto", "true", "false")
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn")   # = model.config.ATTENTION_IMPLS (no jax import here)
 ADVANTAGES = ("batch", "group", "grpo", "rloo", "group_mean")   # LR-GRPO baselines
 ESTIMATORS = ("ppo", "reinforce", "pathwise")   # LR-GRPO gradient estimator
 GRPO_REWARDS = ("perplexity", "contrastive")    # LR-GRPO reward of a noisy sample
@@ -107,6 +108,9 @@ def base_config() -> ml_collections.ConfigDict:
     # deep models, TPUs), unrolled otherwise (faster for shallow models: no stacked
     # residual copies) and on a CPU (faster there at any depth, both dtypes); or true / false
     c.model.scan_layers = "auto"
+    # attention: einsum (ours, every backend) | xla | cudnn (jax.nn.dot_product_attention;
+    # cudnn: cuDNN's fused kernel, NVIDIA GPUs with bf16 / fp16 compute)
+    c.model.attention_impl = "einsum"
 
     # ---- device mesh (-1 = all remaining devices)
     c.mesh = ml_collections.ConfigDict()
@@ -335,6 +339,7 @@ RULES = {
     "model.dtype": _choice(DTYPES),
     "model.remat": _boolean,
     "model.scan_layers": _scan_layers,
+    "model.attention_impl": _choice(ATTENTION_IMPLS),
     "mesh.data": _MESH_AXIS,
     "mesh.fsdp": _MESH_AXIS,
     "mesh.tensor": _MESH_AXIS,
@@ -479,6 +484,8 @@ DOCS = {
     "model.remat": "recompute each layer's activations in the backward pass (less memory)",
     "model.scan_layers": "run the layers under lax.scan: auto (9 or more layers, except "
                          "on a CPU) | true | false",
+    "model.attention_impl": "einsum (ours) | xla | cudnn (jax.nn.dot_product_attention; cudnn: "
+                            "NVIDIA GPUs, bf16 / fp16)",
     "mesh.data": "data-parallel axis size; -1 = the remaining devices",
     "mesh.fsdp": "fully sharded (params and batch) axis size; -1 = the remaining devices",
     "mesh.tensor": "tensor-parallel axis size; -1 = the remaining devices",

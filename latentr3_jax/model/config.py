@@ -11,7 +11,11 @@ ARCHITECTURES = {
 }
 
 
-EXECUTION_FIELDS = ("scan_layers", "remat")
+EXECUTION_FIELDS = ("scan_layers", "remat", "attention_impl")
+# How attention is computed: einsum (our head-major einsums, every backend), xla or cudnn
+# (`jax.nn.dot_product_attention` with that implementation; cudnn needs an NVIDIA GPU and
+# bf16 / fp16 compute).
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,9 +45,11 @@ class DecoderConfig:
     # EXECUTION_FIELDS): `scan_layers` runs the stacked layers under `lax.scan` (one layer
     # compiled, the choice for deep models and TPUs); False unrolls them in Python, which
     # avoids the scan's stacked-residual copies and is faster for shallow models on CPU.
-    # `remat` recomputes each layer's activations in the backward pass.
+    # `remat` recomputes each layer's activations in the backward pass. `attention_impl`:
+    # see ATTENTION_IMPLS.
     scan_layers: bool = True
     remat: bool = False
+    attention_impl: str = "einsum"
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -54,6 +60,9 @@ class DecoderConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"unknown attention_impl {self.attention_impl!r}; known: "
+                             f"{', '.join(ATTENTION_IMPLS)}")
         if self.model_type not in ARCHITECTURES:
             raise ValueError(f"unknown model_type {self.model_type!r}; known: {sorted(ARCHITECTURES)}")
         if isinstance(self.rope_scaling, dict):
@@ -76,9 +85,12 @@ class DecoderConfig:
         return d
 
     def with_execution(self, *, scan_layers: Optional[bool] = None,
-                       remat: Optional[bool] = None) -> "DecoderConfig":
+                       remat: Optional[bool] = None,
+                       attention_impl: Optional[str] = None) -> "DecoderConfig":
         """Same architecture, other execution options (None keeps the current one)."""
         kw = {k: bool(v) for k, v in (("scan_layers", scan_layers), ("remat", remat)) if v is not None}
+        if attention_impl is not None:
+            kw["attention_impl"] = str(attention_impl)
         return dataclasses.replace(self, **kw) if kw else self
 
     @classmethod

@@ -267,6 +267,8 @@ def attention(config: DecoderConfig, q, k, v, bias):
     backend picked layouts for the token-major einsums that made attention's forward and
     backward about 1.3x slower at the SmolLM2-135M shape (B 8, T 224, 9/3 heads), in fp32
     and bf16; on other backends the transposes are layout choices XLA is free to fold."""
+    if config.attention_impl != "einsum":
+        return fused_attention(config, q, k, v, bias)
     B, T, H, D = q.shape
     K = config.num_kv_heads
     q = (q * (1.0 / math.sqrt(D))).astype(q.dtype).reshape(B, T, K, H // K, D)
@@ -276,6 +278,19 @@ def attention(config: DecoderConfig, q, k, v, bias):
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = mixed.einsum("bkgts,bksd->bkgtd", probs, v)
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
+
+
+def fused_attention(config: DecoderConfig, q, k, v, bias):
+    """`attention` through `jax.nn.dot_product_attention` (`config.attention_impl`: xla, or
+    cudnn for cuDNN's fused kernel on an NVIDIA GPU), same shapes and the same bias. The
+    cudnn kernel takes its bias in the compute dtype; NEG_INF stays far below any score
+    there as well (bf16 and fp16 round it to their most negative finite value or -inf,
+    which the kernel masks)."""
+    b = bias[:, None]                                                  # [B, 1, T, S]
+    if config.attention_impl == "cudnn":
+        b = jnp.maximum(b, jnp.finfo(q.dtype).min).astype(q.dtype)
+    return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), bias=b,
+                                        implementation=config.attention_impl)
 
 
 def write_kv(cache_kv: tuple, k: jax.Array, v: jax.Array, index) -> tuple:

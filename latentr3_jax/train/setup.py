@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from latentr3_jax import data, hf
 from latentr3_jax.errors import InputError
 from latentr3_jax.model import decoder, latent
-from latentr3_jax.model.config import DecoderConfig
+from latentr3_jax.model.config import ATTENTION_IMPLS, DecoderConfig
 from latentr3_jax.train import checkpoint as ckpt_lib
 from latentr3_jax.train import runs
 from latentr3_jax.train.fingerprint import tokenizer_fingerprint
@@ -151,10 +151,15 @@ def scan_layers_option(value, num_layers: int, *, backend: Optional[str] = None)
 
 
 def execution_config(cfg, config: DecoderConfig) -> DecoderConfig:
-    """`config` with the run's execution options (cfg.model.scan_layers / remat)."""
+    """`config` with the run's execution options (cfg.model.scan_layers / remat /
+    attention_impl)."""
+    impl = str(cfg.model.get("attention_impl", "einsum"))
+    if impl not in ATTENTION_IMPLS:
+        raise InputError(f"config model.attention_impl must be one of "
+                         f"{', '.join(ATTENTION_IMPLS)}, got {impl!r}")
     return config.with_execution(
         scan_layers=scan_layers_option(cfg.model.scan_layers, config.num_layers),
-        remat=bool(cfg.model.remat))
+        remat=bool(cfg.model.remat), attention_impl=impl)
 
 
 def params_axes(config: DecoderConfig, params: dict) -> dict:

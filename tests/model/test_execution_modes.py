@@ -4,9 +4,11 @@
   same (bf16-rounded) inputs, forward and gradients, bias included.
 - bfloat16 training compiles to native bf16 x bf16 -> f32 dots (no dot on operands upcast
   from bf16), so the fast path cannot silently regress.
-- Unrolled layers (scan_layers=False) and remat give the scanned model's logits, cached
-  decode and LatentR³ loss gradients.
-- cfg.model.scan_layers / remat reach the model config, and never its saved architecture.
+- Unrolled layers (scan_layers=False), remat and `jax.nn.dot_product_attention`
+  (attention_impl=xla) give the scanned einsum model's logits, cached decode and LatentR³
+  loss gradients.
+- cfg.model.scan_layers / remat / attention_impl reach the model config, and never its
+  saved architecture.
 """
 
 import re
@@ -121,7 +123,9 @@ def _assert_trees_close(a, b, rtol, atol_frac):
 
 
 @pytest.mark.parametrize("variant", [dict(scan_layers=False), dict(remat=True),
-                                     dict(scan_layers=False, remat=True)])
+                                     dict(scan_layers=False, remat=True),
+                                     dict(attention_impl="xla"),
+                                     dict(attention_impl="xla", scan_layers=False)])
 def test_unrolled_and_remat_match_scanned(variant):
     base = _config()
     other = base.with_execution(**variant)
@@ -218,9 +222,18 @@ def test_execution_options_from_run_config():
     cfg.model.scan_layers = "sometimes"
     with pytest.raises(InputError, match="model.scan_layers"):
         setup.execution_config(cfg, shallow)
+    cfg.model.scan_layers = "auto"
+    assert setup.execution_config(cfg, shallow).attention_impl == "einsum"   # key absent
+    cfg.model.attention_impl = "xla"
+    assert setup.execution_config(cfg, shallow).attention_impl == "xla"
+    cfg.model.attention_impl = "flash"
+    with pytest.raises(InputError, match="model.attention_impl"):
+        setup.execution_config(cfg, shallow)
+    with pytest.raises(ValueError, match="attention_impl"):
+        shallow.with_execution(attention_impl="flash")
     # the saved architecture never carries them, and reloading gives the defaults
-    d = deep.with_execution(scan_layers=False, remat=True).to_dict()
-    assert "scan_layers" not in d and "remat" not in d
+    d = deep.with_execution(scan_layers=False, remat=True, attention_impl="xla").to_dict()
+    assert "scan_layers" not in d and "remat" not in d and "attention_impl" not in d
     assert DecoderConfig.from_dict(d) == deep
 
 
@@ -249,3 +262,9 @@ def test_unstack_layers_values_and_one_stack_gradient():
     hlo = lambda split: jax.jit(jax.grad(lambda l: run(l, split))).lower(layers).as_text()
     assert "pad" in hlo(False)          # indexing transposes to pads (the check can fail)
     assert "pad" not in hlo(True)
+
+
+def test_attention_impl_names_agree():
+    from latentr3_jax import config as config_lib
+    from latentr3_jax.model import config as model_config
+    assert config_lib.ATTENTION_IMPLS == model_config.ATTENTION_IMPLS
