@@ -150,10 +150,11 @@ def test_unrolled_and_remat_match_scanned(variant):
     _assert_trees_close(grad_n, grad_r, rtol=1e-4, atol_frac=1e-5)
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
-def test_bf16_training_matches_f32(scan_layers):
+@pytest.mark.parametrize("scan_layers,attention_impl", [(True, "einsum"), (False, "einsum"),
+                                                        (False, "xla")])
+def test_bf16_training_matches_f32(scan_layers, attention_impl):
     """bf16 compute (float32 params) gives the float32 loss and gradient direction."""
-    config = _config(scan_layers=scan_layers)
+    config = _config(scan_layers=scan_layers, attention_impl=attention_impl)
     params, batch = _params(config), _batch(config.vocab_size)
     l32, g32 = _sft_grad(config, params, batch)(params)
     l16, g16 = _sft_grad(config, params, batch, jnp.bfloat16)(params)
