@@ -27,23 +27,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import slot_study as ss  # noqa: E402  (the study's configuration, runs and pairing)
 
 from latentr3_jax import data as D, study  # noqa: E402
-from latentr3_jax.eval.evaluate import evaluate_run  # noqa: E402
 from latentr3_jax.utils.jsonio import write_json  # noqa: E402
 
 ROOT = ss.ROOT
 
 
 def decode_all(cfg, run_dir: str) -> str:
-    """The run on every test row (resumable); returns its predictions file."""
-    out_dir = os.path.join(run_dir, "eval_test_allrows_constrained")
+    """The run on every test row (resumable, beside the study's own test decoding);
+    returns its predictions file."""
     c = copy.deepcopy(cfg)
     with c.unlocked():
         c.data.max_eval_rows = -1
-        c.eval.data_from_run = False
-    if not os.path.exists(os.path.join(out_dir, "metrics.json")):
-        print(f"  decoding {os.path.basename(run_dir)} on every test row ...", flush=True)
-        evaluate_run(c, run_dir, split="test", out_dir=out_dir, print_table=False)
-    return os.path.join(out_dir, "predictions.jsonl")
+    return ss.gs.decode(c, run_dir, "test", out_name="eval_test_allrows_constrained")["predictions"]
 
 
 def compare_parts(users: dict, skip: int, total: int, resamples: int) -> dict:

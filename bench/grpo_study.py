@@ -344,9 +344,10 @@ def run_variant(vcfg, reward: ValidReward) -> dict:
     return result
 
 
-def decode(cfg, run_dir: str, split: str) -> dict:
-    """Constrained beam search of a run's final weights on `split` (resumable)."""
-    out_dir = os.path.join(run_dir, f"eval_{split}_constrained")
+def decode(cfg, run_dir: str, split: str, out_name: str = "") -> dict:
+    """Constrained beam search of a run's final weights on `split` (resumable), into
+    `run_dir`/`out_name` (default eval_<split>_constrained)."""
+    out_dir = os.path.join(run_dir, out_name or f"eval_{split}_constrained")
     metrics = os.path.join(out_dir, "metrics.json")
     cfg = copy.deepcopy(cfg)
     cfg.eval.data_from_run = False   # every model decoded on the same rows, buckets and beams

@@ -285,8 +285,8 @@ def fused_attention(config: DecoderConfig, q, k, v, bias):
     cudnn for cuDNN's fused kernel on an NVIDIA GPU), same shapes and the same bias. The
     cudnn kernel takes its bias in the compute dtype, so NEG_INF is clamped to that
     dtype's most negative finite value (-65504 in fp16), still far below any score. Only
-    the xla path is tested here (against `attention`, in float32); cudnn is untested
-    without a GPU."""
+    the xla path is tested here (against `attention` in float32, and bf16 against its
+    float32 self); cudnn is untested without a GPU."""
     b = bias[:, None]                                                  # [B, 1, T, S]
     if config.attention_impl == "cudnn":
         b = jnp.maximum(b, jnp.finfo(q.dtype).min).astype(q.dtype)
