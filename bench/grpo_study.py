@@ -94,6 +94,10 @@ def add_setup_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, default=36, help="LR-GRPO batches per run")
     p.add_argument("--every", type=int, default=6, help="batches between valid-reward points")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--recipe", choices=("d3", "bigrec"), default="d3",
+                   help="d3: the D3 template and trie-constrained beam search (default); "
+                        "bigrec: the BIGRec (Alpaca) template, free generation grounded to "
+                        "the catalog by L2 distance")
     return p
 
 
@@ -103,6 +107,15 @@ def setup_defaults(**over) -> argparse.Namespace:
     for k, v in over.items():
         setattr(ns, k, v)
     return ns
+
+
+def recipe_overrides(recipe: str) -> list:
+    """The prompt template and evaluation mode of a recipe (d3 | bigrec, SPEC sections 3, 7)."""
+    if recipe == "d3":
+        return []
+    if recipe == "bigrec":
+        return ["--config.data.template=bigrec", "--config.eval.mode=bigrec"]
+    raise ValueError(f"recipe must be d3 or bigrec, got {recipe!r}")
 
 
 def shared_overrides(args) -> list:
@@ -120,6 +133,7 @@ def shared_overrides(args) -> list:
         f"--config.data.max_target_len={args.max_target_len}",
         f"--config.data.target_buckets={args.target_buckets}",
         f"--config.sft.epochs={args.sft_epochs}",
+    ] + recipe_overrides(getattr(args, "recipe", "d3")) + [
         "--config.eval.split=valid",
         "--config.eval.progress=False",
         f"--config.eval.batch_size={args.eval_batch}",
@@ -345,9 +359,10 @@ def run_variant(vcfg, reward: ValidReward) -> dict:
 
 
 def decode(cfg, run_dir: str, split: str, out_name: str = "") -> dict:
-    """Constrained beam search of a run's final weights on `split` (resumable), into
-    `run_dir`/`out_name` (default eval_<split>_constrained)."""
-    out_dir = os.path.join(run_dir, out_name or f"eval_{split}_constrained")
+    """The evaluator's ranking (`cfg.eval.mode`: trie-constrained beam search, or BIGRec
+    grounding) of a run's final weights on `split` (resumable), into `run_dir`/`out_name`
+    (default eval_<split>_<mode>, e.g. eval_valid_constrained)."""
+    out_dir = os.path.join(run_dir, out_name or f"eval_{split}_{cfg.eval.mode}")
     metrics = os.path.join(out_dir, "metrics.json")
     cfg = copy.deepcopy(cfg)
     cfg.eval.data_from_run = False   # every model decoded on the same rows, buckets and beams

@@ -6,7 +6,8 @@
 #   launch/device_study.sh part1            # there, call 1: keep the first half in /tmp,
 #                                           #   smoke-test the machine's packages
 #   launch/device_study.sh run [BUDGET_S]   # there, call 2 (within ~30 s): join, install, study
-#                                           #   (DATASETS=cds,industrial SEEDS=0,1,2 by default)
+#                                           #   (DATASETS=cds,industrial SEEDS=0,1,2 by default;
+#                                           #   RECIPE=bigrec for BIGRec grounding instead of D3)
 #
 # The GGUF file (94 MB) goes over two calls: `part1` carries .device/part1 and copies it to
 # /tmp; `run` carries .device/part2, the two data folders (20 MB; ../shared does not
@@ -78,6 +79,9 @@ case "${1:-}" in
     BUDGET=${2:-520}
     DATASETS=${DATASETS:-cds,industrial}   # e.g. DATASETS=industrial SEEDS=0 for one more run
     SEEDS=${SEEDS:-0,1,2}
+    RECIPE=${RECIPE:-d3}                   # RECIPE=bigrec: configs/smollm2.py's bigrec variant
+    case "$RECIPE" in d3) SPEC_TAIL="" ;; bigrec) SPEC_TAIL=",bigrec" ;;
+      *) echo "RECIPE must be d3 or bigrec, got $RECIPE"; exit 2 ;; esac
     test -f /tmp/smol/part1 || { echo "part1 is gone from /tmp: rerun part1, then run at once"; exit 3; }
     cat /tmp/smol/part1 .device/part2 > /tmp/smol/model.gguf
     echo "$(cat .device/part2.sha256)  /tmp/smol/model.gguf" | sha256sum -c -
@@ -86,7 +90,7 @@ case "${1:-}" in
     export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
     if [ -f /tmp/smol/use_pin ]; then export PYTHONPATH=/tmp/site_pin:$PYTHONPATH; fi
     python3 launch/device_study.py --out "$OUT" --budget-s "$BUDGET" --model /tmp/smol/model.gguf \
-      --config-spec 'configs/smollm2.py:{dataset},gpu' --start-fraction 0.6 \
+      --config-spec "configs/smollm2.py:{dataset},gpu$SPEC_TAIL" --start-fraction 0.6 \
       --data-root .device/data --datasets "$DATASETS" --seeds "$SEEDS" 2>&1 | tee "$OUT/console.log" | grep -v '^sft:\|^grpo:'
     ;;
   *)

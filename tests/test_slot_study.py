@@ -99,3 +99,26 @@ def test_fresh_users_compares_the_study_rows_and_the_rest_apart():
     assert r["study_rows"]["vs_n0"]["HR@10"]["diff"] == 0.5
     assert r["fresh_rows"]["vs_n0"]["HR@10"]["diff"] == 0.0
     assert r["fresh_rows"]["mean"]["NDCG@10"] == 1.0 and r["study_rows"]["mean"]["HR@10"] == 0.5
+
+
+def test_recipe_bigrec_sets_the_template_and_grounding_for_both_models(tmp_path):
+    """--recipe bigrec: the Alpaca template and BIGRec grounding, and decode folders named
+    by the mode; d3 (the default) leaves the D3 template and the trie search."""
+    gs = slot_study.gs
+    for recipe, template, mode in (("d3", "latentr3", "constrained"), ("bigrec", "bigrec", "bigrec")):
+        args = gs.setup_defaults(dataset=os.path.join(str(tmp_path), "Industrial_and_Scientific"),
+                                 workdir=str(tmp_path), seed=0, recipe=recipe)
+        cfg, _ = gs.base_cfg(args)
+        assert (cfg.data.template, cfg.eval.mode) == (template, mode)
+        args.dtype, args.sft_batch = "float32", 16
+        cfg, _ = slot_study.smollm2_cfg(args)
+        assert (cfg.data.template, cfg.eval.mode) == (template, mode)
+    try:
+        gs.recipe_overrides("bigrec_typo")
+    except ValueError as e:
+        assert "bigrec_typo" in str(e)
+    else:
+        raise AssertionError("an unknown recipe was accepted")
+    p = slot_study.build_parser()
+    assert p.parse_args([]).recipe == "d3"
+    assert p.parse_args(["--recipe", "bigrec"]).recipe == "bigrec"
