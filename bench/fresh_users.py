@@ -38,18 +38,22 @@ def decode_all(cfg, run_dir: str) -> str:
     c = copy.deepcopy(cfg)
     with c.unlocked():
         c.data.max_eval_rows = -1
-    return ss.gs.decode(c, run_dir, "test", out_name="eval_test_allrows_constrained")["predictions"]
+    return ss.gs.decode(c, run_dir, "test",
+                        out_name=f"eval_test_allrows_{c.eval.mode}")["predictions"]
 
 
 def compare_parts(users: dict, skip: int, total: int, resamples: int) -> dict:
     """users: arm -> one per-user metrics dict per seed (`slot_study.user_metrics` over all
     `total` test rows). Per arm and per part (the study's rows [0, skip), the fresh rows
     [skip, total)): the mean over seeds and users, and for every arm but n0 the paired
-    difference to n0 (per-user differences averaged over seeds, bootstrap over users)."""
+    difference to n0 (per-user differences averaged over seeds, bootstrap over users); and
+    the same over all `total` rows ("all_rows": the whole split, for studies with no
+    choice made on test, where the whole split is the one reading)."""
     out = {}
     for a, per_seed in users.items():
         entry = {}
-        for part, sl in (("study_rows", slice(0, skip)), ("fresh_rows", slice(skip, total))):
+        for part, sl in (("study_rows", slice(0, skip)), ("fresh_rows", slice(skip, total)),
+                         ("all_rows", slice(0, total))):
             entry[part] = {"mean": {m: float(np.mean([u[m][sl].mean() for u in per_seed]))
                                     for m in ("NDCG@10", "HR@10")}}
             if a != "n0":
@@ -94,7 +98,7 @@ def main(argv=None) -> int:
            "arms": {}, "wall_s": None}
     res["arms"] = compare_parts(users, skip, total, args.bootstrap)
     for a, entry in res["arms"].items():
-        for part in ("study_rows", "fresh_rows"):
+        for part in ("study_rows", "fresh_rows", "all_rows"):
             d = entry[part].get("vs_n0", {}).get("NDCG@10")
             print(f"{a:<8} {part:<11} NDCG@10 {entry[part]['mean']['NDCG@10']:.4f}"
                   + (f"  vs N=0 {ss.fmt(d)}" if d else ""), flush=True)

@@ -99,6 +99,9 @@ def test_fresh_users_compares_the_study_rows_and_the_rest_apart():
     assert r["study_rows"]["vs_n0"]["HR@10"]["diff"] == 0.5
     assert r["fresh_rows"]["vs_n0"]["HR@10"]["diff"] == 0.0
     assert r["fresh_rows"]["mean"]["NDCG@10"] == 1.0 and r["study_rows"]["mean"]["HR@10"] == 0.5
+    assert r["all_rows"]["vs_n0"]["NDCG@10"]["users"] == rows
+    assert abs(r["all_rows"]["vs_n0"]["NDCG@10"]["diff"] - (rows - skip) / rows) < 1e-12
+    assert abs(r["all_rows"]["vs_n0"]["HR@10"]["diff"] - 0.5 * skip / rows) < 1e-12
 
 
 def test_recipe_bigrec_sets_the_template_and_grounding_for_both_models(tmp_path):
