@@ -125,3 +125,36 @@ def test_recipe_bigrec_sets_the_template_and_grounding_for_both_models(tmp_path)
     p = slot_study.build_parser()
     assert p.parse_args([]).recipe == "d3"
     assert p.parse_args(["--recipe", "bigrec"]).recipe == "bigrec"
+
+
+def test_generated_titles_summary_by_hand(tmp_path):
+    """bench/generated_titles.py: distinct generated titles, the most common one's share,
+    own-title share, on hand-made predictions; a constrained-mode file is refused."""
+    import json
+
+    import generated_titles as gt
+    rows = [{"generated": '"Greatest Hits"\n', "target_title": "Abbey Road"},
+            {"generated": "Greatest Hits", "target_title": "Greatest Hits"},
+            {"generated": " Greatest Hits ", "target_title": "Kind of Blue"},
+            {"generated": "Kind of Blue", "target_title": "Kind of Blue"},
+            {"generated": "", "target_title": "Blue Train"}]
+    s = gt.summarise(rows, top=2)
+    assert s["users"] == 5 and s["distinct_generated"] == 3
+    assert s["most_common"] == [{"title": "Greatest Hits", "users": 3},
+                                {"title": "Kind of Blue", "users": 1}]
+    assert abs(s["most_common_share"] - 0.6) < 1e-12
+    assert abs(s["generated_is_target"] - 0.4) < 1e-12
+    folder = tmp_path / "eval_valid_bigrec"
+    folder.mkdir()
+    (folder / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "summary.json"
+    assert gt.main([str(folder), "--out", str(out)]) == 0
+    got = json.loads(out.read_text())["files"]
+    assert list(got.values())[0]["distinct_generated"] == 3
+    (folder / "predictions.jsonl").write_text(json.dumps({"target_title": "x"}) + "\n")
+    try:
+        gt.main([str(folder)])
+    except SystemExit as e:
+        assert "predictions.jsonl" in str(e) and "bigrec" in str(e)
+    else:
+        raise AssertionError("a file without generated titles was accepted")
