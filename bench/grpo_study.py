@@ -322,7 +322,7 @@ def checkpoint_params(run_dir: str) -> dict:
 def train_sft_stage(cfg) -> str:
     """Base (N=0) then LatentR³ (N=1) SFT, evaluated on valid by the pipeline; resumable."""
     sft_dir = os.path.join(os.path.abspath(cfg.workdir), "sft_latentr3")
-    done = os.path.join(sft_dir, "eval_valid_constrained", "metrics.json")
+    done = os.path.join(sft_dir, f"eval_valid_{cfg.eval.mode}", "metrics.json")
     if os.path.exists(os.path.join(sft_dir, "train_summary.json")) and os.path.exists(done):
         print(f"[sft] done ({sft_dir}); skipping", flush=True)
         return sft_dir
