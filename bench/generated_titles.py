@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import sys
 from typing import Iterable, List
@@ -25,6 +24,7 @@ from typing import Iterable, List
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from latentr3_jax.data.prompts import normalize_title  # noqa: E402
+from latentr3_jax.eval.metrics import read_predictions  # noqa: E402
 from latentr3_jax.utils.jsonio import write_json  # noqa: E402
 
 
@@ -43,7 +43,7 @@ def summarise(rows: Iterable[dict], top: int = 5) -> dict:
         gen.append(g)
         own += g == normalize_title(r["target_title"])
     if not gen:
-        raise ValueError("no predictions")
+        raise ValueError("no predictions (a missing or empty file)")
     counts = collections.Counter(gen)
     common = counts.most_common(top)
     return {"users": len(gen), "distinct_generated": len(counts),
@@ -67,10 +67,8 @@ def main(argv=None) -> int:
            "files": {}}
     for arg in args.paths:
         path = _predictions_path(arg)
-        with open(path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
         try:
-            s = summarise(rows, args.top)
+            s = summarise(read_predictions(path), args.top)
         except ValueError as e:
             raise SystemExit(f"{path}: {e}")
         out["files"][os.path.relpath(path)] = s
