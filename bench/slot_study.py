@@ -31,9 +31,9 @@ and records for each, on the valid split only:
 With several seeds (each its own base stage, initialisation and batch order) every
 number is averaged over seeds and the paired differences average each user's difference
 over seeds before the bootstrap over users. The N >= 1 arm with the best mean valid
-NDCG@10, the release's arm (ratt) and n0 are then decoded on test once per seed, and
-compared with n0 user by user (95% bootstrap interval, sign-flip p-value). Nothing is
-chosen on test.
+NDCG@10 (a tie goes to the arm listed first in --arms), the release's arm (ratt) and n0
+are then decoded on test once per seed, and compared with n0 user by user (95% bootstrap
+interval, sign-flip p-value). Nothing is chosen on test.
 
     nice -n 5 .venv/bin/python bench/slot_study.py --seeds 0,1,2   # resumable; reruns skip what finished
     nice -n 5 .venv/bin/python bench/slot_study.py --arms n0,ratt,ratt_lr10
@@ -221,6 +221,14 @@ def mean_over(per_seed: list, path: tuple):
     return float(np.mean(vals)) if len(vals) == len(per_seed) else None
 
 
+def choose_on_valid(summary: dict, latent_arms: list) -> tuple:
+    """The latent arm with the best mean valid NDCG@10 (a tie goes to the arm listed first)
+    and the other arms tied with it."""
+    best = max(latent_arms, key=lambda n: summary[n]["valid_NDCG@10"])   # first of the maxima
+    top = summary[best]["valid_NDCG@10"]
+    return best, [n for n in latent_arms if n != best and summary[n]["valid_NDCG@10"] == top]
+
+
 def markdown(res: dict) -> str:
     seeds = res["seeds"]
     out = [f"# {res['title']}", "", f"Command: `{res['command']}`", "",
@@ -263,7 +271,9 @@ def markdown(res: dict) -> str:
             "squared cosine between a user's K factors (0: orthogonal); 'train s': the arm's "
             "SFT wall time; 'decode ms/user': valid beam search after compiling (CPU timings "
             "with whatever else ran on the machine).", "",
-            f"## Test split (read once; chosen on valid: {res.get('chosen_on_valid')})"
+            f"## Test split (read once; chosen on valid: {res.get('chosen_on_valid')}"
+            + (f", tied on valid NDCG@10 with {', '.join(res['tied_on_valid'])}; a tie goes "
+               "to the arm listed first in --arms" if res.get("tied_on_valid") else "") + ")"
             if res.get("decoded_on_test") else "## Test split: not decoded (--until valid)", "",
             "| arm | NDCG@10 | HR@10 | NDCG@10 − N=0 [95%] | HR@10 − N=0 [95%] | "
             "NDCG@10 − N=1 [95%] |", "|---|---|---|---|---|---|"]
@@ -361,9 +371,10 @@ def main(argv=None):
            "per_seed": {str(sd): arms for sd, arms in zip(seeds, per_seed)}}
     if args.until == "all":
         latent_arms = [n for n in names if n != "n0"]
-        best = max(latent_arms, key=lambda n: summary[n]["valid_NDCG@10"])
+        best, tied = choose_on_valid(summary, latent_arms)
         chosen = ["n0"] + [n for n in ("ratt",) if n in names] + ([best] if best != "ratt" else [])
         res["chosen_on_valid"] = best
+        res["tied_on_valid"] = tied
         res["decoded_on_test"] = chosen
         test_users = {}
         for n in chosen:

@@ -59,6 +59,23 @@ def test_seed_dirs_and_pooled_differences():
     assert slot_study.mean_over(per_seed + [{"x": {}}], ("x", "v")) is None
 
 
+def test_choice_on_valid_names_ties_and_the_report_says_so():
+    summary = {"ratt": {"valid_NDCG@10": 0.04}, "ratt_n2": {"valid_NDCG@10": 0.05},
+               "hidden": {"valid_NDCG@10": 0.03}, "ratt_n4": {"valid_NDCG@10": 0.05}}
+    assert slot_study.choose_on_valid(summary, ["ratt", "ratt_n2", "hidden", "ratt_n4"]) \
+        == ("ratt_n2", ["ratt_n4"])
+    assert slot_study.choose_on_valid(summary, ["ratt_n4", "ratt_n2"]) == ("ratt_n4", ["ratt_n2"])
+    assert slot_study.choose_on_valid(summary, ["ratt", "hidden"]) == ("ratt", [])
+    arm = {"label": "N = 0", "best_valid_loss": 2.9, "valid_NDCG@10": 0.03, "valid_HR@10": 0.05}
+    res = {"title": "t", "command": "c", "valid_rows": 2, "test_rows": 2, "items": 9,
+           "seeds": [0], "summary": {"n0": dict(arm, **{"test_NDCG@10": 0.1, "test_HR@10": 0.2})},
+           "decoded_on_test": ["n0"], "chosen_on_valid": "ratt_n2", "tied_on_valid": ["ratt_n4"]}
+    md = slot_study.markdown(res)
+    assert "chosen on valid: ratt_n2, tied on valid NDCG@10 with ratt_n4" in md
+    res["tied_on_valid"] = []
+    assert "chosen on valid: ratt_n2)" in slot_study.markdown(res)
+
+
 def test_smollm2_config_has_no_base_stage_and_the_study_subsample(tmp_path):
     """--model smollm2: configs/smollm2.py's cpu variant, this study's rows and lengths."""
     args = slot_study.gs.setup_defaults(
