@@ -41,9 +41,11 @@ interval, sign-flip p-value). Nothing is chosen on test.
 With `--model smollm2` the arms start from the pretrained SmolLM2-135M of
 configs/smollm2.py (its `cpu` variant; no base stage) instead:
 
-    nice -n 5 .venv/bin/python bench/slot_study.py --model smollm2 --arms n0,ratt \
-        --train-rows 1024 --eval-rows 200 --max-target-len 32 --target-buckets "(16,32)" \
-        --workdir runs/slot_study_smollm2 --name industrial_smollm2-135m_cpu-2core
+    nice -n 5 .venv/bin/python bench/slot_study.py --model smollm2 \
+        --arms n0,ratt,hidden,ratt_n2,ratt_n4,ratt_lr10,ratt_identity --train-rows 640 \
+        --sft-epochs 1 --eval-rows 200 --max-target-len 32 --target-buckets "(16,32)" \
+        --workdir runs/smollm2_ablation --name ablation_industrial_smollm2-135m_cpu-2core \
+        --dtype bfloat16
 
 Writes runs/slot_study/ (seed 0; seed s: runs/slot_study_seed<s>/) and
 results/slot_study_<name>.json and .md.
