@@ -233,6 +233,11 @@ def choose_on_valid(summary: dict, latent_arms: list) -> tuple:
 
 def markdown(res: dict) -> str:
     seeds = res["seeds"]
+    tied = res.get("tied_on_valid")
+    test_header = ("## Test split: not decoded (--until valid)" if not res.get("decoded_on_test")
+                   else f"## Test split (read once; chosen on valid: {res.get('chosen_on_valid')}"
+                   + (f", tied on valid NDCG@10 with {', '.join(tied)}; a tie goes to the arm "
+                      "listed first in --arms" if tied else "") + ")")
     out = [f"# {res['title']}", "", f"Command: `{res['command']}`", "",
            f"Valid: {res['valid_rows']} users; test: {res['test_rows']} users; "
            f"{res['items']} items; seeds {seeds}. Every number is the mean over seeds; the "
@@ -273,10 +278,7 @@ def markdown(res: dict) -> str:
             "squared cosine between a user's K factors (0: orthogonal); 'train s': the arm's "
             "SFT wall time; 'decode ms/user': valid beam search after compiling (CPU timings "
             "with whatever else ran on the machine).", "",
-            f"## Test split (read once; chosen on valid: {res.get('chosen_on_valid')}"
-            + (f", tied on valid NDCG@10 with {', '.join(res['tied_on_valid'])}; a tie goes "
-               "to the arm listed first in --arms" if res.get("tied_on_valid") else "") + ")"
-            if res.get("decoded_on_test") else "## Test split: not decoded (--until valid)", "",
+            test_header, "",
             "| arm | NDCG@10 | HR@10 | NDCG@10 − N=0 [95%] | HR@10 − N=0 [95%] | "
             "NDCG@10 − N=1 [95%] |", "|---|---|---|---|---|---|"]
     if not res.get("decoded_on_test"):
