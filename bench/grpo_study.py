@@ -140,11 +140,11 @@ def shared_overrides(args) -> list:
     ]
 
 
-def base_cfg(args):
-    """The demo's config pointed at the real folder, subsampled and with short prompts."""
-    over = ["--config.dataset=d3"] + shared_overrides(args) + [
-        f"--config.pipeline.base_epochs={args.base_epochs}",
-        "--config.sft.log_every=20",
+def grpo_overrides(args) -> list:
+    """The LR-GRPO settings every run of this study shares: batches of `--prompts` prompts
+    x G = 8, one pass of `--batches` batches, a checkpoint (and a diagnostics probe) every
+    `--every` batches, all of them kept for the valid-reward curve."""
+    return [
         f"--config.grpo.prompts_per_batch={args.prompts}",
         "--config.grpo.group_size=8",
         "--config.grpo.epochs=1",
@@ -155,10 +155,76 @@ def base_cfg(args):
         "--config.grpo.log_every=6",
         f"--config.grpo.diagnose_every={args.every}",
         "--config.grpo.evaluate=False",
-    ] + ([f"--config.sft.slot_bottleneck={args.slot_bottleneck:g}"]
+    ]
+
+
+def base_cfg(args):
+    """The demo's config pointed at the real folder, subsampled and with short prompts."""
+    over = ["--config.dataset=d3"] + shared_overrides(args) + [
+        f"--config.pipeline.base_epochs={args.base_epochs}",
+        "--config.sft.log_every=20",
+    ] + grpo_overrides(args) + ([f"--config.sft.slot_bottleneck={args.slot_bottleneck:g}"]
          if getattr(args, "slot_bottleneck", 0.0) else [])
     cfg, _ = config_lib.parse_config(["--config", os.path.join(ROOT, "configs", "demo.py")] + over)
     return cfg, over
+
+
+def _smollm2_config_module():
+    """configs/smollm2.py as a module (its MODEL path and DATASETS names)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "smollm2_config", os.path.join(ROOT, "configs", "smollm2.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_SMOLLM2 = _smollm2_config_module()
+SMOLLM2_GGUF, SMOLLM2_DATASETS = _SMOLLM2.MODEL, _SMOLLM2.DATASETS
+
+
+def smollm2_cfg(args, grpo: bool = False):
+    """configs/smollm2.py:<dataset>,cpu from the pretrained checkpoint (no base stage), with
+    this study's subsample, prompt cut and stage length; SFT evaluated on valid only.
+    `grpo`: with this study's LR-GRPO settings (grpo_overrides) on top."""
+    dataset = os.path.basename(os.path.normpath(args.dataset))
+    short = {v: k for k, v in SMOLLM2_DATASETS.items()}.get(dataset)
+    if short is None:
+        raise SystemExit(f"--model smollm2: --dataset must be one of {sorted(SMOLLM2_DATASETS.values())}")
+    over = shared_overrides(args) + [
+        f"--config.model.dtype={args.dtype}",
+        f"--config.sft.batch_size={args.sft_batch}",
+        "--config.sft.log_every=4",
+    ] + (grpo_overrides(args) + [
+        # the study reads every checkpoint itself; each run's model is its final step
+        "--config.grpo.select=last"] if grpo else [])
+    cfg, _ = config_lib.parse_config(
+        ["--config", os.path.join(ROOT, "configs", f"smollm2.py:{short},cpu")] + over)
+    return cfg, over
+
+
+def parse_runs(spec: str, lrs: list, variants: str) -> list:
+    """[(variant name, label, overrides, lr)]: `spec` as 'name@lr,...' (e.g.
+    'ppo_batch@5e-5,reinforce_rloo@1e-3'), or, when empty, every variant of `variants`
+    (comma list) at every learning rate of `lrs`."""
+    by_name = {v[0]: v for v in VARIANTS}
+    if not spec:
+        wanted = [n for n in variants.split(",") if n]
+        for n in wanted:
+            if n not in by_name:
+                raise SystemExit(f"--variants: unknown variant {n!r}; known: {', '.join(by_name)}")
+        return [(*by_name[n], lr) for lr in lrs for n in by_name if n in wanted]
+    out = []
+    for item in (t.strip() for t in spec.split(",") if t.strip()):
+        name, sep, lr = item.partition("@")
+        if not sep or name not in by_name:
+            raise SystemExit(f"--runs: {item!r} must be VARIANT@LR with VARIANT one of "
+                             f"{', '.join(by_name)}")
+        try:
+            out.append((*by_name[name], float(lr)))
+        except ValueError:
+            raise SystemExit(f"--runs: {item!r}: {lr!r} is not a learning rate") from None
+    return out
 
 
 def one_shape(cfg, args):
@@ -483,11 +549,36 @@ def main(argv=None):
     p.add_argument("--until", choices=("sft", "grpo", "valid", "all"), default="all")
     p.add_argument("--slot-bottleneck", type=float, default=0.0,
                    help="sft.slot_bottleneck of the LatentR³ SFT run the variants start from")
+    p.add_argument("--runs", default="",
+                   help="VARIANT@LR comma list (e.g. ppo_batch@5e-5,reinforce_rloo@1e-3) "
+                        "instead of every --variants at every --lrs")
+    p.add_argument("--model", choices=("scratch", "smollm2"), default="scratch",
+                   help="scratch: the demo decoder after an N=0 base stage; smollm2: the "
+                        "pretrained SmolLM2-135M of configs/smollm2.py (its cpu variant), no "
+                        "base stage")
+    p.add_argument("--dtype", default="float32", help="compute dtype (--model smollm2)")
+    p.add_argument("--sft-batch", type=int, default=16, help="SFT batch (--model smollm2)")
+    p.add_argument("--sft-from", default="",
+                   help="an existing LatentR³ SFT run directory (e.g. one of bench/slot_study.py's "
+                        "arms, trained with the same data options) to start from instead of "
+                        "training one")
     args = p.parse_args(argv)
     t_start = time.perf_counter()
+    if args.model == "smollm2" and not os.path.exists(SMOLLM2_GGUF):
+        raise SystemExit(f"--model smollm2 needs {SMOLLM2_GGUF} (../shared/models); not found")
+    lrs = [float(x) for x in args.lrs.split(",") if x]
+    planned = parse_runs(args.runs, lrs, args.variants)
+    if args.runs:
+        lrs = list(dict.fromkeys(lr for *_, lr in planned))
 
-    cfg, overrides = base_cfg(args)
-    sft_dir = train_sft_stage(cfg)
+    cfg, overrides = smollm2_cfg(args, grpo=True) if args.model == "smollm2" else base_cfg(args)
+    if args.sft_from:
+        sft_dir = os.path.abspath(args.sft_from)
+        if not os.path.exists(os.path.join(sft_dir, "train_summary.json")):
+            raise SystemExit(f"--sft-from {args.sft_from}: no finished SFT run there "
+                             "(train_summary.json missing)")
+    else:
+        sft_dir = train_sft_stage(cfg)
     if args.until == "sft":
         calls_path = os.path.join(os.path.abspath(cfg.workdir), "calls.json")
         calls = read_json(calls_path) if os.path.exists(calls_path) else []
@@ -495,6 +586,8 @@ def main(argv=None):
         write_json(calls_path, calls)
         return
     sft = runs.load_run(sft_dir)
+    if not sft.num_thoughts:
+        raise SystemExit(f"{sft_dir}: an N = 0 run has no latent for LR-GRPO to train")
     gcfg = one_shape(cfg, args)
     reward = ValidReward(gcfg, sft)
     sft_reward = reward(sft.params)
@@ -503,32 +596,32 @@ def main(argv=None):
           f"between users (RMS to the mean latent) {sft_reward['latent_user_rms']:.3f}",
           flush=True)
 
-    lrs = [float(x) for x in args.lrs.split(",") if x]
-    wanted = [v for v in VARIANTS if v[0] in args.variants.split(",")]
     res_runs = {}
-    for lr in lrs:
-        for name, label, over in wanted:
-            vcfg = grpo_cfg(gcfg, sft_dir, name, over, lr)
-            t0 = time.perf_counter()
-            r = run_variant(vcfg, reward)
-            key = f"{name} lr {lr:g}"
-            r.update(variant=name, label=label, lr=lr)
-            if r["curve"][0]["step"] != 0:   # the starting point: the SFT model itself
-                r["curve"].insert(0, {"step": 0, **{k: v for k, v in sft_reward.items()
-                                                    if k != "per_row"}})
-            fin = reward(runs.load_run(vcfg.workdir, which="latest").params)
-            r["final_latent"] = {k: fin[k] for k in ("reward", "reward_other_latent",
-                                                     "latent_norm", "latent_user_rms",
-                                                     "latent_user_rel")}
-            r["valid_reward_vs_sft"] = study.paired_difference(
-                np.asarray(r["final_per_row"])[None], np.asarray(sft_reward["per_row"])[None],
-                resamples=args.bootstrap)
-            res_runs[key] = r
-            print(f"[{key}] final valid reward {r['final_valid_reward']:.4f} "
-                  f"(SFT {sft_reward['reward']:.4f}; diff {r['valid_reward_vs_sft']['diff']:+.5f} "
-                  f"[{r['valid_reward_vs_sft']['lo']:+.5f}, {r['valid_reward_vs_sft']['hi']:+.5f}]) "
-                  f"curve {[round(c['reward'], 4) for c in r['curve']]}  "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    for name, label, over, lr in planned:
+        vcfg = grpo_cfg(gcfg, sft_dir, name, over, lr)
+        t0 = time.perf_counter()
+        r = run_variant(vcfg, reward)
+        key = f"{name} lr {lr:g}"
+        r.update(variant=name, label=label, lr=lr)
+        if r["curve"][0]["step"] != 0:   # the starting point: the SFT model itself
+            r["curve"].insert(0, {"step": 0, **{k: v for k, v in sft_reward.items()
+                                                if k != "per_row"}})
+        last = r["curve"][-1]
+        # the last checkpoint is the final step's unless --batches is not a multiple of --every
+        fin = last if last["step"] == r.get("steps") else reward(
+            runs.load_run(vcfg.workdir, which="latest").params)
+        r["final_latent"] = {k: fin.get(k) for k in ("reward", "reward_other_latent",
+                                                 "latent_norm", "latent_user_rms",
+                                                 "latent_user_rel")}
+        r["valid_reward_vs_sft"] = study.paired_difference(
+            np.asarray(r["final_per_row"])[None], np.asarray(sft_reward["per_row"])[None],
+            resamples=args.bootstrap)
+        res_runs[key] = r
+        print(f"[{key}] final valid reward {r['final_valid_reward']:.4f} "
+              f"(SFT {sft_reward['reward']:.4f}; diff {r['valid_reward_vs_sft']['diff']:+.5f} "
+              f"[{r['valid_reward_vs_sft']['lo']:+.5f}, {r['valid_reward_vs_sft']['hi']:+.5f}]) "
+              f"curve {[round(c['reward'], 4) for c in r['curve']]}  "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
     if args.until == "grpo":
         return
 
@@ -548,8 +641,10 @@ def main(argv=None):
                                    args.bootstrap)
         print(f"[{key}] valid NDCG@10 {dv['metrics']['NDCG@10']:.4f} (SFT "
               f"{sft_valid['metrics']['NDCG@10']:.4f})", flush=True)
+    model = ("SmolLM2-135M-Instruct (pretrained), no base stage" if args.model == "smollm2"
+             else "demo decoder from scratch")
     res = {"title": f"LR-GRPO estimators, {os.path.basename(os.path.normpath(args.dataset))} "
-                    f"({args.train_rows} train rows), demo decoder from scratch, seed {args.seed}"
+                    f"({args.train_rows} train rows), {model}, seed {args.seed}"
                     + (f", SFT with slot bottleneck {args.slot_bottleneck:g}"
                        if args.slot_bottleneck else ""),
            "dataset": os.path.basename(os.path.normpath(args.dataset)),

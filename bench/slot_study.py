@@ -127,35 +127,11 @@ def pooled(a: list, b: list, resamples: int) -> dict:
 
 
 def smollm2_cfg(args):
-    """configs/smollm2.py:<dataset>,cpu from the pretrained checkpoint (no base stage), with
-    this study's subsample, prompt cut and stage length; SFT evaluated on valid only."""
-    from latentr3_jax import config as config_lib
-    dataset = os.path.basename(os.path.normpath(args.dataset))
-    short = {v: k for k, v in SMOLLM2_DATASETS.items()}.get(dataset)
-    if short is None:
-        raise SystemExit(f"--model smollm2: --dataset must be one of {sorted(SMOLLM2_DATASETS.values())}")
-    over = gs.shared_overrides(args) + [
-        f"--config.model.dtype={args.dtype}",
-        f"--config.sft.batch_size={args.sft_batch}",
-        "--config.sft.log_every=4",
-    ]
-    cfg, _ = config_lib.parse_config(
-        ["--config", os.path.join(ROOT, "configs", f"smollm2.py:{short},cpu")] + over)
-    return cfg, over
+    """configs/smollm2.py:<dataset>,cpu with this study's subsample (grpo_study.smollm2_cfg)."""
+    return gs.smollm2_cfg(args)
 
 
-def _smollm2_config_module():
-    """configs/smollm2.py as a module (its MODEL path and DATASETS names)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        "smollm2_config", os.path.join(ROOT, "configs", "smollm2.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-_SMOLLM2 = _smollm2_config_module()
-SMOLLM2_GGUF, SMOLLM2_DATASETS = _SMOLLM2.MODEL, _SMOLLM2.DATASETS
+SMOLLM2_GGUF, SMOLLM2_DATASETS = gs.SMOLLM2_GGUF, gs.SMOLLM2_DATASETS
 
 
 def train_seed(args, seed: int):

@@ -1,0 +1,55 @@
+"""bench/grpo_study.py's run plan and its SmolLM2 configuration."""
+
+import os
+import pathlib
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
+
+import grpo_study as gs  # noqa: E402
+from latentr3_jax import config as config_lib  # noqa: E402
+from latentr3_jax import pipeline  # noqa: E402
+
+
+def test_runs_spec_pairs_variants_with_their_own_learning_rates():
+    got = gs.parse_runs("ppo_batch@5e-5, reinforce_rloo@1e-3", [5e-5, 1e-3], "")
+    assert [(n, lr) for n, _, _, lr in got] == [("ppo_batch", 5e-5), ("reinforce_rloo", 1e-3)]
+    assert got[1][2] == {"estimator": "reinforce", "advantage": "rloo"}
+    # no spec: every wanted variant at every rate, rates outermost, variants in table order
+    got = gs.parse_runs("", [5e-5, 1e-3], "pathwise,ppo_batch")
+    assert [(n, lr) for n, _, _, lr in got] == [("ppo_batch", 5e-5), ("pathwise", 5e-5),
+                                                ("ppo_batch", 1e-3), ("pathwise", 1e-3)]
+    for bad in ("ppo_batch", "nope@1e-3", "pathwise@fast"):
+        with pytest.raises(SystemExit, match="--runs"):
+            gs.parse_runs(bad, [5e-5], "")
+    with pytest.raises(SystemExit, match="unknown variant 'nope'"):
+        gs.parse_runs("", [5e-5], "ppo_batch,nope")
+
+
+def test_smollm2_grpo_config_is_the_slot_study_sft_config_plus_the_study_grpo(tmp_path):
+    """--model smollm2: the SFT part equals bench/slot_study.py's (so its arms can be the
+    start, --sft-from), the LR-GRPO part is this study's, each run keeps its final step."""
+    args = gs.setup_defaults(dataset=os.path.join(str(tmp_path), "Industrial_and_Scientific"),
+                             workdir=str(tmp_path), seed=0, train_rows=640, eval_rows=200,
+                             sft_epochs=1, max_target_len=32, target_buckets="(16,32)",
+                             prompts=8, batches=24, every=12, warmup=2)
+    args.dtype, args.sft_batch = "bfloat16", 16
+    sft_cfg, sft_over = gs.smollm2_cfg(args)
+    cfg, over = gs.smollm2_cfg(args, grpo=True)
+    assert over[:len(sft_over)] == sft_over
+    assert cfg.model.to_dict() == sft_cfg.model.to_dict()
+    assert cfg.data.to_dict() == sft_cfg.data.to_dict() and cfg.sft.to_dict() == sft_cfg.sft.to_dict()
+    assert pipeline._base_config(cfg, str(tmp_path)) is None
+    g = cfg.grpo
+    assert (g.prompts_per_batch, g.group_size, g.max_steps, g.warmup_steps) == (8, 8, 24, 2)
+    assert (g.checkpoint_every, g.diagnose_every, g.select) == (12, 12, "last")
+    assert g.keep_checkpoints >= 24 // 12 + 1          # every checkpoint stays for the curve
+    assert sft_cfg.grpo.select == config_lib.base_config().grpo.select
+    name, _, over_, lr = gs.parse_runs("reinforce_rloo@1e-3", [], "")[0]
+    vcfg = gs.grpo_cfg(gs.one_shape(cfg, args), str(tmp_path / "sft"), name, over_, lr)
+    assert (vcfg.grpo.estimator, vcfg.grpo.advantage, vcfg.grpo.learning_rate) == \
+        ("reinforce", "rloo", 1e-3)
+    assert (tuple(vcfg.data.buckets), tuple(vcfg.data.target_buckets)) == ((256,), (32,))
+    config_lib.validate(vcfg, stage="grpo")
