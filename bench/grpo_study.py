@@ -1,4 +1,4 @@
-"""LR-GRPO estimator study on a model trained from scratch on a real Amazon folder (CPU scale).
+"""LR-GRPO estimator study on a real Amazon folder (CPU scale), from scratch or from SmolLM2-135M.
 
 One LatentR³ (N = 1) SFT model is trained with the demo's decoder shape (configs/demo.py) on
 a subsample of a D3 folder, after a shared N = 0 base stage (`pipeline.base_epochs`, see
@@ -27,6 +27,18 @@ and compared with the SFT model user by user (study.paired_difference: 95% boots
 interval over users, sign-flip p-value), on valid and on test.
 
     nice -n 5 .venv/bin/python bench/grpo_study.py            # resumable; reruns skip what finished
+
+With `--model smollm2` the SFT model is the pretrained SmolLM2-135M of configs/smollm2.py
+(its `cpu` variant, no base stage), trained here or taken from an existing run with
+`--sft-from` (e.g. bench/slot_study.py's release arm, same data options); each LR-GRPO
+run's model is then its final step (grpo.select=last). `--runs` pairs variants with
+their own learning rates:
+
+    nice -n 5 .venv/bin/python bench/grpo_study.py --model smollm2 --dtype bfloat16 \
+        --train-rows 640 --sft-epochs 1 --eval-rows 200 --max-target-len 32 \
+        --target-buckets "(16,32)" --sft-from runs/smollm2_ablation/ratt \
+        --workdir runs/grpo_smollm2 --name industrial_smollm2-135m_cpu-2core \
+        --runs ppo_batch@5e-5,reinforce_rloo@1e-3,pathwise@1e-3 --every 12
 
 Writes runs/grpo_study/ (every run), results/grpo_study_<name>.json and .png.
 """
