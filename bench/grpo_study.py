@@ -195,6 +195,23 @@ _SMOLLM2 = _smollm2_config_module()
 SMOLLM2_GGUF, SMOLLM2_DATASETS = _SMOLLM2.MODEL, _SMOLLM2.DATASETS
 
 
+def add_model_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--model and the options of `smollm2_cfg` (shared with slot_study)."""
+    p.add_argument("--model", choices=("scratch", "smollm2"), default="scratch",
+                   help="scratch: the demo decoder after an N=0 base stage; smollm2: the "
+                        "pretrained SmolLM2-135M of configs/smollm2.py (its cpu variant), no "
+                        "base stage")
+    p.add_argument("--dtype", default="float32", help="compute dtype (--model smollm2)")
+    p.add_argument("--sft-batch", type=int, default=16, help="SFT batch (--model smollm2)")
+    return p
+
+
+def check_model(args) -> None:
+    """--model smollm2 needs the GGUF file in ../shared/models."""
+    if args.model == "smollm2" and not os.path.exists(SMOLLM2_GGUF):
+        raise SystemExit(f"--model smollm2 needs {SMOLLM2_GGUF} (../shared/models); not found")
+
+
 def smollm2_cfg(args, grpo: bool = False):
     """configs/smollm2.py:<dataset>,cpu from the pretrained checkpoint (no base stage), with
     this study's subsample, prompt cut and stage length; SFT evaluated on valid only.
@@ -564,20 +581,14 @@ def main(argv=None):
     p.add_argument("--runs", default="",
                    help="VARIANT@LR comma list (e.g. ppo_batch@5e-5,reinforce_rloo@1e-3) "
                         "instead of every --variants at every --lrs")
-    p.add_argument("--model", choices=("scratch", "smollm2"), default="scratch",
-                   help="scratch: the demo decoder after an N=0 base stage; smollm2: the "
-                        "pretrained SmolLM2-135M of configs/smollm2.py (its cpu variant), no "
-                        "base stage")
-    p.add_argument("--dtype", default="float32", help="compute dtype (--model smollm2)")
-    p.add_argument("--sft-batch", type=int, default=16, help="SFT batch (--model smollm2)")
+    add_model_args(p)
     p.add_argument("--sft-from", default="",
                    help="an existing LatentR³ SFT run directory (e.g. one of bench/slot_study.py's "
                         "arms, trained with the same data options) to start from instead of "
                         "training one")
     args = p.parse_args(argv)
     t_start = time.perf_counter()
-    if args.model == "smollm2" and not os.path.exists(SMOLLM2_GGUF):
-        raise SystemExit(f"--model smollm2 needs {SMOLLM2_GGUF} (../shared/models); not found")
+    check_model(args)
     lrs = [float(x) for x in args.lrs.split(",") if x]
     planned = parse_runs(args.runs, lrs, args.variants)
     if args.runs:

@@ -126,12 +126,7 @@ def pooled(a: list, b: list, resamples: int) -> dict:
             for m in ("NDCG@10", "HR@10")}
 
 
-def smollm2_cfg(args):
-    """configs/smollm2.py:<dataset>,cpu with this study's subsample (grpo_study.smollm2_cfg)."""
-    return gs.smollm2_cfg(args)
-
-
-SMOLLM2_GGUF, SMOLLM2_DATASETS = gs.SMOLLM2_GGUF, gs.SMOLLM2_DATASETS
+smollm2_cfg = gs.smollm2_cfg   # configs/smollm2.py:<dataset>,cpu with this study's subsample
 
 
 def train_seed(args, seed: int):
@@ -286,19 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma list of {', '.join(a[0] for a in ARMS)}")
     p.add_argument("--bootstrap", type=int, default=2000)
     p.add_argument("--until", choices=("train", "valid", "all"), default="all")
-    p.add_argument("--model", choices=("scratch", "smollm2"), default="scratch",
-                   help="scratch: the demo decoder after an N=0 base stage; smollm2: the "
-                        "pretrained SmolLM2-135M of configs/smollm2.py (its cpu variant), no "
-                        "base stage")
-    p.add_argument("--dtype", default="float32", help="compute dtype (--model smollm2)")
-    p.add_argument("--sft-batch", type=int, default=16, help="SFT batch (--model smollm2)")
+    gs.add_model_args(p)
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.model == "smollm2" and not os.path.exists(SMOLLM2_GGUF):
-        raise SystemExit(f"--model smollm2 needs {SMOLLM2_GGUF} (../shared/models); not found")
+    gs.check_model(args)
     if "n0" not in args.arms.split(","):
         raise SystemExit("--arms must include n0 (every arm is compared with it)")
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
