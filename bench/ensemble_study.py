@@ -9,6 +9,10 @@ NDCG@10 is then decoded on test once per seed, with M = 1 beside it.
 
     nice -n 5 .venv/bin/python bench/ensemble_study.py --seeds 0,1
 
+With --model smollm2, pass the slot study's own data options (--train-rows, --eval-rows,
+--max-target-len, --target-buckets, --dtype) so that the runs decode as they were trained
+and M = 1 is the slot study's decode.
+
 Writes eval folders inside the runs and results/ensemble_study_<name>.json and .md.
 """
 
@@ -53,7 +57,7 @@ def decode(cfg, run_dir: str, split: str, M: int, sigma: float) -> dict:
             "predictions": os.path.join(out_dir, "predictions.jsonl")}
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default=gs.DATASET)
     p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "slot_study"))
@@ -62,10 +66,15 @@ def main(argv=None):
     p.add_argument("--arm", default="ratt")
     p.add_argument("--samples", default="4,8")
     p.add_argument("--sigmas", default="0.5,1.5")
-    p.add_argument("--eval-rows", type=int, default=400)
-    p.add_argument("--eval-batch", type=int, default=32)
+    gs.add_setup_args(p)   # the slot study's data options (its training ones are unused)
+    gs.add_model_args(p)
     p.add_argument("--bootstrap", type=int, default=2000)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    gs.check_model(args)
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     t0 = time.perf_counter()
     settings = [(1, 0.0)] + [(int(m), float(s)) for m in args.samples.split(",")
@@ -75,11 +84,9 @@ def main(argv=None):
         run_dir = os.path.join(ss.seed_workdir(os.path.abspath(args.workdir), seed), args.arm)
         if not os.path.exists(os.path.join(run_dir, "train_summary.json")):
             raise SystemExit(f"{run_dir}: not trained; run bench/slot_study.py --seeds {seed} first")
-        # the slot study's own config for this seed (its defaults; decoding reads the
-        # model and tokenizer from the run)
-        c, _ = gs.base_cfg(gs.setup_defaults(
-            dataset=args.dataset, workdir=os.path.dirname(run_dir), seed=seed,
-            eval_rows=args.eval_rows, eval_batch=args.eval_batch))
+        # the slot study's own config for this seed (decoding reads the model and the
+        # tokenizer from the run)
+        c, _ = ss.seed_config(args, seed)
         cfgs.append(c)
         dirs.append(run_dir)
     rows = {s: min(len(D.load_dataset(cfgs[0]).splits[s]), int(args.eval_rows))

@@ -129,12 +129,18 @@ def pooled(a: list, b: list, resamples: int) -> dict:
 smollm2_cfg = gs.smollm2_cfg   # configs/smollm2.py:<dataset>,cpu with this study's subsample
 
 
+def seed_config(args, seed: int):
+    """(cfg, overrides) of one seed's runs: SmolLM2's cpu config or the from-scratch one,
+    in WORKDIR (seed 0) or WORKDIR_seed<s>; ensemble_study decodes the runs with it."""
+    a = argparse.Namespace(**vars(args))
+    a.seed, a.workdir = seed, seed_workdir(os.path.abspath(args.workdir), seed)
+    return smollm2_cfg(a) if args.model == "smollm2" else gs.base_cfg(a)
+
+
 def train_seed(args, seed: int):
     """Base stage and every arm's SFT for one seed (resumable); returns (cfg, overrides,
     dataset, arms)."""
-    a = argparse.Namespace(**vars(args))
-    a.seed, a.workdir = seed, seed_workdir(os.path.abspath(args.workdir), seed)
-    cfg, overrides = smollm2_cfg(a) if args.model == "smollm2" else gs.base_cfg(a)
+    cfg, overrides = seed_config(args, seed)
     workdir = os.path.abspath(cfg.workdir)
     os.makedirs(workdir, exist_ok=True)
     dataset = pipeline._shared_inputs(cfg, workdir)   # the tokenizer, trained once per seed

@@ -53,3 +53,32 @@ def test_smollm2_grpo_config_is_the_slot_study_sft_config_plus_the_study_grpo(tm
         ("reinforce", "rloo", 1e-3)
     assert (tuple(vcfg.data.buckets), tuple(vcfg.data.target_buckets)) == ((256,), (32,))
     config_lib.validate(vcfg, stage="grpo")
+
+
+@pytest.mark.parametrize("model", ["scratch", "smollm2"])
+def test_ensemble_study_decodes_with_the_slot_study_config_of_each_seed(tmp_path, model):
+    """bench/ensemble_study.py, given the slot study's options, builds each seed's config as
+    slot_study trained it (so M = 1 is the slot study's own decode), and its defaults for
+    the from-scratch runs are the ones it had before it took those options."""
+    import ensemble_study as es
+    import slot_study as ss
+    data = os.path.join(str(tmp_path), "Industrial_and_Scientific")
+    opts = ["--dataset", data, "--workdir", str(tmp_path / "w"), "--model", model,
+            "--train-rows", "640", "--eval-rows", "200", "--max-target-len", "32",
+            "--target-buckets", "(16,32)", "--dtype", "bfloat16"]
+    e_args = es.build_parser().parse_args(opts + ["--samples", "4,8", "--sigmas", "0.5"])
+    s_args = ss.build_parser().parse_args(opts + ["--arms", "n0,ratt"])
+    for seed in (0, 1):
+        e_cfg, _ = ss.seed_config(e_args, seed)
+        s_cfg, _ = ss.seed_config(s_args, seed)
+        assert e_cfg.to_dict() == s_cfg.to_dict()
+        assert e_cfg.workdir == str(tmp_path / ("w" if seed == 0 else "w_seed1"))
+        assert (e_cfg.data.max_eval_rows, e_cfg.data.max_target_len) == (200, 32)
+        if model == "smollm2":
+            assert e_cfg.model.dtype == "bfloat16" and e_cfg.model.hf_path.endswith(".gguf")
+    if model == "scratch":
+        old, _ = gs.base_cfg(gs.setup_defaults(dataset=data, workdir=str(tmp_path / "w"), seed=0,
+                                               eval_rows=400, eval_batch=32))
+        new, _ = ss.seed_config(es.build_parser().parse_args(
+            ["--dataset", data, "--workdir", str(tmp_path / "w")]), 0)
+        assert new.to_dict() == old.to_dict()
