@@ -7,7 +7,10 @@
 #                                           #   smoke-test the machine's packages
 #   launch/device_study.sh run [BUDGET_S]   # there, call 2 (within ~30 s): join, install, study
 #                                           #   (DATASETS=cds,industrial SEEDS=0,1,2 by default;
-#                                           #   RECIPE=bigrec for BIGRec grounding instead of D3)
+#                                           #   RECIPE=bigrec for BIGRec grounding instead of D3;
+#                                           #   EXTRA="--config.K=V ..." for more overrides,
+#                                           #   e.g. K factors or an M-latent ensemble, with
+#                                           #   WHERE=h200_k3 naming the result files)
 #
 # The GGUF file (94 MB) goes over two calls: `part1` carries .device/part1 and copies it to
 # /tmp; `run` carries .device/part2, the two data folders (20 MB; ../shared does not
@@ -22,7 +25,7 @@ HALF=$((56 * 1024 * 1024))   # each call: its part + the working tree (+ data, w
 
 usage() {
   echo "usage: launch/device_study.sh prepare | part1 | run [BUDGET_S]"
-  sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 case "${1:-}" in
@@ -82,6 +85,11 @@ case "${1:-}" in
     RECIPE=${RECIPE:-d3}                   # RECIPE=bigrec: configs/smollm2.py's bigrec variant
     case "$RECIPE" in d3) SPEC_TAIL="" ;; bigrec) SPEC_TAIL=",bigrec" ;;
       *) echo "RECIPE must be d3 or bigrec, got $RECIPE"; exit 2 ;; esac
+    EXTRA_ARGS=()
+    for x in ${EXTRA:-}; do
+      case "$x" in --config.*=*) EXTRA_ARGS+=("--extra=$x") ;;
+        *) echo "EXTRA: each word must be --config.KEY=VALUE, got $x"; exit 2 ;; esac
+    done
     test -f /tmp/smol/part1 || { echo "part1 is gone from /tmp: rerun part1, then run at once"; exit 3; }
     cat /tmp/smol/part1 .device/part2 > /tmp/smol/model.gguf
     echo "$(cat .device/part2.sha256)  /tmp/smol/model.gguf" | sha256sum -c -
@@ -91,7 +99,8 @@ case "${1:-}" in
     if [ -f /tmp/smol/use_pin ]; then export PYTHONPATH=/tmp/site_pin:$PYTHONPATH; fi
     python3 launch/device_study.py --out "$OUT" --budget-s "$BUDGET" --model /tmp/smol/model.gguf \
       --config-spec "configs/smollm2.py:{dataset},gpu$SPEC_TAIL" --start-fraction 0.6 \
-      --data-root .device/data --datasets "$DATASETS" --seeds "$SEEDS" 2>&1 | tee "$OUT/console.log" | grep -v '^sft:\|^grpo:'
+      --data-root .device/data --datasets "$DATASETS" --seeds "$SEEDS" --where "${WHERE:-h200}" \
+      ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"} 2>&1 | tee "$OUT/console.log" | grep -v '^sft:\|^grpo:'
     ;;
   *)
     usage >&2; exit 2
